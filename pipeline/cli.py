@@ -1,0 +1,193 @@
+"""`pathembed`: the command line. The tool's own flags are parsed here; every other flag is a
+Beam pipeline option, so `--runner DataflowRunner --project ...` needs no code change."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import PipelineConfig, load_config
+
+_LOG = logging.getLogger("pathembed")
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser(
+        "run",
+        help="embed slides end to end (Beam; DirectRunner by default)",
+        description="Embeds every slide of the configured source and writes artifacts and "
+        "tables. Flags not listed here are passed to Beam (e.g. --runner, --project, "
+        "--direct_num_workers).",
+    )
+    run.add_argument(
+        "--config",
+        type=Path,
+        help="YAML config (default: built-in local defaults, the same as configs/local.yaml)",
+    )
+    run.add_argument("--input", help="folder of DICOM files (source.input)")
+    run.add_argument("--output-root", help="where artifacts and tables go (output_root)")
+    run.add_argument("--model", help="stub-tiny | stub-vit-s16 | HF repo id | SavedModel dir")
+    run.add_argument("--batch-size", type=int, help="patches per model call (model.batch_size)")
+    run.add_argument(
+        "--min-tissue-fraction",
+        type=float,
+        help="keep patches at least this much tissue (tissue.min_tissue_fraction)",
+    )
+    run.add_argument("--uuids", help="comma-separated instance UUIDs: process only these")
+    run.add_argument("--uuids-file", type=Path, help="file with one instance UUID per line")
+    run.add_argument("--force", action="store_true", help="redo slides that are already complete")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set kmeans.n_init=1 (repeatable)",
+    )
+    run.add_argument("--log-level", default="INFO")
+
+
+def _sample_parser(sub: argparse._SubParsersAction) -> None:
+    from transforms.sample_slides import SAMPLES
+
+    sample = sub.add_parser(
+        "sample",
+        help="write synthetic DICOM WSI sample slides",
+        description="Writes deterministic synthetic DICOM VL Whole Slide Microscopy pyramids "
+        f"(not real tissue): {', '.join(SAMPLES)}.",
+    )
+    sample.add_argument("--out", type=Path, required=True, help="folder to write the slides into")
+    sample.add_argument(
+        "--which",
+        default=",".join(SAMPLES),
+        help=f"comma-separated sample names (default: {','.join(SAMPLES)})",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    flags = {
+        "source.input": args.input,
+        "output_root": args.output_root,
+        "model.name": args.model,
+        "model.batch_size": args.batch_size,
+        "tissue.min_tissue_fraction": args.min_tissue_fraction,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    uuids = [u for u in (args.uuids or "").split(",") if u.strip()]
+    if args.uuids_file:
+        uuids += [line.strip() for line in args.uuids_file.read_text().splitlines() if line.strip()]
+    if uuids:
+        overrides["run.uuids"] = [u.strip() for u in uuids]
+    if args.force:
+        overrides["run.force"] = True
+    return load_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    from models.handler import PathFoundationModelHandler
+    from pipeline import dag, summary
+    from transforms.slides import validate_uuid
+
+    cfg = config_from_args(args)
+    if "://" not in cfg.output_root:  # record absolute local paths in metadata and tables
+        cfg = dataclasses.replace(cfg, output_root=str(Path(cfg.output_root).resolve()))
+    if cfg.source.kind != "dicom_folder":
+        raise SystemExit(f"source.kind {cfg.source.kind!r} is not supported; use dicom_folder")
+    if not cfg.source.input:
+        raise SystemExit("no input: give --input FOLDER (or source.input in the config)")
+    for value in cfg.run.uuids:
+        validate_uuid(value)
+    options = PipelineOptions(beam_args)
+    runner = options.view_as(StandardOptions).runner
+    if runner in (None, "DirectRunner"):
+        # Pin the in-process FnApiRunner: Beam's DirectRunner would first try the Prism
+        # runner, which downloads a binary.
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        runner = FnApiRunner()
+    run_id = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+    handler = PathFoundationModelHandler(
+        cfg.model.name,
+        cache_dir=cfg.model.cache_dir,
+        revision=cfg.model.revision,
+        max_batch_size=cfg.model.batch_size,
+    )
+    model = handler.model_info()
+    _LOG.info(
+        "run %s: input %s -> %s, model %s (%s)",
+        run_id,
+        cfg.source.input,
+        cfg.output_root,
+        model.name,
+        model.version,
+    )
+    if model.is_stand_in:
+        _LOG.warning(
+            "model %s is a stand-in with random weights, NOT Path Foundation; outputs "
+            "are labelled as such",
+            model.name,
+        )
+    started = time.perf_counter()
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    dag.build(pipeline, cfg, handler, run_id)
+    result = pipeline.run()
+    result.wait_until_finish()
+    collected = summary.collect(result)
+    print(summary.render(collected, cfg.output_root, time.perf_counter() - started))
+    runs = Path(cfg.output_root) / "runs"
+    if "://" not in cfg.output_root:
+        runs.mkdir(parents=True, exist_ok=True)
+        (runs / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, **collected}, indent=1))
+    return 0
+
+
+def sample(args: argparse.Namespace) -> int:
+    from transforms.sample_slides import write_samples
+
+    names = [n.strip() for n in args.which.split(",") if n.strip()]
+    for name, paths in write_samples(args.out, names).items():
+        print(f"{name}: {len(paths)} DICOM files in {paths[0].parent}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(
+        prog="pathembed",
+        description="Path Foundation embeddings for DICOM whole-slide images (IDC or your own).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    _sample_parser(sub)
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "run" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Beam logs every string type hint (from `from __future__ import annotations`) at INFO.
+    logging.getLogger("apache_beam.typehints.native_type_compatibility").setLevel(logging.WARNING)
+    if args.command == "run":
+        return run(args, rest)
+    return sample(args)

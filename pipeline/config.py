@@ -1,0 +1,143 @@
+"""Run configuration: YAML files under configs/, overridden by command-line flags.
+
+The YAML layout mirrors these dataclasses one to one; unknown keys are errors, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transforms.clustering import KMeansParams
+from transforms.plan import PlanParams
+
+PIPELINE_VERSION = "0.1.0"
+DATASET_VERSION = "v1"  # the published layout: {uuid}/path_foundation/v1/
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str = "dicom_folder"
+    input: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "stub-tiny"
+    revision: str | None = None
+    cache_dir: str | None = None
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class LevelsConfig:
+    target_spacing_um: float = 0.5
+    tolerance: float = 0.15
+    mask_spacing_um: float = 5.0
+
+
+@dataclass(frozen=True)
+class TissueConfig:
+    v_min: int = 0
+    v_max: int = 204
+    min_tissue_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    patch_size: int = 224
+    chunk_size: int = 256
+
+
+@dataclass(frozen=True)
+class ThumbnailConfig:
+    max_size: int = 1024
+    jpeg_quality: int = 90
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    uuids: tuple[str, ...] = ()
+    force: bool = False
+    idc_version: str | None = None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    output_root: str = "./pathembed_out"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    levels: LevelsConfig = field(default_factory=LevelsConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    kmeans: KMeansParams = field(default_factory=KMeansParams)
+    thumbnail: ThumbnailConfig = field(default_factory=ThumbnailConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def plan_params(self) -> PlanParams:
+        return PlanParams(
+            v_min=self.tissue.v_min,
+            v_max=self.tissue.v_max,
+            min_tissue_fraction=self.tissue.min_tissue_fraction,
+            patch_size=self.grid.patch_size,
+            chunk_size=self.grid.chunk_size,
+            thumbnail_max_size=self.thumbnail.max_size,
+            jpeg_quality=self.thumbnail.jpeg_quality,
+        )
+
+    def output_params(self, model_name: str, model_version: str) -> dict[str, Any]:
+        """Everything that changes a slide's outputs; its hash decides if a slide is done."""
+        return {
+            "dataset_version": DATASET_VERSION,
+            "model": {"name": model_name, "version": model_version},
+            "levels": dataclasses.asdict(self.levels),
+            "tissue": dataclasses.asdict(self.tissue),
+            "patch_size": self.grid.patch_size,
+            "kmeans": self.kmeans.as_dict(),
+        }
+
+
+def parameter_hash(params: dict[str, Any]) -> str:
+    """Short, stable hash of the output-defining parameters."""
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} in {where or 'top level'}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = known[name].default_factory
+        if sub is not dataclasses.MISSING and dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where}{name} must be a mapping")
+            kwargs[name] = _build(sub, value, f"{where}{name}.")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Loads a YAML config and applies `{"section.key": value}` overrides (typed values)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return _build(PipelineConfig, values, "")

@@ -1,0 +1,74 @@
+"""The DAG (DESIGN.md §2), composed from transforms/: read it top to bottom.
+
+Enumerate -> SkipDone -> PlanSlide -> Reshuffle -> ReadPatches -> RunInference ->
+GroupBySlide -> ClusterSlide -> WriteArtifacts -> tables; every stage's dead letters -> failures.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from pipeline.config import DATASET_VERSION, PIPELINE_VERSION, PipelineConfig, parameter_hash
+from transforms import stages
+from transforms.sinks import WriteTable
+from transforms.sources import EnumerateDicomFolder, SkipDoneOrUnrequested
+
+
+def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
+    """Adds the whole embedding DAG for `cfg` to pipeline `p`."""
+    model = handler.model_info()
+    params = cfg.output_params(model.name, model.version)
+    p_hash = parameter_hash(params)
+    root, lv = cfg.output_root, cfg.levels
+    enumerate_slides = EnumerateDicomFolder(
+        cfg.source.input, lv.target_spacing_um / 1000, lv.tolerance, lv.mask_spacing_um / 1000
+    )
+    skip_done = SkipDoneOrUnrequested(
+        output_root=root, dataset_version=DATASET_VERSION, n_clusters=cfg.kmeans.n_clusters,
+        parameter_hash=p_hash, uuids=frozenset(cfg.run.uuids), force=cfg.run.force,
+    )  # fmt: skip
+    write_artifacts = stages.WriteArtifactsFn(
+        output_root=root, model=model, parameter_hash=p_hash, params=params,
+        dataset_version=DATASET_VERSION, pipeline_version=PIPELINE_VERSION, run_id=run_id,
+    )  # fmt: skip
+
+    found = p | "Enumerate" >> enumerate_slides
+    todo = found.slides | "SkipDone" >> beam.ParDo(skip_done)
+    planned = todo | "PlanSlide" >> beam.ParDo(stages.PlanSlideFn(cfg.plan_params())).with_outputs(
+        "plan", main="chunks"
+    ).with_exception_handling()  # fmt: skip
+    read = (
+        planned.chunks
+        | "Reshuffle" >> beam.Reshuffle()
+        | "ReadPatches" >> beam.ParDo(stages.ReadPatchesFn(cfg.grid.patch_size))
+        .with_exception_handling()
+    )  # fmt: skip
+    embedded = (
+        read.good
+        | "Embed" >> RunInference(KeyedModelHandler(handler))
+        | "KeyBySlide" >> beam.Map(stages.by_slide)
+    )
+    clustered = (
+        {"plan": planned.plan, "patches": embedded}
+        | "GroupBySlide" >> beam.CoGroupByKey()
+        | "ClusterSlide" >> beam.ParDo(stages.ClusterSlideFn(cfg.kmeans)).with_exception_handling()
+    )
+    written = clustered.good | "WriteArtifacts" >> beam.ParDo(write_artifacts).with_outputs(
+        "search", main="resource"
+    ).with_exception_handling()  # fmt: skip
+
+    written.resource | "WriteResourceTable" >> WriteTable("resource", root, run_id)
+    written.search | "WriteSearchTable" >> WriteTable("search", root, run_id)
+    failures = [found.failed | "EnumerateFailures" >> beam.Map(stages.folder_failure_row, run_id)]
+    for stage, result in [("plan", planned), ("read", read), ("cluster", clustered),
+                          ("write", written)]:  # fmt: skip
+        failures.append(
+            result.bad
+            | f"{stage.title()}Failures" >> beam.Map(stages.dead_letter_row, stage, run_id)
+        )
+    (
+        failures
+        | "AllFailures" >> beam.Flatten()
+        | "WriteFailuresTable" >> WriteTable("failures", root, run_id)
+    )

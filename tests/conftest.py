@@ -1,0 +1,19 @@
+"""Shared fixtures: the real Camelyon slides (when present) and TF log noise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_slides() -> Path:
+    if not (REAL_DATA / "camelyon_jpeg_multiframe.dcm").exists():
+        pytest.skip(f"real Camelyon test slides not found at {REAL_DATA} (../shared/testdata/real)")
+    return REAL_DATA

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import PipelineConfig, load_config, parameter_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_local_yaml_equals_builtin_defaults():
+    assert load_config(ROOT / "configs" / "local.yaml") == PipelineConfig()
+
+
+def test_overrides_and_unknown_keys(tmp_path):
+    cfg = load_config(ROOT / "configs" / "local.yaml", {"kmeans.n_init": 1, "run.uuids": ["a"]})
+    assert cfg.kmeans.n_init == 1 and cfg.run.uuids == ("a",)
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(None, {"kmeans.n_inits": 1})
+
+
+def test_parameter_hash_changes_with_outputs_not_with_run_options():
+    cfg = PipelineConfig()
+    base = parameter_hash(cfg.output_params("stub-tiny", "v1"))
+    assert base == parameter_hash(
+        load_config(None, {"run.force": True}).output_params("stub-tiny", "v1")
+    )
+    other = load_config(None, {"tissue.min_tissue_fraction": 0.25})
+    assert base != parameter_hash(other.output_params("stub-tiny", "v1"))
+    assert base != parameter_hash(cfg.output_params("stub-tiny", "v2"))
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "run" in out and "sample" in out
+
+
+def test_run_without_input_says_what_to_do():
+    with pytest.raises(SystemExit, match="--input"):
+        main(["run", "--output-root", "/tmp/x"])

@@ -1,0 +1,39 @@
+"""Why a slide could not be processed: one small enum of reason codes and one exception.
+
+Every stage that touches a slide turns a `SlideError` (or any unexpected exception, as
+`internal_error`) into a failure row; the run goes on and the slide can be rerun by UUID.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ReasonCode(enum.StrEnum):
+    """Reason codes recorded in the failures output (documented in README.md)."""
+
+    NO_PIXEL_SPACING = "no_pixel_spacing"
+    IMPLAUSIBLE_PIXEL_SPACING = "implausible_pixel_spacing"
+    NON_SQUARE_PIXELS = "non_square_pixels"
+    NO_PYRAMID = "no_pyramid"
+    NO_HIGH_RESOLUTION_LEVEL = "no_high_resolution_level"
+    NO_TISSUE = "no_tissue"
+    INCOMPLETE_SLIDE = "incomplete_slide"
+    DECODE_ERROR = "decode_error"
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+    INVALID_UUID = "invalid_uuid"
+    READ_ERROR = "read_error"
+    TRANSIENT_HTTP = "transient_http"
+    INTERNAL_ERROR = "internal_error"
+
+
+class SlideError(Exception):
+    """A slide cannot be processed, for a reason the user can act on."""
+
+    def __init__(self, reason: ReasonCode, message: str):
+        super().__init__(f"{reason.value}: {message}")
+        self.reason = reason
+        self.message = message
+
+    def __reduce__(self):  # keep reason and message when Beam pickles the exception
+        return (SlideError, (self.reason, self.message))

@@ -1,0 +1,133 @@
+"""Planning a slide: tissue mask at ~2X, the patch grid at ~20x, thumbnails, work chunks.
+
+`plan_slide` is a plain function of a slide record and an opened ez-wsi slide; the Beam stage
+around it only keys and emits its results. Only coordinates leave this step, never pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pydicom
+
+from transforms import patches, tissue
+from transforms.errors import ReasonCode, SlideError
+from transforms.slides import SlideRecord
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    v_min: int = 0
+    v_max: int = 204
+    min_tissue_fraction: float = 0.5
+    patch_size: int = 224
+    chunk_size: int = 256
+    thumbnail_max_size: int = 1024
+    jpeg_quality: int = 90
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything about a slide decided before its patches are embedded."""
+
+    record: SlideRecord
+    coords: np.ndarray  # int64 [N, 2] patch-source [x, y], row-major
+    tissue_fraction: np.ndarray  # float32 [N]
+    grid_columns: int
+    grid_rows: int
+    mask_tissue_share: float  # share of mask-level pixels that are tissue
+    thumbnail_jpeg: bytes
+    thumbnail_mask_jpeg: bytes
+    instance_md5: str
+    pixeldata_sha512: str
+
+    def __repr__(self) -> str:
+        return f"SlidePlan({self.record.instance_uuid}, {len(self.coords)} patches)"
+
+
+@dataclass(frozen=True)
+class PatchChunk:
+    """Neighbouring patches of one slide: the unit of work that crosses the shuffle."""
+
+    record: SlideRecord
+    chunk_index: int
+    indices: np.ndarray  # int64 [n]: rows of the slide's embedding arrays
+    coords: np.ndarray  # int64 [n, 2]
+
+    def __repr__(self) -> str:
+        return f"PatchChunk({self.record.instance_uuid}#{self.chunk_index}, {len(self.indices)})"
+
+
+def instance_hashes(path: str) -> tuple[str, str]:
+    """(MD5 of the instance file, SHA-512 of its PixelData value as stored)."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            md5.update(block)
+    pixel_data = pydicom.dcmread(path).PixelData
+    return md5.hexdigest(), hashlib.sha512(pixel_data).hexdigest()
+
+
+def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, encoded = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
+    if not ok:
+        raise SlideError(ReasonCode.INTERNAL_ERROR, "could not encode the thumbnail as JPEG")
+    return encoded.tobytes()
+
+
+def _thumbnail(mask_image: np.ndarray, max_size: int) -> np.ndarray:
+    height, width = mask_image.shape[:2]
+    scale = min(1.0, max_size / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(mask_image, size, interpolation=cv2.INTER_AREA) if scale < 1 else mask_image
+
+
+def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list[PatchChunk]]:
+    """Computes the mask, grid, thumbnails and chunks of one slide."""
+    slide = patches.open_slide(record.files)
+    mask_level = patches.level_of(slide, record.levels.mask.sop_instance_uid)
+    mask_image = patches.read_level_image(slide, mask_level)
+    mask = tissue.tissue_mask(mask_image, params.v_min, params.v_max)
+    choice = record.levels
+    grid = tissue.patch_grid(
+        mask,
+        choice.source_width,
+        choice.source_height,
+        params.patch_size,
+        params.min_tissue_fraction,
+    )
+    if len(grid.coords) == 0:
+        raise SlideError(
+            ReasonCode.NO_TISSUE,
+            f"no {params.patch_size} px patch has tissue fraction >= "
+            f"{params.min_tissue_fraction} ({mask.mean():.1%} of the mask level is tissue, "
+            f"V in ({params.v_min}, {params.v_max}])",
+        )
+    thumbnail = _thumbnail(mask_image, params.thumbnail_max_size)
+    thumbnail_mask = tissue.thumbnail_with_patches(
+        thumbnail, grid.coords, params.patch_size, choice.source_width, choice.source_height
+    )
+    md5, sha512 = instance_hashes(record.embedding_file)
+    plan = SlidePlan(
+        record=record,
+        coords=grid.coords,
+        tissue_fraction=grid.tissue_fraction,
+        grid_columns=grid.columns,
+        grid_rows=grid.rows,
+        mask_tissue_share=float(mask.mean()),
+        thumbnail_jpeg=_jpeg(thumbnail, params.jpeg_quality),
+        thumbnail_mask_jpeg=_jpeg(thumbnail_mask, params.jpeg_quality),
+        instance_md5=record.instance_hash or md5,
+        pixeldata_sha512=sha512,
+    )
+    side = patches.block_side(params.chunk_size)
+    chunks = [
+        PatchChunk(record, k, idx, grid.coords[idx])
+        for k, idx in enumerate(patches.chunk_order(grid.coords // params.patch_size, side))
+    ]
+    return plan, chunks
