@@ -1,0 +1,240 @@
+"""Finding, describing and loading the embedding model: Path Foundation or a stand-in.
+
+`resolve_model()` turns the `--model` value into a local SavedModel directory plus a
+`ModelInfo` that is recorded with every output, so embeddings made by a stand-in can never
+pass for Path Foundation's:
+
+* a stub name (`stub-tiny`, `stub-vit-s16`): built once into a cache directory;
+* a local directory holding `saved_model.pb`;
+* a Hugging Face repo id (`google/path-foundation`): fetched with `huggingface_hub`
+  (gated: needs an accepted licence and a token, or an already cached snapshot).
+
+`load_embedder()` loads the directory's `serving_default` signature as an `Embedder`, which
+maps uint8 RGB patches [B, 224, 224, 3] to float32 embeddings [B, 384].
+
+TensorFlow is imported only when a model is loaded, so describing a model is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models import stubs
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+PATH_FOUNDATION_REPO = "google/path-foundation"
+DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/pathembed/models")
+PATCH_SHAPE = (stubs.PATCH_SIZE, stubs.PATCH_SIZE, 3)
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What produced an embedding; recorded in the outputs."""
+
+    name: str
+    version: str
+    source: str
+    is_stand_in: bool
+
+
+class ModelAccessError(RuntimeError):
+    """The Hugging Face model cannot be fetched: no access, no token, or offline and uncached."""
+
+
+def stub_info(name: str) -> ModelInfo:
+    """ModelInfo of a built-in stand-in model (no build needed)."""
+    if name not in stubs.STUB_MODELS:
+        raise ValueError(f"unknown stub model {name!r}; choose one of {sorted(stubs.STUB_MODELS)}")
+    return ModelInfo(
+        name=name, version=stubs.stub_version(name), source=f"builtin:{name}", is_stand_in=True
+    )
+
+
+def local_info(model_dir: pathlib.Path, name: str | None = None) -> ModelInfo:
+    """ModelInfo of a SavedModel directory: version is a short sha256 of its graph and index.
+
+    `variables/variables.index` holds a checksum of every weight tensor, so hashing it with
+    `saved_model.pb` tells apart models that differ only in weights without reading them all.
+    A directory built by `models.stubs` is still labelled as a stand-in.
+    """
+    model_dir = pathlib.Path(model_dir)
+    graph = model_dir / "saved_model.pb"
+    if not graph.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a TF SavedModel directory (no saved_model.pb)")
+    digest = hashlib.sha256(graph.read_bytes())
+    index = model_dir / "variables" / "variables.index"
+    if index.is_file():
+        digest.update(index.read_bytes())
+    content = f"sha256:{digest.hexdigest()[:16]}"
+    marker = stubs.read_marker(model_dir)
+    if marker is not None:
+        return ModelInfo(
+            name=name or marker["name"],
+            version=f"{marker['version']} {content}",
+            source=str(model_dir),
+            is_stand_in=True,
+        )
+    return ModelInfo(
+        name=name or model_dir.name, version=content, source=str(model_dir), is_stand_in=False
+    )
+
+
+def access_help(repo_id: str) -> str:
+    """How to get access to a gated Hugging Face model, or run without it."""
+    return (
+        f"Cannot get the model {repo_id!r} from Hugging Face. It is gated: request access at "
+        f"https://huggingface.co/{repo_id}, then authenticate with `hf auth login` or the "
+        "HF_TOKEN environment variable (a cached snapshot also works offline). To run without "
+        "it, use `--model stub-tiny`: outputs are then labelled as a stand-in, not Path "
+        "Foundation."
+    )
+
+
+def is_hf_repo_id(model: str) -> bool:
+    """Whether `model` looks like `owner/name` and is not an existing local path."""
+    return bool(_REPO_ID.match(model)) and not pathlib.Path(model).exists()
+
+
+def _download(repo_id: str, revision: str | None) -> pathlib.Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,  # GatedRepoError is a subclass
+    )
+
+    try:
+        return pathlib.Path(snapshot_download(repo_id, revision=revision))
+    except (RepositoryNotFoundError, LocalEntryNotFoundError) as exc:
+        raise ModelAccessError(f"{access_help(repo_id)}\nCause: {exc}") from exc
+    except HfHubHTTPError as exc:
+        if exc.response is not None and exc.response.status_code in (401, 403):
+            raise ModelAccessError(f"{access_help(repo_id)}\nCause: {exc}") from exc
+        raise
+
+
+def resolve_model(
+    model: str,
+    cache_dir: pathlib.Path | None = None,
+    revision: str | None = None,
+    *,
+    name: str | None = None,
+) -> tuple[pathlib.Path, ModelInfo]:
+    """Returns a local SavedModel directory for `model` and the ModelInfo to record.
+
+    Args:
+      model: a stub name, a local SavedModel directory, or a Hugging Face repo id.
+      cache_dir: where stubs are built (`<cache_dir>/<stub name>`); default
+        ~/.cache/pathembed/models. Hugging Face models use the Hugging Face cache (HF_HOME).
+      revision: Hugging Face branch, tag or commit; default `main`.
+      name: the name to record for a local directory; default the directory's name.
+
+    Raises:
+      ModelAccessError: the Hugging Face model cannot be fetched (see `access_help`).
+    """
+    if model in stubs.STUB_MODELS:
+        root = pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+        model_dir = root / model
+        if not (model_dir / "saved_model.pb").is_file():
+            stubs.build_stub(model, model_dir)
+        else:
+            _check_stub_marker(model, model_dir)
+        return model_dir, stub_info(model)
+    path = pathlib.Path(model).expanduser()
+    if path.is_dir():
+        return path, local_info(path, name)
+    if is_hf_repo_id(model):
+        snapshot = _download(model, revision)
+        commit = snapshot.name if _COMMIT_HASH.match(snapshot.name) else None
+        version = commit or local_info(snapshot).version
+        info = ModelInfo(
+            name=name or model.split("/")[-1], version=version, source=model, is_stand_in=False
+        )
+        return snapshot, info
+    raise ValueError(
+        f"--model {model!r} is neither a stub ({', '.join(stubs.STUB_MODELS)}), a local "
+        "SavedModel directory, nor a Hugging Face repo id like google/path-foundation"
+    )
+
+
+def _check_stub_marker(name: str, model_dir: pathlib.Path) -> None:
+    marker = stubs.read_marker(model_dir)
+    if marker is None or marker.get("version") != stubs.stub_version(name):
+        raise FileExistsError(
+            f"{model_dir} holds a model that is not {stubs.stub_version(name)}; remove it to "
+            "rebuild the stub"
+        )
+
+
+def describe_model(
+    model: str, cache_dir: pathlib.Path | None = None, revision: str | None = None
+) -> ModelInfo:
+    """ModelInfo for `model` without building stubs; a Hugging Face model is resolved."""
+    if model in stubs.STUB_MODELS:
+        return stub_info(model)
+    return resolve_model(model, cache_dir, revision)[1]
+
+
+class Embedder:
+    """A loaded `serving_default` signature: uint8 RGB patches in, float32 embeddings out."""
+
+    def __init__(self, model_dir: pathlib.Path) -> None:
+        import tensorflow as tf
+
+        self.model_dir = pathlib.Path(model_dir)
+        self._loaded = tf.saved_model.load(str(self.model_dir))  # keeps the variables alive
+        self._fn = self._loaded.signatures["serving_default"]
+        _, inputs = self._fn.structured_input_signature
+        if len(inputs) != 1:
+            raise ValueError(f"{model_dir}: expected one input, signature has {sorted(inputs)}")
+        [(self.input_name, spec)] = inputs.items()
+        if tuple(spec.shape[1:]) != PATCH_SHAPE or spec.dtype != tf.float32:
+            raise ValueError(f"{model_dir}: input {spec} is not float32 [batch, 224, 224, 3]")
+        outputs = self._fn.structured_outputs
+        self.output_key = stubs.OUTPUT_KEY if stubs.OUTPUT_KEY in outputs else None
+        if self.output_key is None:
+            raise ValueError(f"{model_dir}: signature has no {stubs.OUTPUT_KEY!r} output")
+        self.embedding_dim = int(outputs[self.output_key].shape[-1])
+        self._embed = self._traced_embed(tf)
+
+    def _traced_embed(self, tf: Any) -> Any:
+        """One graph for uint8 -> float32 / 255 and the model (faster than numpy or eager ops)."""
+        fn, input_name, output_key = self._fn, self.input_name, self.output_key
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *PATCH_SHAPE], tf.uint8)])
+        def embed(patches: tf.Tensor) -> tf.Tensor:
+            images = tf.cast(patches, tf.float32) / 255.0
+            return fn(**{input_name: images})[output_key]
+
+        return embed
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        """Embeds uint8 RGB patches [B, 224, 224, 3]; returns float32 [B, embedding_dim]."""
+        if not isinstance(patches, np.ndarray) or patches.dtype != np.uint8:
+            got = getattr(patches, "dtype", type(patches).__name__)
+            raise ValueError(f"patches must be a uint8 numpy array, got {got}")
+        if patches.ndim != 4 or patches.shape[1:] != PATCH_SHAPE:
+            raise ValueError(f"patches must have shape [B, 224, 224, 3], got {patches.shape}")
+        if len(patches) == 0:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        return self._embed(patches).numpy()
+
+    def call_float(self, images: np.ndarray | tf.Tensor) -> np.ndarray:
+        """Calls the signature directly on float32 images in [0, 1]."""
+        return self._fn(**{self.input_name: images})[self.output_key].numpy()
+
+
+def load_embedder(model_dir: pathlib.Path) -> Embedder:
+    """Loads the SavedModel at `model_dir` for embedding."""
+    return Embedder(model_dir)
