@@ -2,11 +2,16 @@
 
 Beam's stock TF handler loads models through Keras, which cannot load a plain SavedModel
 under Keras 3, so this handler loads the `serving_default` signature itself (see
-`models.path_foundation.Embedder`). Examples are uint8 RGB patches [224, 224, 3]; each
-prediction's inference is a float32 [384] embedding. Wrap it in `KeyedModelHandler` to carry
-patch keys through `RunInference`:
+`models.path_foundation.Embedder`).
 
-    patches | RunInference(KeyedModelHandler(PathFoundationModelHandler("stub-tiny")))
+An example is one chunk of a slide's patches, uint8 RGB [n, 224, 224, 3], and its inference
+is float32 [n, 384]. Chunks are not merged into larger batches: each chunk is embedded in
+consecutive model calls of `batch_size` patches, so a patch always shares its model call with
+the same neighbours and a rerun gives bit-identical embeddings (TF's CPU kernels give results
+that depend, in the last bits, on a patch's batch and position in it; k-means amplifies that).
+Wrap it in `KeyedModelHandler` to carry chunk keys through `RunInference`:
+
+    chunks | RunInference(KeyedModelHandler(PathFoundationModelHandler("stub-tiny")))
 """
 
 from __future__ import annotations
@@ -22,14 +27,14 @@ from models.path_foundation import Embedder, ModelInfo, describe_model, load_emb
 
 
 class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
-    """Embeds batches of uint8 [224, 224, 3] patches with one model call per batch.
+    """Embeds chunks of uint8 [n, 224, 224, 3] patches, `batch_size` patches per model call.
 
     Args:
       model: a stub name, a local SavedModel directory or a Hugging Face repo id
         (see `models.path_foundation.resolve_model`).
       cache_dir: where stubs are built; default ~/.cache/pathembed/models.
       revision: Hugging Face revision (branch, tag or commit).
-      min_batch_size, max_batch_size: bounds for Beam's `BatchElements`.
+      batch_size: patches per model call.
       large_model, model_copies: Beam's options to share loaded models across the worker's
         processes (e.g. one model on a GPU); by default each process loads its own.
     """
@@ -39,21 +44,24 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         model: str,
         cache_dir: pathlib.Path | None = None,
         revision: str | None = None,
-        min_batch_size: int = 1,
-        max_batch_size: int = 64,
+        batch_size: int = 32,
         *,
         large_model: bool = False,
         model_copies: int | None = None,
     ) -> None:
+        # One chunk per RunInference batch: the chunk already is a batch of neighbours.
         super().__init__(
-            min_batch_size=min_batch_size,
-            max_batch_size=max_batch_size,
+            min_batch_size=1,
+            max_batch_size=1,
             large_model=large_model,
             model_copies=model_copies,
         )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         self._model = model
         self._cache_dir = cache_dir
         self._revision = revision
+        self._batch_size = batch_size
         self._info: ModelInfo | None = None
 
     def model_info(self) -> ModelInfo:
@@ -74,12 +82,17 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         model: Embedder,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        embeddings = model(np.stack(batch))
         model_id = self.model_info().name
-        return [
-            PredictionResult(example, embedding, model_id)
-            for example, embedding in zip(batch, embeddings, strict=True)
-        ]
+        results = []
+        for chunk in batch:
+            calls = [
+                model(chunk[start : start + self._batch_size])
+                for start in range(0, len(chunk), self._batch_size)
+            ]
+            embeddings = np.concatenate(calls) if calls else np.zeros((0, 384), np.float32)
+            # The example is not kept: the patches are large and nothing downstream needs them.
+            results.append(PredictionResult(None, embeddings, model_id))
+        return results
 
     def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
         if inference_args:

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         cfg.model.name,
         cache_dir=cfg.model.cache_dir,
         revision=cfg.model.revision,
-        max_batch_size=cfg.model.batch_size,
+        batch_size=cfg.model.batch_size,
     )
     model = handler.model_info()
     _LOG.info(

@@ -261,38 +261,40 @@ def test_hugging_face_http_errors(
 
 
 def test_handler_describes_model_without_loading_it(tmp_path: pathlib.Path) -> None:
-    handler = PathFoundationModelHandler("stub-tiny", cache_dir=tmp_path, max_batch_size=16)
+    handler = PathFoundationModelHandler("stub-tiny", cache_dir=tmp_path, batch_size=16)
     assert handler.model_info() == path_foundation.stub_info("stub-tiny")
     assert not os.listdir(tmp_path)  # nothing built
-    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 16}
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 1}
     assert handler.get_metrics_namespace() == "pathembed"
-    assert handler.get_num_bytes([_solid((0, 0, 0))] * 2) == 2 * 224 * 224 * 3
+    assert handler.get_num_bytes([np.stack([_solid((0, 0, 0))] * 2)]) == 2 * 224 * 224 * 3
     assert not handler.share_model_across_processes()
     with pytest.raises(ValueError):
         handler.validate_inference_args({"x": 1})
+    with pytest.raises(ValueError):
+        PathFoundationModelHandler("stub-tiny", batch_size=0)
 
 
 def test_handler_in_beam_pipeline(
     tiny_dir: pathlib.Path, embedder: path_foundation.Embedder, tmp_path: pathlib.Path
 ) -> None:
     shutil.copytree(tiny_dir, tmp_path / "stub-tiny")  # a warm cache: no build on the worker
-    patches = _random_patches(10, seed=3)
-    keys = [f"slide-1/{i}" for i in range(len(patches))]
-    expected = dict(zip(keys, embedder(patches), strict=True))
-    handler = PathFoundationModelHandler("stub-tiny", cache_dir=tmp_path, max_batch_size=4)
+    chunks = {"slide-1/0": _random_patches(10, seed=3), "slide-1/1": _random_patches(3, seed=4)}
+    # Expected: the same model calls the handler makes (batches of 4 within each chunk).
+    expected = {
+        key: np.concatenate([embedder(c[i : i + 4]) for i in range(0, len(c), 4)])
+        for key, c in chunks.items()
+    }
+    handler = PathFoundationModelHandler("stub-tiny", cache_dir=tmp_path, batch_size=4)
 
     def check(results: list[tuple[str, PredictionResult]]) -> None:
-        assert sorted(key for key, _ in results) == sorted(keys)
+        assert sorted(key for key, _ in results) == sorted(chunks)
         for key, result in results:
             assert result.model_id == "stub-tiny"
-            assert result.example.shape == (224, 224, 3)
-            assert result.inference.dtype == np.float32 and result.inference.shape == (384,)
-            np.testing.assert_allclose(result.inference, expected[key], rtol=1e-4, atol=1e-4)
+            assert result.inference.dtype == np.float32
+            assert result.inference.shape == (len(chunks[key]), 384)
+            # Same calls, same process: bit-identical, which reruns rely on.
+            np.testing.assert_array_equal(result.inference, expected[key])
 
     with beam.Pipeline(runner=FnApiRunner()) as p:
-        results = (
-            p
-            | beam.Create(list(zip(keys, patches, strict=True)))
-            | RunInference(KeyedModelHandler(handler))
-        )
+        results = p | beam.Create(list(chunks.items())) | RunInference(KeyedModelHandler(handler))
         assert_that(results, check)

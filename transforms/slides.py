@@ -9,6 +9,7 @@ chooses the levels from the headers alone, so slides can be filtered before any 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 from collections import defaultdict
@@ -113,7 +114,8 @@ def enumerate_dicom_folder(
     if not folder.is_dir():
         raise FileNotFoundError(f"input folder {folder} does not exist")
     series: dict[str, list[tuple[str, pydicom.Dataset]]] = defaultdict(list)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = [Path(d, f) for d, _, names in os.walk(folder, followlinks=True) for f in names]
+    for path in sorted(files):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         except (pydicom.errors.InvalidDicomError, OSError):

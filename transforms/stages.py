@@ -78,12 +78,12 @@ class PlanSlideFn(beam.DoFn):
 
 
 class ReadPatchesFn(beam.DoFn):
-    """PatchChunk -> ((uuid, row), uint8 patch) for every patch, read in one region."""
+    """PatchChunk -> ((uuid, rows), uint8 patches [n, 224, 224, 3]), read as one region."""
 
     def __init__(self, patch_size: int):
         self._patch_size = patch_size
 
-    def process(self, chunk: PatchChunk) -> Iterator[tuple[tuple[str, int], np.ndarray]]:
+    def process(self, chunk: PatchChunk) -> Iterator[tuple[tuple[str, np.ndarray], np.ndarray]]:
         record = chunk.record
         with _timed("read"):
             slide = patches.open_slide(record.files)
@@ -91,18 +91,17 @@ class ReadPatchesFn(beam.DoFn):
             pixels = patches.read_patches(
                 slide, level, chunk.coords, record.levels.downsample, self._patch_size
             )
-        for row, patch in zip(chunk.indices, pixels, strict=True):
-            yield (record.instance_uuid, int(row)), patch
+        yield (record.instance_uuid, chunk.indices), pixels
 
 
-def by_slide(keyed: tuple[tuple[str, int], Any]) -> tuple[str, tuple[int, np.ndarray]]:
-    """((uuid, row), PredictionResult) -> (uuid, (row, embedding))."""
-    (instance_uuid, row), result = keyed
-    return instance_uuid, (row, np.asarray(result.inference, np.float32))
+def by_slide(keyed: tuple[tuple[str, np.ndarray], Any]) -> tuple[str, tuple]:
+    """((uuid, rows), PredictionResult) -> (uuid, (rows, embeddings [n, D]))."""
+    (instance_uuid, rows), result = keyed
+    return instance_uuid, (rows, np.asarray(result.inference, np.float32))
 
 
 class ClusterSlideFn(beam.DoFn):
-    """(uuid, {'plan': [SlidePlan], 'patches': [(row, embedding)]}) -> SlideResult."""
+    """(uuid, {'plan': [SlidePlan], 'patches': [(rows, embeddings)]}) -> SlideResult."""
 
     def __init__(self, params: clustering.KMeansParams):
         self._params = params
@@ -112,15 +111,15 @@ class ClusterSlideFn(beam.DoFn):
         if grouped["plan"]:  # else the plan failed and its failure row is already out
             yield self._cluster(instance_uuid, grouped["plan"][0], grouped["patches"])
 
-    def _cluster(self, instance_uuid: str, plan: SlidePlan, rows: list) -> SlideResult:
+    def _cluster(self, instance_uuid: str, plan: SlidePlan, chunks: list) -> SlideResult:
+        rows = np.concatenate([r for r, _ in chunks]) if chunks else np.zeros(0, np.int64)
         if len(rows) != len(plan.coords):
             raise SlideError(
                 ReasonCode.INCOMPLETE_SLIDE,
                 f"{len(rows)} of {len(plan.coords)} patches were embedded; see this slide's "
                 "other failure rows for the chunks that failed",
             )
-        order = np.fromiter((r for r, _ in rows), np.int64, len(rows))
-        embeddings = np.stack([e for _, e in rows])[np.argsort(order)]
+        embeddings = np.concatenate([e for _, e in chunks])[np.argsort(rows)]
         with _timed("cluster"):
             clusters = clustering.cluster_embeddings(
                 embeddings, self._params, clustering.random_state_for(instance_uuid)
