@@ -55,6 +55,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         help="override any config key, e.g. --set kmeans.n_init=1 (repeatable)",
     )
     run.add_argument("--log-level", default="INFO")
+    run.set_defaults(handler=run_command, passes_beam_flags=True)
 
 
 def _sample_parser(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, overrides)
 
 
-def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     return 0
 
 
-def sample(args: argparse.Namespace) -> int:
+def sample_command(args: argparse.Namespace, _: list[str]) -> int:
     from transforms.sample_slides import write_samples
 
     names = [n.strip() for n in args.which.split(",") if n.strip()]
@@ -176,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Path Foundation embeddings for DICOM whole-slide images (IDC or your own).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
-    _sample_parser(sub)
+    for add_parser in SUBCOMMANDS:
+        add_parser(sub)
     args, rest = parser.parse_known_args(argv)
-    if args.command != "run" and rest:
+    if rest and not getattr(args, "passes_beam_flags", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Beam logs every string type hint (from `from __future__ import annotations`) at INFO.
     logging.getLogger("apache_beam.typehints.native_type_compatibility").setLevel(logging.WARNING)
-    if args.command == "run":
-        return run(args, rest)
-    return sample(args)
+    return args.handler(args, rest)
+
+
+# Each adds one subcommand parser whose defaults set `handler(args, extra_flags) -> exit code`.
+SUBCOMMANDS = [_run_parser, _sample_parser]
