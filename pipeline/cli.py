@@ -105,6 +105,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     from models.handler import PathFoundationModelHandler
+    from models.path_foundation import ModelAccessError
     from pipeline import dag, summary
     from transforms.slides import validate_uuid
 
@@ -132,7 +133,10 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         revision=cfg.model.revision,
         batch_size=cfg.model.batch_size,
     )
-    model = handler.model_info()
+    try:
+        model = handler.model_info()
+    except (ModelAccessError, ValueError) as exc:
+        raise SystemExit(f"cannot use model {cfg.model.name!r}: {exc}") from None
     _LOG.info(
         "run %s: input %s -> %s, model %s (%s)",
         run_id,

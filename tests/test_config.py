@@ -40,3 +40,8 @@ def test_help_lists_subcommands(capsys):
 def test_run_without_input_says_what_to_do():
     with pytest.raises(SystemExit, match="--input"):
         main(["run", "--output-root", "/tmp/x"])
+
+
+def test_run_with_an_unknown_model_says_what_to_use(tmp_path):
+    with pytest.raises(SystemExit, match="neither a stub"):
+        main(["run", "--input", str(tmp_path), "--output-root", str(tmp_path), "--model", "nope"])

@@ -52,6 +52,7 @@ class SlideResult:
         return f"SlideResult({self.plan.record.instance_uuid}, {len(self.embeddings)})"
 
 
+@beam.typehints.with_output_types(PatchChunk, plan=tuple)  # declares the tagged output
 class PlanSlideFn(beam.DoFn):
     """SlideRecord -> chunks (main output) and ('plan', (uuid, SlidePlan))."""
 
@@ -127,6 +128,7 @@ class ClusterSlideFn(beam.DoFn):
         return SlideResult(plan, embeddings, clusters)
 
 
+@beam.typehints.with_output_types(dict, search=dict)  # declares the tagged output
 class WriteArtifactsFn(beam.DoFn):
     """SlideResult -> resource row (main output) and ('search', row) per centroid."""
 
