@@ -73,6 +73,7 @@ def _sample_parser(sub: argparse._SubParsersAction) -> None:
         default=",".join(SAMPLES),
         help=f"comma-separated sample names (default: {','.join(SAMPLES)})",
     )
+    sample.set_defaults(handler=sample_command)
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:

@@ -45,3 +45,9 @@ def test_run_without_input_says_what_to_do():
 def test_run_with_an_unknown_model_says_what_to_use(tmp_path):
     with pytest.raises(SystemExit, match="neither a stub"):
         main(["run", "--input", str(tmp_path), "--output-root", str(tmp_path), "--model", "nope"])
+
+
+def test_sample_command_writes_a_readable_slide(tmp_path, capsys):
+    assert main(["sample", "--out", str(tmp_path), "--which", "small-40x"]) == 0
+    assert "small-40x: 3 DICOM files" in capsys.readouterr().out
+    assert len(list((tmp_path / "small-40x").glob("*.dcm"))) == 3
