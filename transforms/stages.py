@@ -121,6 +121,7 @@ class ClusterSlideFn(beam.DoFn):
                 "other failure rows for the chunks that failed",
             )
         embeddings = np.concatenate([e for _, e in chunks])[np.argsort(rows)]
+        _LOG.info("embedded %s: %d patches; clustering", instance_uuid, len(embeddings))
         with _timed("cluster"):
             clusters = clustering.cluster_embeddings(
                 embeddings, self._params, clustering.random_state_for(instance_uuid)
