@@ -197,5 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(args, rest)
 
 
+from pipeline.search_cli import (  # noqa: E402 (kept beside the list it extends)
+    add_fetch_parser,
+    add_index_parser,
+    add_lookup_parser,
+    add_search_parser,
+    add_show_parser,
+)
+
 # Each adds one subcommand parser whose defaults set `handler(args, extra_flags) -> exit code`.
-SUBCOMMANDS = [_run_parser, _sample_parser]
+SUBCOMMANDS = [
+    _run_parser,
+    _sample_parser,
+    add_search_parser,
+    add_index_parser,
+    add_lookup_parser,
+    add_fetch_parser,
+    add_show_parser,
+]

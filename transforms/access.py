@@ -1,0 +1,377 @@
+"""Reading what runs wrote, from any output root: tables, slide identities, per-slide artifacts.
+
+What it is for: resolving a slide (instance UUID <-> Study/Series UIDs) through the resource
+table, locally (Parquet) or in BigQuery (a parameterised query); reading a slide's
+metadata.json, embeddings, coordinates, centroids, labels and thumbnail from a local output
+root, a `gs://` one (Beam `FileSystems`), or a public bucket with an anonymous client; and
+streaming the search table in bounded blocks, one current row set per slide, for search.
+
+Every UUID and UID is validated before it becomes part of a path or a query. Not for writing:
+artifacts.py and sinks.py own the layout on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import logging
+import math
+import posixpath
+import re
+import string
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.artifacts import MODEL_DIR
+from transforms.sinks import table_dir
+from transforms.slides import validate_uid, validate_uuid
+
+_LOG = logging.getLogger(__name__)
+
+PUBLIC_OUTPUT_ROOT = "gs://healthai-us/encoded-data/idc/pathology"
+PUBLISHED_RESOURCE_TABLE = "hai-cd3-foundations.idc_metadata.pathology_embeddings_metadata"
+BIGQUERY_SQL_DIR = Path(__file__).resolve().parents[1] / "scripts" / "bigquery"
+
+# project (optionally domain-scoped) . dataset . table, as BigQuery spells them; nothing else
+# (no backticks, spaces, wildcards or partitions) may reach the SQL text.
+_TABLE_ID = re.compile(
+    r"^(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,28}[a-z0-9]\.[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_-]{1,1024}$"
+)
+# The search table's columns that search reads.
+SEARCH_COLUMNS = [
+    "instance_uuid",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "centroid_index",
+    "embedding",
+]
+
+
+class SlideNotFoundError(LookupError):
+    """The slide is not in the resource table (or its artifacts are not where they should be)."""
+
+
+def validate_table_id(table_id: str) -> str:
+    """A fully qualified BigQuery table id `project.dataset.table`, or ValueError."""
+    if not (isinstance(table_id, str) and _TABLE_ID.match(table_id)):
+        raise ValueError(
+            f"{table_id!r} is not a BigQuery table id of the form project.dataset.table"
+        )
+    return table_id
+
+
+def render_sql(
+    name: str, tables: Mapping[str, str], numbers: Mapping[str, float] | None = None
+) -> str:
+    """scripts/bigquery/{name} with its ${...} placeholders filled.
+
+    Only validated table ids and finite numbers are ever rendered into the SQL text (where
+    BigQuery needs a literal); every other value goes in as a query parameter.
+    """
+    values = {key: validate_table_id(table_id) for key, table_id in tables.items()}
+    for key, number in (numbers or {}).items():
+        if not math.isfinite(float(number)):
+            raise ValueError(f"{key} must be a finite number, got {number!r}")
+        values[key] = repr(float(number))
+    return string.Template((BIGQUERY_SQL_DIR / name).read_text()).substitute(values)
+
+
+@functools.cache
+def _anonymous_gcs_client():
+    from google.cloud import storage
+
+    return storage.Client.create_anonymous_client()
+
+
+def read_bytes(uri: str, anonymous: bool = False) -> bytes:
+    """The bytes at a local path or gs:// URI; `anonymous`: a public bucket, no credentials."""
+    if anonymous and uri.startswith("gs://"):
+        from google.api_core.exceptions import NotFound
+
+        bucket, _, name = uri[len("gs://") :].partition("/")
+        try:
+            return _anonymous_gcs_client().bucket(bucket).blob(name).download_as_bytes()
+        except NotFound:
+            raise FileNotFoundError(uri) from None
+    with FileSystems.open(uri) as handle:
+        return handle.read()
+
+
+def table_files(output_root: str, table: str) -> list[str]:
+    """The Parquet files of one table, one per run, oldest run first (run ids start with time)."""
+    pattern = FileSystems.join(table_dir(output_root, table), "*.parquet")
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def run_id_of(table_file: str) -> str:
+    """The run that wrote a table file: the sinks name each file `{run_id}.parquet`."""
+    return posixpath.basename(table_file).removesuffix(".parquet")
+
+
+def _read_parquet(uri: str) -> pa.Table:
+    with FileSystems.open(uri) as handle:
+        return pq.ParquetFile(handle).read()
+
+
+def newest_resources(output_root: str) -> pa.Table:
+    """One resource row per instance UUID: the newest by created_time, then run id.
+
+    A slide rerun (with --force, or new parameters) has a row in several run files; only the
+    newest describes the artifacts on disk and the search rows that count.
+    """
+    files = table_files(output_root, "resource")
+    if not files:
+        raise SlideNotFoundError(
+            f"no resource table at {table_dir(output_root, 'resource')}; run `pathembed run` "
+            "first or check --output-root"
+        )
+    rows = pa.concat_tables([_read_parquet(f) for f in files], promote_options="default")
+    rows = rows.sort_by([("created_time", "descending"), ("run_id", "descending")])
+    _, first = np.unique(rows["instance_uuid"].to_numpy(zero_copy_only=False), return_index=True)
+    return rows.take(np.sort(first)).sort_by("instance_uuid")
+
+
+def find_resource(
+    output_root: str,
+    *,
+    instance_uuid: str | None = None,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    resources: pa.Table | None = None,
+) -> dict[str, Any]:
+    """The newest resource row of a slide, by instance UUID or by Study + Series UIDs."""
+    where = _slide_condition(instance_uuid, study_instance_uid, series_instance_uid)
+    if resources is None:
+        resources = newest_resources(output_root)
+    mask = None
+    for column, value in where.items():
+        match = pc.equal(resources[column], value)
+        mask = match if mask is None else pc.and_(mask, match)
+    found = resources.filter(mask).sort_by([("created_time", "descending")]).to_pylist()
+    if not found:
+        described = ", ".join(f"{k} {v}" for k, v in where.items())
+        raise SlideNotFoundError(
+            f"{described} is not in the resource table at "
+            f"{table_dir(output_root, 'resource')}; run `pathembed run` first or check "
+            "--output-root"
+        )
+    return found[0]
+
+
+def _slide_condition(
+    instance_uuid: str | None, study_instance_uid: str | None, series_instance_uid: str | None
+) -> dict[str, str]:
+    """{column: validated value} naming one slide, by UUID or by both UIDs."""
+    if instance_uuid is not None:
+        if study_instance_uid is not None or series_instance_uid is not None:
+            raise ValueError("name the slide by instance UUID or by Study + Series UIDs, not both")
+        return {"instance_uuid": validate_uuid(instance_uuid)}
+    if study_instance_uid is None or series_instance_uid is None:
+        raise ValueError("name the slide by instance UUID, or by both Study and Series UIDs")
+    return {
+        "StudyInstanceUID": validate_uid(study_instance_uid),
+        "SeriesInstanceUID": validate_uid(series_instance_uid),
+    }
+
+
+def bigquery_lookup_job(
+    resource_table: str,
+    *,
+    instance_uuid: str | None = None,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+) -> tuple[str, Any]:
+    """(SQL, QueryJobConfig) finding a slide in a BigQuery resource table; values are parameters."""
+    from google.cloud import bigquery
+
+    where = _slide_condition(instance_uuid, study_instance_uid, series_instance_uid)
+    sql = render_sql("lookup.sql", {"resource_table": resource_table})
+    config = bigquery.QueryJobConfig(
+        query_parameters=[
+            bigquery.ScalarQueryParameter("instance_uuid", "STRING", where.get("instance_uuid")),
+            bigquery.ScalarQueryParameter(
+                "study_instance_uid", "STRING", where.get("StudyInstanceUID")
+            ),
+            bigquery.ScalarQueryParameter(
+                "series_instance_uid", "STRING", where.get("SeriesInstanceUID")
+            ),
+        ]
+    )
+    return sql, config
+
+
+def bigquery_find_resource(client: Any, resource_table: str, **slide: str | None) -> dict:
+    """{instance_uuid, StudyInstanceUID, SeriesInstanceUID} of a slide from BigQuery."""
+    sql, config = bigquery_lookup_job(resource_table, **slide)
+    rows = [dict(row.items()) for row in client.query(sql, job_config=config).result()]
+    if not rows:
+        described = ", ".join(f"{k} {v}" for k, v in slide.items() if v is not None)
+        raise SlideNotFoundError(
+            f"{described} is not in the BigQuery resource table {resource_table}; check the "
+            "UIDs or --bq-resource-table"
+        )
+    return rows[0]
+
+
+def search_table_batches(
+    output_root: str, resources: pa.Table, block_rows: int = 8192
+) -> Iterator[pa.RecordBatch]:
+    """The search table's rows in blocks of at most `block_rows`, each slide's newest run only.
+
+    A slide's search rows count only from the run its newest resource row names; rows from
+    older runs of the same slide (superseded centroids) are dropped here, so a slide that was
+    embedded twice is not found twice. Memory: one Parquet row group and one block.
+    """
+    run_of = dict(
+        zip(resources["instance_uuid"].to_pylist(), resources["run_id"].to_pylist(), strict=True)
+    )
+    for uri in table_files(output_root, "search"):
+        run_id = run_id_of(uri)
+        current = pa.array([u for u, r in run_of.items() if r == run_id], pa.string())
+        if len(current) == 0:
+            _LOG.info("search table file %s holds no slide's newest run; skipped", uri)
+            continue
+        with FileSystems.open(uri) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(
+                batch_size=block_rows, columns=SEARCH_COLUMNS
+            ):
+                yield batch.filter(pc.is_in(batch["instance_uuid"], value_set=current))
+
+
+def slide_centroids(
+    output_root: str, resource: Mapping[str, Any], block_rows: int = 8192
+) -> np.ndarray:
+    """A slide's centroids [K, D] in centroid order, as its newest run wrote the search table."""
+    uri = FileSystems.join(table_dir(output_root, "search"), f"{resource['run_id']}.parquet")
+    columns = ["instance_uuid", "centroid_index", "embedding"]
+    parts = []
+    with contextlib.suppress(FileNotFoundError), FileSystems.open(uri) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=block_rows, columns=columns):
+            parts.append(batch.filter(pc.equal(batch["instance_uuid"], resource["instance_uuid"])))
+    rows = [part for part in parts if part.num_rows]
+    if not rows:
+        raise SlideNotFoundError(
+            f"{resource['instance_uuid']} has no search rows in {uri}; the tables of run "
+            f"{resource['run_id']} are incomplete: rerun `pathembed run --force --uuids "
+            f"{resource['instance_uuid']}`"
+        )
+    table = pa.Table.from_batches(rows).sort_by("centroid_index")
+    return embedding_matrix(table["embedding"])
+
+
+def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An `embedding` list column as a float64 [rows, D] array; every row must have D values."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if len(lengths) == 0:
+        return np.zeros((0, 0))
+    if lengths.min() != lengths.max():
+        raise ValueError(f"embeddings of different lengths ({lengths.min()}..{lengths.max()})")
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    return values.reshape(len(column), int(lengths[0]))
+
+
+@dataclass(frozen=True)
+class SlideArtifacts:
+    """One slide's published files under `{output_root}/{instance_uuid}/path_foundation/v1/`.
+
+    File names come from metadata.json (their basenames), joined to the directory they were
+    read from: metadata records the URIs at write time, which are stale once an output root is
+    copied or mirrored, and names carry the run's n_clusters (`embeddings_500_...`).
+    """
+
+    instance_uuid: str
+    directory: str
+    metadata: dict[str, Any]
+    anonymous: bool = False
+
+    @classmethod
+    def open(
+        cls, output_root: str, instance_uuid: str, *, version: str = "v1", anonymous: bool = False
+    ) -> SlideArtifacts:
+        directory = FileSystems.join(
+            output_root.rstrip("/"), validate_uuid(instance_uuid), MODEL_DIR, version
+        )
+        uri = FileSystems.join(directory, "metadata.json")
+        try:
+            metadata = json.loads(read_bytes(uri, anonymous))
+        except FileNotFoundError:
+            raise SlideNotFoundError(
+                f"no metadata.json at {uri}; is {instance_uuid} embedded under this output "
+                "root? run `pathembed run` first or check --output-root"
+            ) from None
+        return cls(validate_uuid(instance_uuid), directory, metadata, anonymous)
+
+    @property
+    def embedding_entry(self) -> dict[str, Any]:
+        """The metadata's first (Path Foundation) entry of instance_patch_embeddings."""
+        return self.metadata["instance_patch_embeddings"][0]
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        entry = self.embedding_entry
+        return entry["input_image_patch_width_px"], entry["input_image_patch_height_px"]
+
+    @property
+    def level_size(self) -> tuple[int, int]:
+        """(width, height) of the patch-source frame that coordinates refer to."""
+        entry = self.embedding_entry
+        return entry["slide_pyramid_level_width"], entry["slide_pyramid_level_height"]
+
+    def files(self) -> dict[str, str]:
+        """{file name: URI} of metadata.json and every artifact it names."""
+        entry = self.embedding_entry
+        kmeans = entry["kmeans_embeddings"][0]
+        recorded = [
+            entry["thumbnail_gs_path"],
+            entry["thumbnail_patch_sampling_mask_gs_path"],
+            entry["patch_embeddings_gs_path"],
+            entry["patch_coordinates_gs_path"],
+            kmeans["centroids_gs_path"],
+            kmeans["embedding_centroid_index_gs_path"],
+        ]
+        names = ["metadata.json", *(posixpath.basename(path) for path in recorded)]
+        return {name: FileSystems.join(self.directory, name) for name in names}
+
+    def _uri(self, recorded: str) -> str:
+        return FileSystems.join(self.directory, posixpath.basename(recorded))
+
+    def _npy(self, recorded: str) -> np.ndarray:
+        return np.load(io.BytesIO(read_bytes(self._uri(recorded), self.anonymous)))
+
+    def embeddings(self) -> np.ndarray:
+        return self._npy(self.embedding_entry["patch_embeddings_gs_path"])
+
+    def coordinates(self) -> np.ndarray:
+        return self._npy(self.embedding_entry["patch_coordinates_gs_path"])
+
+    def centroids(self) -> np.ndarray:
+        return self._npy(self.embedding_entry["kmeans_embeddings"][0]["centroids_gs_path"])
+
+    def labels(self) -> np.ndarray:
+        kmeans = self.embedding_entry["kmeans_embeddings"][0]
+        return self._npy(kmeans["embedding_centroid_index_gs_path"])
+
+    @property
+    def thumbnail_uri(self) -> str:
+        return self._uri(self.embedding_entry["thumbnail_gs_path"])
+
+    def thumbnail_jpeg(self) -> bytes:
+        return read_bytes(self.thumbnail_uri, self.anonymous)
+
+    def thumbnail(self) -> np.ndarray:
+        """The slide thumbnail as RGB uint8 [h, w, 3]."""
+        encoded = np.frombuffer(self.thumbnail_jpeg(), np.uint8)
+        return cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
