@@ -5,7 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo_out
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup system-deps demo test lint bench clean
+
+# Debian packages the tests need: Orthanc and its DICOMweb plugin (tests/servers.py starts a
+# private one on 127.0.0.1). Installs as root (or with sudo) on Debian 12; skips when present.
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 setup: $(STAMP)
 
@@ -19,7 +24,17 @@ demo: $(STAMP)
 	$(BIN)/pathembed sample --out $(DEMO)/slides
 	$(BIN)/pathembed run --config configs/local.yaml --input $(DEMO)/slides --output-root $(DEMO)/out
 
-test: $(STAMP)
+system-deps:
+	@if [ "$$(dpkg-query -W -f='$${Status}\n' $(SYSTEM_PACKAGES) 2>/dev/null \
+	      | grep -c '^install ok installed$$')" -eq "$(words $(SYSTEM_PACKAGES))" ]; then \
+	  echo "system packages present: $(SYSTEM_PACKAGES)"; \
+	else \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
+
+test: system-deps $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

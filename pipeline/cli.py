@@ -35,7 +35,48 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="YAML config (default: built-in local defaults, the same as configs/local.yaml)",
     )
-    run.add_argument("--input", help="folder of DICOM files (source.input)")
+    run.add_argument(
+        "--source",
+        choices=["dicom_folder", "manifest", "idc_index", "bigquery", "dicomweb"],
+        help="where slides come from (source.kind; default dicom_folder)",
+    )
+    run.add_argument(
+        "--input",
+        help="dicom_folder: folder, gs:// or s3:// prefix; manifest: .jsonl/.csv file "
+        "(source.input)",
+    )
+    run.add_argument(
+        "--dicomweb-url",
+        help="DICOMweb base URL: the store for --source dicomweb, or where IDC sources read "
+        "pixels with --read-from dicomweb (source.dicomweb_url)",
+    )
+    run.add_argument(
+        "--dicomweb-auth",
+        choices=["auto", "google", "none"],
+        help="DICOMweb credentials: google = Application Default Credentials; auto = google "
+        "for *.googleapis.com, else none (source.dicomweb_auth)",
+    )
+    run.add_argument(
+        "--collections", help="IDC collection ids, comma-separated (source.collections)"
+    )
+    run.add_argument("--limit", type=int, help="at most this many slides (source.limit)")
+    run.add_argument(
+        "--bigquery-table",
+        help="IDC dicom_all table of a pinned release (source.bigquery_table)",
+    )
+    run.add_argument(
+        "--idc-bucket",
+        help="bucket holding IDC series folders for --source idc_index (source.idc_bucket)",
+    )
+    run.add_argument(
+        "--read-from",
+        choices=["bucket", "aws", "dicomweb"],
+        help="where IDC sources read pixels (source.read_from)",
+    )
+    run.add_argument(
+        "--manifest-out", help="also write the enumerated slides as a .jsonl/.csv manifest"
+    )
+    run.add_argument("--idc-version", help="IDC release to record, e.g. v20 (run.idc_version)")
     run.add_argument("--output-root", help="where artifacts and tables go (output_root)")
     run.add_argument("--model", help="stub-tiny | stub-vit-s16 | HF repo id | SavedModel dir")
     run.add_argument("--batch-size", type=int, help="patches per model call (model.batch_size)")
@@ -84,7 +125,16 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
     flags = {
+        "source.kind": args.source,
         "source.input": args.input,
+        "source.dicomweb_url": args.dicomweb_url,
+        "source.dicomweb_auth": args.dicomweb_auth,
+        "source.limit": args.limit,
+        "source.bigquery_table": args.bigquery_table,
+        "source.idc_bucket": args.idc_bucket,
+        "source.read_from": args.read_from,
+        "source.manifest_out": args.manifest_out,
+        "run.idc_version": args.idc_version,
         "output_root": args.output_root,
         "model.name": args.model,
         "model.batch_size": args.batch_size,
@@ -98,7 +148,14 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         overrides["run.uuids"] = [u.strip() for u in uuids]
     if args.force:
         overrides["run.force"] = True
-    return load_config(args.config, overrides)
+    if args.collections:
+        overrides["source.collections"] = [c.strip() for c in args.collections.split(",") if c]
+    cfg = load_config(args.config, overrides)
+    try:
+        cfg.source.validate()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return cfg
 
 
 def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
@@ -113,10 +170,6 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     cfg = config_from_args(args)
     if "://" not in cfg.output_root:  # record absolute local paths in metadata and tables
         cfg = dataclasses.replace(cfg, output_root=str(Path(cfg.output_root).resolve()))
-    if cfg.source.kind != "dicom_folder":
-        raise SystemExit(f"source.kind {cfg.source.kind!r} is not supported; use dicom_folder")
-    if not cfg.source.input:
-        raise SystemExit("no input: give --input FOLDER (or source.input in the config)")
     for value in cfg.run.uuids:
         validate_uuid(value)
     options = PipelineOptions(beam_args)

@@ -24,8 +24,40 @@ DATASET_VERSION = "v1"  # the published layout: {uuid}/path_foundation/v1/
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "dicom_folder"
-    input: str | None = None
+    """Where slides come from and how their pixels are read (configs/local.yaml documents it)."""
+
+    kind: str = "dicom_folder"  # dicom_folder | manifest | idc_index | bigquery | dicomweb
+    input: str | None = None  # folder / gs:// or s3:// prefix, or manifest file
+    dicomweb_url: str | None = None
+    dicomweb_auth: str = "auto"  # auto | google | none
+    collections: tuple[str, ...] = ()
+    limit: int | None = None
+    sample: int | None = None
+    bigquery_table: str = "bigquery-public-data.idc_v20.dicom_all"
+    bigquery_project: str | None = None
+    idc_bucket: str = "s3://idc-open-data"
+    # Where IDC sources read pixels: bucket (BigQuery's gcs_url, idc_index's idc_bucket),
+    # aws (BigQuery's aws_url) or dicomweb (dicomweb_url, e.g. IDC's DICOM store).
+    read_from: str = "bucket"
+    manifest_out: str | None = None
+
+    KINDS = ("dicom_folder", "manifest", "idc_index", "bigquery", "dicomweb")
+
+    def validate(self) -> None:
+        """Raises ValueError saying which key is missing or wrong for this kind of source."""
+        if self.kind not in self.KINDS:
+            raise ValueError(f"source.kind {self.kind!r} is not one of {', '.join(self.KINDS)}")
+        if self.kind in ("dicom_folder", "manifest") and not self.input:
+            what = "FOLDER (or gs:// / s3:// prefix)" if self.kind == "dicom_folder" else "FILE"
+            raise ValueError(f"source {self.kind} needs --input {what} (source.input)")
+        if self.kind == "dicomweb" and not self.dicomweb_url:
+            raise ValueError("source dicomweb needs --dicomweb-url (source.dicomweb_url)")
+        if self.read_from not in ("bucket", "aws", "dicomweb"):
+            raise ValueError(f"source.read_from {self.read_from!r}: bucket, aws or dicomweb")
+        if self.read_from == "dicomweb" and not self.dicomweb_url:
+            raise ValueError("source.read_from dicomweb needs --dicomweb-url")
+        if self.dicomweb_auth not in ("auto", "google", "none"):
+            raise ValueError(f"source.dicomweb_auth {self.dicomweb_auth!r}: auto, google or none")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from pipeline.config import DATASET_VERSION, PIPELINE_VERSION, PipelineConfig, parameter_hash
 from transforms import stages
 from transforms.sinks import WriteTable
-from transforms.sources import EnumerateDicomFolder, SkipDoneOrUnrequested
+from transforms.sources import EnumerateSlides, SkipDoneOrUnrequested
 
 
 def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
@@ -21,9 +21,10 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
     params = cfg.output_params(model.name, model.version)
     p_hash = parameter_hash(params)
     root, lv = cfg.output_root, cfg.levels
-    enumerate_slides = EnumerateDicomFolder(
-        cfg.source.input, lv.target_spacing_um / 1000, lv.tolerance, lv.mask_spacing_um / 1000
-    )
+    enumerate_slides = EnumerateSlides(
+        cfg.source, lv.target_spacing_um / 1000, lv.tolerance, lv.mask_spacing_um / 1000,
+        uuids=frozenset(cfg.run.uuids), idc_version=cfg.run.idc_version,
+    )  # fmt: skip
     skip_done = SkipDoneOrUnrequested(
         output_root=root, dataset_version=DATASET_VERSION, n_clusters=cfg.kmeans.n_clusters,
         parameter_hash=p_hash, uuids=frozenset(cfg.run.uuids), force=cfg.run.force,

@@ -7,6 +7,9 @@ from typing import Any
 from apache_beam.metrics.metric import MetricsFilter
 
 COUNTERS = [
+    "pixel_source_requests",
+    "pixel_frames_read",
+    "pixel_source_bytes_read",
     "slides_found",
     "slides_skipped_complete",
     "slides_planned",
@@ -54,6 +57,8 @@ def render(summary: dict[str, Any], output_root: str, wall_seconds: float) -> st
         f"  slides done         {c['slides_written']}",
         f"  failures            {c['failures']}",
         f"  patches embedded    {c['patches_embedded']} (of {c['patches_planned']} planned)",
+        f"  remote pixel reads  {c['pixel_source_requests']} requests, "
+        f"{c['pixel_frames_read']} frames, {c['pixel_source_bytes_read'] / 1e6:.1f} MB",
         f"  wall time           {wall_seconds:.1f} s",
         "  time per stage (summed over workers):",
     ]

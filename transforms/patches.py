@@ -47,8 +47,13 @@ def slide_errors(what: str) -> Iterator[None]:
 
 @functools.lru_cache(maxsize=SLIDE_CACHE_SIZE)
 def open_slide(files: tuple[tuple[str, str], ...]) -> dicom_slide.LocalDicomSlide:
-    """The slide of these (SOPInstanceUID, path) files, opened once per worker process."""
+    """The slide of these (SOPInstanceUID, URI) files, opened once per worker process: local
+    paths with ez-wsi; gs://, s3://, http(s) and DICOMweb URIs through transforms/pixels.py."""
     with slide_errors("opening slide"):
+        if any("://" in uri for _, uri in files):
+            from transforms.pixels import open_remote_slide
+
+            return open_remote_slide(files)
         return dicom_slide.LocalDicomSlide([path for _, path in files])
 
 

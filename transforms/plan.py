@@ -112,7 +112,8 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
     thumbnail_mask = tissue.thumbnail_with_patches(
         thumbnail, grid.coords, params.patch_size, choice.source_width, choice.source_height
     )
-    md5, sha512 = instance_hashes(record.embedding_file)
+    # Remote instances are never downloaded whole: their hashes are IDC's MD5 or null.
+    md5, sha512 = instance_hashes(record.embedding_file) if record.is_local else (None, None)
     plan = SlidePlan(
         record=record,
         coords=grid.coords,

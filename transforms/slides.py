@@ -1,19 +1,27 @@
 """Slide records and the DICOM-folder slide source.
 
 A `SlideRecord` is what every source yields and what every later stage keys on: the
-instance UUID, the DICOM UIDs, the chosen levels and where to read them. The folder source
-groups VL Whole Slide Microscopy files by SeriesInstanceUID (one series = one slide) and
-chooses the levels from the headers alone, so slides can be filtered before any pixel is read.
+instance UUID, the DICOM UIDs, the chosen levels and where to read them. Every source (DICOM
+folder or bucket prefix, manifest, idc-index, BigQuery, DICOMweb) builds it with
+`build_record` / `record_from_headers`, so the level rule (transforms/levels.py) is applied
+the same way everywhere. The folder source groups VL Whole Slide Microscopy files by
+SeriesInstanceUID (one series = one slide) and chooses the levels from the headers alone
+(range reads for gs:// and s3:// prefixes), so slides can be filtered before any pixel is read.
+
+Where to read a level: `files` pairs each level's SOPInstanceUID with a URI, one of
+- a local path (read with ez-wsi's LocalDicomSlide),
+- gs://bucket/object, s3://bucket/key, http(s):// file (byte-range reads, transforms/bucket.py),
+- a WADO-RS instance URL `{base}/studies/{s}/series/{se}/instances/{sop}` (DICOMweb through
+  ez-wsi, transforms/dicomweb.py); `dicomweb_url` then holds `{base}`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,17 +74,18 @@ def local_instance_uuid(sop_instance_uid: str) -> str:
 
 @dataclass(frozen=True)
 class SlideRecord:
-    """One slide to embed: identity, chosen levels, and the files that hold its pyramid."""
+    """One slide to embed: identity, chosen levels, and where each pyramid level is read."""
 
     instance_uuid: str  # of the embedding-level instance (IDC crdc_instance_uuid or uuid5)
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str  # the embedding-level instance
     levels: LevelChoice
-    files: tuple[tuple[str, str], ...]  # (SOPInstanceUID, path) of every pyramid level
+    files: tuple[tuple[str, str], ...]  # (SOPInstanceUID, URI) of every pyramid level
     collection: str | None = None
     idc_version: str | None = None
     instance_hash: str | None = None  # IDC's MD5 of the instance, when the source knows it
+    dicomweb_url: str | None = None  # DICOMweb base URL when `files` are WADO-RS URLs
 
     def __repr__(self) -> str:
         return f"SlideRecord({self.instance_uuid}, series={self.series_instance_uid})"
@@ -85,22 +94,155 @@ class SlideRecord:
     def embedding_file(self) -> str:
         return dict(self.files)[self.sop_instance_uid]
 
+    @property
+    def is_local(self) -> bool:
+        """True when every level is a local file (hashes are computed only then)."""
+        return not any("://" in uri for _, uri in self.files)
 
-def _spacing(ds: pydicom.Dataset) -> PixelSpacing | None:
+
+def spacing_of(ds: pydicom.Dataset) -> PixelSpacing | None:
     try:
         row, col = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
         return PixelSpacing(float(row), float(col))
-    except (AttributeError, IndexError, TypeError, ValueError):
+    except (AttributeError, IndexError, TypeError, ValueError, KeyError):
         return None
+
+
+_spacing = spacing_of  # the folder source's old name
 
 
 @dataclass(frozen=True)
 class FolderFailure:
-    """A series found in the folder that cannot become a SlideRecord."""
+    """A series found by a source that cannot become a SlideRecord."""
 
     instance_uuid: str
     series_instance_uid: str
     error: SlideError
+
+
+SourceFailure = FolderFailure
+
+
+def is_volume(ds: pydicom.Dataset) -> bool:
+    return "VOLUME" in [str(v).upper() for v in ds.get("ImageType", [])]
+
+
+def level_info(ds: pydicom.Dataset) -> LevelInfo:
+    return LevelInfo(
+        width=int(ds.TotalPixelMatrixColumns),
+        height=int(ds.TotalPixelMatrixRows),
+        spacing=spacing_of(ds),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        frame_width=int(ds.Columns),
+        frame_height=int(ds.Rows),
+    )
+
+
+def build_record(
+    *,
+    study_uid: str,
+    series_uid: str,
+    levels: Sequence[LevelInfo],
+    files: Sequence[tuple[str, str]],
+    target_spacing_mm: float = 0.0005,
+    tolerance: float = 0.15,
+    mask_spacing_mm: float = 0.005,
+    instance_uuids: Mapping[str, str] | None = None,
+    instance_hashes: Mapping[str, str] | None = None,
+    collection: str | None = None,
+    idc_version: str | None = None,
+    dicomweb_url: str | None = None,
+) -> SlideRecord | FolderFailure:
+    """Chooses the levels of one series (DESIGN.md §3) and makes its record (or failure).
+
+    `instance_uuids` maps SOPInstanceUIDs to IDC crdc_instance_uuids; without one, the UUID is
+    uuid5 of the SOPInstanceUID. `files` must name every level in `levels`.
+    """
+    uuids = instance_uuids or {}
+
+    def uuid_of(sop: str) -> str:
+        return validate_uuid(uuids[sop]) if sop in uuids else local_instance_uuid(sop)
+
+    finest = max(levels, key=lambda lv: lv.width * lv.height, default=None)
+    fallback_sop = finest.sop_instance_uid if finest else (files[0][0] if files else None)
+    try:
+        fallback_uuid = uuid_of(fallback_sop) if fallback_sop else local_instance_uuid("0")
+        choice = choose_levels(levels, target_spacing_mm, tolerance, mask_spacing_mm)
+        sop = choice.embedding.sop_instance_uid
+        where = dict(files)
+        missing = {lv.sop_instance_uid for lv in levels} - set(where)
+        if missing:
+            raise SlideError(ReasonCode.READ_ERROR, f"no location for instances {sorted(missing)}")
+        return SlideRecord(
+            instance_uuid=uuid_of(sop),
+            study_instance_uid=validate_uid(study_uid),
+            series_instance_uid=validate_uid(series_uid),
+            sop_instance_uid=sop,
+            levels=choice,
+            files=tuple((lv.sop_instance_uid, where[lv.sop_instance_uid]) for lv in levels),
+            collection=collection,
+            idc_version=idc_version,
+            instance_hash=(instance_hashes or {}).get(sop),
+            dicomweb_url=dicomweb_url,
+        )
+    except SlideError as error:
+        return FolderFailure(fallback_uuid, series_uid, error)
+    except ValueError as error:  # malformed UIDs
+        return FolderFailure(
+            fallback_uuid, series_uid, SlideError(ReasonCode.INTERNAL_ERROR, str(error))
+        )
+
+
+def record_from_headers(
+    series_uid: str,
+    instances: Sequence[tuple[str, pydicom.Dataset]],
+    target_spacing_mm: float = 0.0005,
+    tolerance: float = 0.15,
+    mask_spacing_mm: float = 0.005,
+    **extra,
+) -> SlideRecord | FolderFailure:
+    """The record of one series from its instances' (URI, header) pairs; non-VOLUME
+    instances (label, overview, thumbnail) are ignored."""
+    volume = [(uri, ds) for uri, ds in instances if is_volume(ds)]
+    try:
+        levels = [level_info(ds) for _, ds in volume]
+    except (AttributeError, TypeError, ValueError) as exc:
+        sop = str(instances[0][1].get("SOPInstanceUID", "0"))
+        return FolderFailure(
+            local_instance_uuid(sop) if _UID_RE.match(sop) else local_instance_uuid("0"),
+            series_uid,
+            SlideError(ReasonCode.READ_ERROR, f"incomplete WSI header: {exc}"),
+        )
+    study_uid = str((volume or instances)[0][1].StudyInstanceUID)
+    if not levels:
+        sop = str(instances[0][1].SOPInstanceUID)
+        return FolderFailure(
+            local_instance_uuid(sop),
+            series_uid,
+            SlideError(ReasonCode.NO_PYRAMID, "the series has no pyramid (VOLUME) levels"),
+        )
+    return build_record(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        levels=levels,
+        files=[(str(ds.SOPInstanceUID), uri) for uri, ds in volume],
+        target_spacing_mm=target_spacing_mm,
+        tolerance=tolerance,
+        mask_spacing_mm=mask_spacing_mm,
+        **extra,
+    )
+
+
+def _read_header(uri: str) -> pydicom.Dataset | None:
+    """The header of a DICOM file (local or by range reads), or None if it is not DICOM."""
+    try:
+        if "://" in uri:
+            from transforms.bucket import read_header
+
+            return read_header(uri)[0]
+        return pydicom.dcmread(uri, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError):
+        return None  # not DICOM: README, thumbnails, ...
 
 
 def enumerate_dicom_folder(
@@ -109,60 +251,21 @@ def enumerate_dicom_folder(
     tolerance: float = 0.15,
     mask_spacing_mm: float = 0.005,
 ) -> Iterator[SlideRecord | FolderFailure]:
-    """Yields one SlideRecord (or FolderFailure) per WSI series found under `folder`."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    """Yields one SlideRecord (or FolderFailure) per WSI series found under `folder`: a local
+    folder (scanned recursively) or a gs:// / s3:// prefix (headers read by byte ranges)."""
+    from transforms.bucket import list_uris
+
+    where = str(folder)
+    if "://" not in where and not Path(where).is_dir():
         raise FileNotFoundError(f"input folder {folder} does not exist")
     series: dict[str, list[tuple[str, pydicom.Dataset]]] = defaultdict(list)
-    files = [Path(d, f) for d, _, names in os.walk(folder, followlinks=True) for f in names]
-    for path in sorted(files):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        except (pydicom.errors.InvalidDicomError, OSError):
-            continue  # not DICOM: README, thumbnails, ...
-        if ds.get("SOPClassUID") != VL_WSI_SOP_CLASS:
+    for uri in list_uris(where):
+        ds = _read_header(uri)
+        if ds is None or ds.get("SOPClassUID") != VL_WSI_SOP_CLASS:
             continue
-        series[str(ds.SeriesInstanceUID)].append((str(path), ds))
+        series[str(ds.SeriesInstanceUID)].append((uri, ds))
     _LOG.info("found %d slide series under %s", len(series), folder)
     for series_uid, instances in sorted(series.items()):
-        yield _record_from_series(
+        yield record_from_headers(
             series_uid, instances, target_spacing_mm, tolerance, mask_spacing_mm
         )
-
-
-def _record_from_series(
-    series_uid: str,
-    instances: list[tuple[str, pydicom.Dataset]],
-    target_spacing_mm: float,
-    tolerance: float,
-    mask_spacing_mm: float,
-) -> SlideRecord | FolderFailure:
-    volume = [(p, ds) for p, ds in instances if "VOLUME" in list(ds.get("ImageType", []))]
-    levels = [
-        LevelInfo(
-            width=int(ds.TotalPixelMatrixColumns),
-            height=int(ds.TotalPixelMatrixRows),
-            spacing=_spacing(ds),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            frame_width=int(ds.Columns),
-            frame_height=int(ds.Rows),
-        )
-        for _, ds in volume
-    ]
-    finest = max(levels, key=lambda lv: lv.width * lv.height, default=None)
-    fallback_uuid = local_instance_uuid(
-        finest.sop_instance_uid if finest else str(instances[0][1].SOPInstanceUID)
-    )
-    try:
-        choice = choose_levels(levels, target_spacing_mm, tolerance, mask_spacing_mm)
-    except SlideError as error:
-        return FolderFailure(fallback_uuid, series_uid, error)
-    study_uid = str(volume[0][1].StudyInstanceUID)
-    return SlideRecord(
-        instance_uuid=local_instance_uuid(choice.embedding.sop_instance_uid),
-        study_instance_uid=validate_uid(study_uid),
-        series_instance_uid=validate_uid(series_uid),
-        sop_instance_uid=choice.embedding.sop_instance_uid,
-        levels=choice,
-        files=tuple((str(ds.SOPInstanceUID), p) for p, ds in volume),
-    )

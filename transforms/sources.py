@@ -1,7 +1,25 @@
-"""Slide sources as Beam transforms, and the filter that skips done or unrequested slides."""
+"""Slide sources as Beam transforms, and the filter that skips done or unrequested slides.
+
+`EnumerateSlides` is the DAG's Enumerate step for every source kind (source.kind):
+
+- dicom_folder: WSI files under a folder, gs:// or s3:// prefix (headers by range reads);
+  pixels from the same files.
+- manifest: the slide records of a JSONL/CSV manifest (transforms/manifest.py).
+- idc_index: SM series of the offline idc-index-data index, resolved by reading their headers
+  from the IDC bucket; pixels from the bucket or a DICOMweb store.
+- bigquery: scripts/bigquery/idc_slides.sql over `dicom_all` of a pinned release; pixels from
+  gcs_url, aws_url or a DICOMweb store.
+- dicomweb: QIDO-RS series with Modality SM, levels from WADO-RS series metadata; pixels from
+  the same store.
+
+Every kind yields SlideRecords (main output) and FolderFailures ('failed'). Listing runs in one
+element; per-series work (header or metadata reads) is spread out after a Reshuffle.
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -10,33 +28,185 @@ from apache_beam.metrics import Metrics
 from transforms import artifacts
 from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder
 
+_LOG = logging.getLogger(__name__)
 
-class EnumerateDicomFolder(beam.PTransform):
-    """Every WSI series under a folder -> SlideRecord (main) and 'failed' FolderFailures."""
+
+def _tagged(item) -> object:
+    """A found slide on the main output, a failure on 'failed'; counted either way."""
+    Metrics.counter("pathembed", "slides_found").inc()
+    return beam.pvalue.TaggedOutput("failed", item) if isinstance(item, FolderFailure) else item
+
+
+def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tuple[str, str]]:
+    from transforms.dicomweb import DicomWebClient, series_of
+
+    for n, row in enumerate(DicomWebClient(base_url, auth).search_series("SM")):
+        if limit is not None and n >= limit:
+            return
+        yield series_of(row)
+
+
+def _series_failure(series_uid: str, exc: Exception) -> FolderFailure:
+    """A series whose headers could not be read: a failure row, and the run goes on."""
+    from transforms.errors import ReasonCode, SlideError
+    from transforms.slides import local_instance_uuid
+
+    try:
+        fallback = local_instance_uuid(series_uid)
+    except ValueError:
+        fallback = local_instance_uuid("0")
+    error = SlideError(ReasonCode.READ_ERROR, f"reading the series' headers: {exc!r}")
+    return FolderFailure(fallback, series_uid, error)
+
+
+def _dicomweb_record(series: tuple[str, str], base_url: str, auth: str, levels: tuple):
+    from transforms.dicomweb import DicomWebClient, instance_url, metadata_dataset
+    from transforms.slides import VL_WSI_SOP_CLASS, record_from_headers
+
+    study, series_uid = series
+    instances = []
+    try:
+        for tags in DicomWebClient(base_url, auth).series_metadata(study, series_uid):
+            ds = metadata_dataset(tags)
+            if ds.get("SOPClassUID") == VL_WSI_SOP_CLASS:
+                uri = instance_url(base_url, study, series_uid, str(ds.SOPInstanceUID))
+                instances.append((uri, ds))
+    except Exception as exc:  # one unreadable series must not stop the run
+        yield _series_failure(series_uid, exc)
+        return
+    if not instances:
+        return
+    yield record_from_headers(series_uid, instances, *levels, dicomweb_url=base_url.rstrip("/"))
+
+
+def _idc_record(series, bucket: str, version: str | None, levels: tuple):
+    from transforms import idc
+
+    try:
+        return idc.resolve_series(series, bucket, version, *levels)
+    except Exception as exc:  # one unreadable series must not stop the run
+        return _series_failure(series.series_instance_uid, exc)
+
+
+class EnumerateSlides(beam.PTransform):
+    """source config -> SlideRecords (main) and FolderFailures ('failed'), any source kind."""
 
     def __init__(
-        self, folder: str, target_spacing_mm: float, tolerance: float, mask_spacing_mm: float
+        self,
+        source,  # pipeline.config.SourceConfig
+        target_spacing_mm: float,
+        tolerance: float,
+        mask_spacing_mm: float,
+        uuids: frozenset[str] = frozenset(),
+        idc_version: str | None = None,
     ):
         super().__init__()
-        self._folder = folder
+        source.validate()
+        self._source = source
         self._levels = (target_spacing_mm, tolerance, mask_spacing_mm)
+        self._uuids = uuids
+        self._idc_version = idc_version
+        if source.kind == "bigquery":  # render (and validate) in the driver
+            from transforms.idc import render_slides_query
 
-    def _enumerate(self, folder: str) -> Iterator:
-        found = Metrics.counter("pathembed", "slides_found")
-        for item in enumerate_dicom_folder(folder, *self._levels):
-            found.inc()
-            yield (
-                beam.pvalue.TaggedOutput("failed", item)
-                if isinstance(item, FolderFailure)
-                else item
+            self._query = render_slides_query(
+                source.bigquery_table, source.collections, sorted(uuids), source.limit
             )
 
     def expand(self, pbegin):
-        return (
-            pbegin
-            | "Folder" >> beam.Create([self._folder])
-            | "ReadHeaders" >> beam.FlatMap(self._enumerate).with_outputs("failed", main="slides")
-        )
+        src = self._source
+        levels, limit = self._levels, self._source.limit
+        if src.kind == "dicom_folder":
+            found = (
+                pbegin
+                | "Folder" >> beam.Create([src.input])
+                | "ReadHeaders" >> beam.FlatMap(
+                    lambda folder: itertools.islice(enumerate_dicom_folder(folder, *levels), limit)
+                )
+            )  # fmt: skip
+        elif src.kind == "manifest":
+            from transforms.manifest import parse_manifest
+
+            found = (
+                pbegin
+                | "Manifest" >> beam.Create([src.input])
+                | "ReadManifest" >> beam.FlatMap(
+                    lambda path: itertools.islice(parse_manifest(path), limit)
+                )
+            )  # fmt: skip
+        elif src.kind == "idc_index":
+            from transforms import idc
+
+            series = idc.sm_series(src.collections, src.limit, src.sample)
+            _LOG.info(
+                "idc-index-data %s: %d SM series to resolve", idc.index_version(), len(series)
+            )
+            bucket = "s3://idc-open-data" if src.read_from == "aws" else src.idc_bucket
+            version = self._idc_version or idc.index_version()
+            found = (
+                pbegin
+                | "IdcIndexSeries" >> beam.Create(series)
+                | "SpreadSeries" >> beam.Reshuffle()
+                | "ReadSeriesHeaders" >> beam.Map(_idc_record, bucket, version, levels)
+            )  # fmt: skip
+        elif src.kind == "bigquery":
+            from transforms import idc
+
+            query, project = self._query, src.bigquery_project
+            version = self._idc_version or idc.idc_version_of_table(src.bigquery_table)
+            read_from = {"bucket": "gcs", "aws": "aws", "dicomweb": "dicomweb"}[src.read_from]
+            found = pbegin | "Query" >> beam.Create([query]) | "RunQuery" >> beam.FlatMap(
+                lambda q: idc.records_from_rows(
+                    idc.run_slides_query(q, project), idc_version=version, read_from=read_from,
+                    dicomweb_url=src.dicomweb_url, target_spacing_mm=levels[0],
+                    tolerance=levels[1], mask_spacing_mm=levels[2],
+                )
+            )  # fmt: skip
+        else:  # dicomweb
+            url, auth = src.dicomweb_url, src.dicomweb_auth
+            found = (
+                pbegin
+                | "Store" >> beam.Create([url])
+                | "QidoSeries" >> beam.FlatMap(_dicomweb_series, auth, limit)
+                | "SpreadSeries" >> beam.Reshuffle()
+                | "SeriesMetadata" >> beam.FlatMap(_dicomweb_record, url, auth, levels)
+            )
+        if src.kind == "idc_index" and src.read_from == "dicomweb":
+            from transforms.idc import with_dicomweb
+
+            url = src.dicomweb_url
+            found = found | "ReadThroughDicomWeb" >> beam.Map(
+                lambda r: with_dicomweb(r, url) if isinstance(r, SlideRecord) else r
+            )
+        outputs = found | "Split" >> beam.Map(_tagged).with_outputs("failed", main="slides")
+        if src.manifest_out:
+            from transforms.manifest import format_rows
+
+            csv_format = src.manifest_out.lower().endswith(".csv")
+            out = src.manifest_out
+            (
+                outputs.slides
+                | "ManifestKey" >> beam.Map(lambda r: (None, r))
+                | "ManifestGroup" >> beam.GroupByKey()
+                | "WriteManifest" >> beam.Map(
+                    lambda kv: _write_text(out, format_rows(
+                        sorted(kv[1], key=lambda r: r.series_instance_uid), csv_format
+                    ))
+                )
+            )  # fmt: skip
+        return outputs
+
+
+def _write_text(path: str, text: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    if "://" not in path:
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with FileSystems.create(path) as handle:
+        handle.write(text.encode())
+    _LOG.info("wrote manifest %s (%d lines)", path, text.count("\n"))
 
 
 class SkipDoneOrUnrequested(beam.DoFn):

@@ -1,0 +1,679 @@
+"""Reading DICOM slides by byte ranges: IDC's buckets (gs://, s3://), HTTP(S) files, local files.
+
+An instance is never downloaded whole. The reader fetches the header (a few 64 KiB blocks),
+finds PixelData, builds the frame offset index (Extended Offset Table, else Basic Offset Table,
+else by walking the fragment item headers with 8-byte range reads), then reads only the byte
+ranges of the frames a region needs: neighbouring frames are one range request. Frames are
+decoded exactly as ez-wsi decodes local files (`dicom_frame_decoder`, the same code path), and
+regions are assembled by ez-wsi's own `LocalDicomSlide`, fed by a frame interface that reads
+ranges. So a slide read here gives the same pixels as the same files on local disk.
+
+gs:// goes through google-cloud-storage (`Blob.download_as_bytes(start=, end=)`, anonymous:
+IDC's buckets are public; STORAGE_EMULATOR_HOST points it at an emulator), s3:// through the
+bucket's public HTTPS endpoint with Range headers, local paths through `os.pread`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import os
+import re
+import struct
+import threading
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import cachetools
+import numpy as np
+import pydicom
+import requests
+from apache_beam.metrics import Metrics
+from ez_wsi_dicomweb import (
+    dicom_frame_decoder,
+    dicom_slide,
+    dicom_web_interface,
+    ez_wsi_errors,
+    local_dicom_file_interface,
+    local_dicom_slide_cache,
+)
+from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
+
+_LOG = logging.getLogger(__name__)
+
+HEADER_BLOCK = 64 * 1024  # header reads are whole blocks of this size
+MERGE_GAP = 16 * 1024  # frames closer than this are fetched in one range request
+FRAME_CACHE_BYTES = 64 * 1024 * 1024  # stored (compressed) frame bytes kept per instance
+S3_ENDPOINT = "https://{bucket}.s3.amazonaws.com/{key}"
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
+_SEQ_END = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
+_PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010)
+
+_NAMESPACE = "pathembed"
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("gs://", "s3://", "http://", "https://"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte sources
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IoStats:
+    """Requests and bytes read, per instance and summed per slide."""
+
+    requests: int = 0
+    bytes: int = 0
+    frames: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, requests_: int, bytes_: int, frames: int = 0) -> None:
+        with self.lock:
+            self.requests += requests_
+            self.bytes += bytes_
+            self.frames += frames
+
+
+class ByteSource:
+    """Random access to one object's bytes; counts what it reads."""
+
+    def __init__(self, uri: str, stats: IoStats | None = None):
+        self.uri = uri
+        self.stats = stats or IoStats()
+
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def _read(self, start: int, end: int) -> bytes:
+        raise NotImplementedError
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) (shorter at the end of the object)."""
+        if end <= start:
+            return b""
+        data = self._read(start, end)
+        self.stats.add(1, len(data))
+        Metrics.counter(_NAMESPACE, "pixel_source_requests").inc()
+        Metrics.counter(_NAMESPACE, "pixel_source_bytes_read").inc(len(data))
+        return data
+
+
+class LocalSource(ByteSource):
+    def size(self) -> int:
+        return os.path.getsize(self.uri)
+
+    def _read(self, start: int, end: int) -> bytes:
+        fd = os.open(self.uri, os.O_RDONLY)
+        try:
+            return os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+
+
+def gcs_client():
+    """One anonymous client per process (IDC's buckets are public) and STORAGE_EMULATOR_HOST
+    (which points it at an emulator)."""
+    return _gcs_client(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+@functools.cache
+def _gcs_client(emulator: str | None):
+    from google.cloud import storage
+
+    return storage.Client.create_anonymous_client()
+
+
+def split_bucket_uri(uri: str) -> tuple[str, str]:
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("gs", "s3") or not parsed.netloc:
+        raise ValueError(f"{uri!r} is not a gs:// or s3:// URI")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+class GcsSource(ByteSource):
+    def __init__(self, uri: str, stats: IoStats | None = None):
+        super().__init__(uri, stats)
+        bucket, name = split_bucket_uri(uri)
+        self._blob = gcs_client().bucket(bucket).blob(name)
+        self._size: int | None = None
+
+    def size(self) -> int:
+        from google.api_core import exceptions
+
+        if self._size is None:
+            try:
+                self._blob.reload()
+            except exceptions.GoogleAPIError as exc:
+                raise OSError(f"{self.uri}: {exc}") from exc
+            self._size = int(self._blob.size)
+        return self._size
+
+    def _read(self, start: int, end: int) -> bytes:
+        from google.api_core import exceptions
+
+        try:
+            return self._blob.download_as_bytes(start=start, end=end - 1, checksum=None)
+        except exceptions.GoogleAPIError as exc:
+            raise OSError(f"{self.uri}: {exc}") from exc
+
+
+class HttpSource(ByteSource):
+    """A file behind HTTP(S) with Range support (also s3:// through the public endpoint)."""
+
+    def __init__(self, uri: str, stats: IoStats | None = None):
+        super().__init__(uri, stats)
+        if uri.startswith("s3://"):
+            bucket, key = split_bucket_uri(uri)
+            self._url = S3_ENDPOINT.format(bucket=bucket, key=urllib.parse.quote(key))
+        else:
+            self._url = uri
+        self._session = requests.Session()
+        self._size: int | None = None
+
+    def size(self) -> int:
+        if self._size is None:
+            response = self._session.head(self._url, timeout=60, allow_redirects=True)
+            response.raise_for_status()
+            self._size = int(response.headers["Content-Length"])
+        return self._size
+
+    def _read(self, start: int, end: int) -> bytes:
+        response = self._session.get(
+            self._url, headers={"Range": f"bytes={start}-{end - 1}"}, timeout=300
+        )
+        response.raise_for_status()
+        if response.status_code != 206 and not (start == 0 and len(response.content) <= end):
+            raise OSError(f"{self._url} ignored the Range header (HTTP {response.status_code})")
+        return response.content
+
+
+def open_source(uri: str, stats: IoStats | None = None) -> ByteSource:
+    if uri.startswith("gs://"):
+        return GcsSource(uri, stats)
+    if uri.startswith(("s3://", "http://", "https://")):
+        return HttpSource(uri, stats)
+    return LocalSource(uri, stats)
+
+
+class RangeFile(io.RawIOBase):
+    """A read-only, seekable file over a ByteSource that reads whole blocks (for pydicom)."""
+
+    def __init__(self, source: ByteSource, block: int = HEADER_BLOCK):
+        super().__init__()
+        self._source = source
+        self._block = block
+        self._blocks: dict[int, bytes] = {}
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            self._pos = offset
+        elif whence == io.SEEK_CUR:
+            self._pos += offset
+        else:
+            self._pos = self._source.size() + offset
+        return self._pos
+
+    def _get_block(self, index: int) -> bytes:
+        if index not in self._blocks:
+            start = index * self._block
+            self._blocks[index] = self._source.read(start, start + self._block)
+        return self._blocks[index]
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            index, offset = divmod(self._pos, self._block)
+            block = self._get_block(index)
+            chunk = block[offset : offset + len(view) - done]
+            if not chunk:
+                break
+            view[done : done + len(chunk)] = chunk
+            done += len(chunk)
+            self._pos += len(chunk)
+        return done
+
+
+# ---------------------------------------------------------------------------------------------
+# One instance: header, frame index, frame reads
+# ---------------------------------------------------------------------------------------------
+
+
+def read_header(uri: str, stats: IoStats | None = None) -> tuple[pydicom.Dataset, int]:
+    """(header dataset without pixels, byte offset of the PixelData element) of a DICOM file."""
+    return read_header_from(open_source(uri, stats))
+
+
+class DicomInstanceReader:
+    """Frames of one DICOM instance read by byte ranges."""
+
+    def __init__(self, uri: str, stats: IoStats | None = None):
+        self.uri = uri
+        self.stats = stats or IoStats()
+        self._source = open_source(uri, self.stats)
+        self.header, self._pixel_data_at = read_header_from(self._source)
+        if self._pixel_data_at < 0:
+            raise ez_wsi_errors.EZWsiError(f"{uri} has no PixelData")
+        meta = self.header.file_meta
+        self.transfer_syntax = str(meta.TransferSyntaxUID)
+        self.number_of_frames = int(self.header.get("NumberOfFrames", 1) or 1)
+        self._encapsulated = (
+            self.transfer_syntax not in local_dicom_slide_cache.UNENCAPSULATED_TRANSFER_SYNTAXES
+        )
+        self._starts: list[int] | None = None  # absolute offset of each frame's first item
+        self._ends: list[int | None] | None = None
+        self._lock = threading.RLock()
+        self._cache: cachetools.LRUCache = cachetools.LRUCache(FRAME_CACHE_BYTES, getsizeof=len)
+
+    @property
+    def uid_tuple(self) -> tuple[str, str, str]:
+        h = self.header
+        return str(h.StudyInstanceUID), str(h.SeriesInstanceUID), str(h.SOPInstanceUID)
+
+    @property
+    def size(self) -> int:
+        return self._source.size()
+
+    # -- frame index -----------------------------------------------------------------------
+
+    def _native_frame_bytes(self) -> int:
+        h = self.header
+        return int(h.Rows) * int(h.Columns) * int(h.SamplesPerPixel) * (int(h.BitsAllocated) // 8)
+
+    def _value_start(self) -> tuple[int, int]:
+        """(offset of the PixelData value, its length or 0xFFFFFFFF)."""
+        head = self._source.read(self._pixel_data_at, self._pixel_data_at + 12)
+        explicit = self.transfer_syntax != pydicom.uid.ImplicitVRLittleEndian
+        if explicit and head[4:6] in (b"OB", b"OW", b"UN", b"OD", b"OF", b"OV"):
+            return self._pixel_data_at + 12, struct.unpack("<I", head[8:12])[0]
+        return self._pixel_data_at + 8, struct.unpack("<I", head[4:8])[0]
+
+    def _build_index(self) -> None:
+        value_at, length = self._value_start()
+        n = self.number_of_frames
+        if not self._encapsulated:
+            size = self._native_frame_bytes()
+            self._starts = [value_at + k * size for k in range(n)]
+            self._ends = [value_at + (k + 1) * size for k in range(n)]
+            return
+        if length != 0xFFFFFFFF:
+            raise ez_wsi_errors.EZWsiError(f"{self.uri}: encapsulated PixelData of defined length")
+        bot_head = self._source.read(value_at, value_at + 8)
+        if bot_head[:4] != _ITEM:
+            raise ez_wsi_errors.EZWsiError(f"{self.uri}: no Basic Offset Table item")
+        bot_length = struct.unpack("<I", bot_head[4:8])[0]
+        first = value_at + 8 + bot_length  # first fragment's item tag
+        eot = self.header.get("ExtendedOffsetTable")
+        if eot is not None:
+            offsets = np.frombuffer(bytes(eot), "<u8").tolist()
+            lengths = np.frombuffer(bytes(self.header.ExtendedOffsetTableLengths), "<u8").tolist()
+            self._starts = [first + int(o) for o in offsets]
+            # A frame of one fragment ends 8 + length after its item tag.
+            self._ends = [s + 8 + int(n_) for s, n_ in zip(self._starts, lengths, strict=True)]
+            how = "Extended Offset Table"
+        elif bot_length:
+            table = self._source.read(value_at + 8, first)
+            offsets = np.frombuffer(table, "<u4").tolist()
+            self._starts = [first + int(o) for o in offsets]
+            self._ends = [*self._starts[1:], None]
+            how = "Basic Offset Table"
+        else:
+            self._starts = self._walk_items(first, n)
+            self._ends = [*self._starts[1:], None]
+            how = f"walking {len(self._starts)} item headers"
+        if len(self._starts) != n:
+            raise ez_wsi_errors.EZWsiError(
+                f"{self.uri}: offset table has {len(self._starts)} frames, header says {n}"
+            )
+        _LOG.debug("%s: frame index of %d frames from %s", self.uri, n, how)
+
+    def _walk_items(self, position: int, n: int) -> list[int]:
+        """Item offsets by reading each 8-byte item header (one fragment per frame assumed,
+        as without an offset table the standard requires it for multi-frame images)."""
+        starts = []
+        while len(starts) < n:
+            head = self._source.read(position, position + 8)
+            if head[:4] != _ITEM:
+                break
+            starts.append(position)
+            position += 8 + struct.unpack("<I", head[4:8])[0]
+        return starts
+
+    def _ensure_index(self) -> None:
+        with self._lock:
+            if self._starts is None:
+                self._build_index()
+
+    # -- frames --------------------------------------------------------------------------------
+
+    def _parse_frame(self, data: bytes, frame: int) -> bytes:
+        if not self._encapsulated:
+            return data[: self._native_frame_bytes()]
+        fragments, pos = [], 0
+        while pos + 8 <= len(data):
+            tag, length = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+            if tag != _ITEM:
+                break
+            fragments.append(data[pos + 8 : pos + 8 + length])
+            pos += 8 + length
+        if not fragments:
+            raise ez_wsi_errors.EZWsiError(f"{self.uri}: frame {frame} has no fragment")
+        return b"".join(fragments)
+
+    def _read_last_frame(self, start: int) -> bytes:
+        """The last frame when no table gives its end: its item(s) up to the sequence end."""
+        parts, pos = [], start
+        while True:
+            head = self._source.read(pos, pos + 8)
+            if head[:4] != _ITEM:
+                break
+            length = struct.unpack("<I", head[4:8])[0]
+            parts.append(self._source.read(pos + 8, pos + 8 + length))
+            pos += 8 + length
+        return b"".join(parts)
+
+    def prefetch(self, frame_numbers: Iterable[int]) -> None:
+        """Reads these frames (1-based) into the cache, neighbours in one range request."""
+        self._ensure_index()
+        assert self._starts is not None and self._ends is not None
+        with self._lock:
+            wanted = sorted({f for f in frame_numbers if (self.uri, f) not in self._cache})
+        if not wanted:
+            return
+        runs: list[list[int]] = []
+        for f in wanted:
+            previous_end = self._ends[runs[-1][-1] - 1] if runs else None
+            if previous_end is not None and 0 <= self._starts[f - 1] - previous_end <= MERGE_GAP:
+                runs[-1].append(f)
+            else:
+                runs.append([f])
+        for run in runs:
+            if self._ends[run[-1] - 1] is None:  # the last frame, whose end no table gives
+                if len(run) > 1:
+                    self._fetch_run(run[:-1])
+                data = self._read_last_frame(self._starts[run[-1] - 1])
+                self._store(run[-1], data)
+            else:
+                self._fetch_run(run)
+        self.stats.add(0, 0, len(wanted))
+        Metrics.counter(_NAMESPACE, "pixel_frames_read").inc(len(wanted))
+
+    def _store(self, frame: int, data: bytes) -> None:
+        with self._lock:
+            self._cache[(self.uri, frame)] = data
+
+    def _fetch_run(self, run: list[int]) -> None:
+        assert self._starts is not None and self._ends is not None
+        lo, hi = self._starts[run[0] - 1], self._ends[run[-1] - 1]
+        assert hi is not None
+        data = self._source.read(lo, hi)
+        for f in run:
+            s, e = self._starts[f - 1] - lo, self._ends[f - 1]
+            assert e is not None
+            self._store(f, self._parse_frame(data[s : e - lo], f))
+
+    def frame_bytes(self, frame_number: int) -> bytes:
+        """Stored bytes of one frame (1-based), from the cache or one range read."""
+        key = (self.uri, frame_number)
+        with self._lock:
+            data = self._cache.get(key)
+        if data is None:
+            self.prefetch([frame_number])
+            with self._lock:
+                data = self._cache.get(key)
+        if data is None:  # evicted at once: only when one frame exceeds the cache
+            raise ez_wsi_errors.EZWsiError(
+                f"{self.uri}: frame {frame_number} does not fit the cache"
+            )
+        return data
+
+
+def read_header_from(source: ByteSource) -> tuple[pydicom.Dataset, int]:
+    """(header, PixelData offset or -1) read through whole-block range reads."""
+    handle = RangeFile(source)
+    ds = pydicom.dcmread(handle, stop_before_pixels=True)
+    offset = handle.tell()
+    handle.seek(offset)
+    if handle.read(4) != _PIXEL_DATA:
+        offset = -1
+    return ds, offset
+
+
+# ---------------------------------------------------------------------------------------------
+# ez-wsi slide over range readers
+# ---------------------------------------------------------------------------------------------
+
+_INSTANCE_TAGS = {
+    tag.number
+    for tag in (
+        tags.SOP_CLASS_UID,
+        tags.STUDY_INSTANCE_UID,
+        tags.ACCESSION_NUMBER,
+        *dicom_web_interface.DEFAULT_INSTANCE_TAGS,
+    )
+}
+
+
+class RangeDicomFiles(local_dicom_file_interface.LocalDicomFileInterface):
+    """ez-wsi's local-file interface with frames from range reads instead of whole files."""
+
+    def __init__(self, readers: Sequence[DicomInstanceReader], base: str = "https://mock_url"):
+        # no super().__init__(): there are no local files to open
+        self._readers = {r.uid_tuple: r for r in readers}
+        self._base = base
+
+    def _selected(self, study_uid: str, series_uid: str) -> Iterator[DicomInstanceReader]:
+        for (study, series, _), reader in self._readers.items():
+            if study_uid in ("", study) and series_uid in ("", series):
+                yield reader
+
+    def add_dicom(self, path: str) -> None:
+        raise NotImplementedError("RangeDicomFiles is built from readers")
+
+    def get_study_uids(self) -> set[str]:
+        return {k[0] for k in self._readers}
+
+    def get_series_uids(self, study_uid: str) -> set[str]:
+        return {k[1] for k in self._readers if k[0] == study_uid}
+
+    def get_instances(self, study_uid: str, series_uid: str):
+        out = []
+        for reader in self._selected(study_uid, series_uid):
+            h = reader.header
+            metadata = pydicom.Dataset()
+            for elem in h:
+                if f"{elem.tag:08X}" in _INSTANCE_TAGS:
+                    metadata.add(elem)
+            js = metadata.to_json_dict()
+            js.update(h.file_meta.to_json_dict())
+            study, series, sop = reader.uid_tuple
+            path = dicom_path.FromString(
+                f"{self._base}/studies/{study}/series/{series}/instances/{sop}"
+            )
+            out.append(dicom_web_interface._build_dicom_object(dicom_path.Type.INSTANCE, path, js))
+        return out
+
+    def get_dicom_file_paths(self, study_uid: str, series_uid: str) -> list[str]:
+        return [r.uri for r in self._selected(study_uid, series_uid)]
+
+    def reader(self, instance_path: dicom_path.Path) -> DicomInstanceReader:
+        key = (instance_path.study_uid, instance_path.series_uid, instance_path.instance_uid)
+        reader = self._readers.get(key)
+        if reader is None:
+            raise ez_wsi_errors.DicomSlideMissingError(f"instance {key} is not in this slide")
+        return reader
+
+    def get_decoded_frame_image(self, instance_path: dicom_path.Path, frame_index: int):
+        reader = self.reader(instance_path)
+        data = reader.frame_bytes(frame_index)
+        h = reader.header
+        if not reader._encapsulated:
+            pixel_format = local_dicom_file_interface._get_pixel_format(h)
+            return np.frombuffer(data, pixel_format).reshape(
+                int(h.Rows), int(h.Columns), int(h.SamplesPerPixel)
+            )
+        if not dicom_frame_decoder.can_decompress_dicom_transfer_syntax(reader.transfer_syntax):
+            raise ez_wsi_errors.UnsupportedTransferSyntaxError(
+                f"cannot decode transfer syntax {reader.transfer_syntax} ({reader.uri})"
+            )
+        frame = dicom_frame_decoder.decode_dicom_compressed_frame_bytes(
+            data, reader.transfer_syntax
+        )
+        if frame is None:
+            raise ez_wsi_errors.UnsupportedTransferSyntaxError(
+                f"could not decode frame {frame_index} of {reader.uri} "
+                f"({len(data)} bytes, {reader.transfer_syntax})"
+            )
+        return frame
+
+    def get_icc_profile_bytes(self, study_uid: str, series_uid: str) -> bytes:
+        for reader in self._selected(study_uid, series_uid):
+            h = reader.header
+            for item in h.get("OpticalPathSequence", []):
+                if "ICCProfile" in item:
+                    return bytes(item.ICCProfile)
+            if "ICCProfile" in h:
+                return bytes(h.ICCProfile)
+        return b""
+
+
+def level_frames_by_instance(level, frame_numbers: Iterable[int]) -> dict[str, list[int]]:
+    """{instance path: 1-based frame numbers in it} of whole-level frame numbers."""
+    level = getattr(level, "source_level", level)  # a ResizedLevel reads its source
+    out: dict[str, list[int]] = {}
+    for frame_number in frame_numbers:
+        instance = level.get_instance_by_frame(frame_number)
+        if instance is None:  # TILED_SPARSE levels may leave frames out
+            continue
+        out.setdefault(str(instance.dicom_object.path), []).append(
+            instance.instance_frame_number_from_wholes_slide_frame_number(frame_number)
+        )
+    return out
+
+
+def region_frame_numbers(level, x: int, y: int, width: int, height: int) -> list[int]:
+    """Whole-level 1-based numbers (row-major tiles) of the frames a region overlaps."""
+    level = getattr(level, "source_level", level)
+    fw, fh = level.frame_width, level.frame_height
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(level.width, x + width), min(level.height, y + height)
+    if x1 <= x0 or y1 <= y0:
+        return []
+    per_row = -(-level.width // fw)
+    return [
+        row * per_row + col + 1
+        for row in range(y0 // fh, (y1 - 1) // fh + 1)
+        for col in range(x0 // fw, (x1 - 1) // fw + 1)
+    ]
+
+
+def log_fetch(what: str, uri: str, frames: int, requests_: int, bytes_: int, total) -> None:
+    """One line per batched fetch: frames per request and bytes, with the slide's totals."""
+    if requests_:
+        _LOG.info(
+            "%s %s: %d frames in %d requests (%.1f frames/request), %d bytes; "
+            "slide total %d bytes in %d requests",
+            what, uri, frames, requests_, frames / requests_, bytes_, total[0], total[1],
+        )  # fmt: skip
+
+
+class RangeDicomSlide(dicom_slide.LocalDicomSlide):
+    """An ez-wsi LocalDicomSlide whose frames come from range reads, fetched in batches:
+    `prefetch_frames` (called by transforms/patches.py before a chunk's frames are read) and
+    `get_patch` (regions) first read every frame they need, neighbours in one request."""
+
+    def __init__(self, uris: Sequence[str]):
+        self.io = IoStats()
+        self.uris = tuple(uris)
+        # ez-wsi keys instances by a mock DICOMweb path; make it unique to these URIs so
+        # caches keyed by it never mix this slide with the same instances read elsewhere.
+        tag = hashlib.sha1("\n".join(sorted(self.uris)).encode()).hexdigest()[:16]
+        readers = [DicomInstanceReader(u, self.io) for u in uris]
+        self._files = RangeDicomFiles(readers, f"https://ranges.invalid/{tag}")
+        super().__init__(self._files)
+
+    @property
+    def instance_bytes(self) -> int:
+        return sum(r.size for r in self._files._readers.values())
+
+    def _prefetch(self, by_instance: dict[str, list[int]], what: str) -> None:
+        before = (self.io.requests, self.io.bytes, self.io.frames)
+        for path, frames in by_instance.items():
+            self._files.reader(dicom_path.FromString(path)).prefetch(frames)
+        log_fetch(
+            what, self.uris[0].rsplit("/", 1)[0], self.io.frames - before[2],
+            self.io.requests - before[0], self.io.bytes - before[1],
+            (self.io.bytes, self.io.requests),
+        )  # fmt: skip
+
+    def prefetch_frames(self, level, frame_numbers: Iterable[int]) -> None:
+        self._prefetch(level_frames_by_instance(level, frame_numbers), "range reads for frames of")
+
+    def get_patch(self, level, x, y, width, height, require_fully_in_source_image=False):
+        # ez-wsi decodes a local slide's region as the patch is made: fetch its frames first.
+        frames = region_frame_numbers(level, x, y, width, height)
+        what = f"range reads for a {width}x{height} region of"
+        self._prefetch(level_frames_by_instance(level, frames), what)
+        return super().get_patch(level, x, y, width, height, require_fully_in_source_image)
+
+
+def open_range_slide(uris: Sequence[str]) -> RangeDicomSlide:
+    return RangeDicomSlide(uris)
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing
+# ---------------------------------------------------------------------------------------------
+
+_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+_S3_LIST = "https://{bucket}.s3.amazonaws.com/"
+
+
+def list_uris(prefix: str) -> list[str]:
+    """Every object under a gs:// or s3:// prefix, or every file under a local folder, sorted."""
+    if prefix.startswith("gs://"):
+        bucket, name = split_bucket_uri(prefix)
+        blobs = gcs_client().list_blobs(bucket, prefix=name)
+        return sorted(f"gs://{bucket}/{b.name}" for b in blobs if not b.name.endswith("/"))
+    if prefix.startswith("s3://"):
+        return sorted(_list_s3(*split_bucket_uri(prefix)))
+    if re.match(r"^[a-z][a-z0-9+.-]*://", prefix):
+        raise ValueError(f"cannot list {prefix!r}: use a folder, gs:// or s3:// prefix")
+    return sorted(
+        os.path.join(d, f) for d, _, names in os.walk(prefix, followlinks=True) for f in names
+    )
+
+
+def _list_s3(bucket: str, prefix: str) -> Iterator[str]:
+    token = None
+    while True:
+        params = {"list-type": "2", "prefix": prefix}
+        if token:
+            params["continuation-token"] = token
+        response = requests.get(_S3_LIST.format(bucket=bucket), params=params, timeout=60)
+        response.raise_for_status()
+        root = ET.fromstring(response.content)
+        for item in root.iter(f"{_S3_NS}Contents"):
+            key = item.findtext(f"{_S3_NS}Key")
+            if key and not key.endswith("/"):
+                yield f"s3://{bucket}/{key}"
+        if root.findtext(f"{_S3_NS}IsTruncated") != "true":
+            return
+        token = root.findtext(f"{_S3_NS}NextContinuationToken")

@@ -1,0 +1,353 @@
+"""IDC as a slide source: the BigQuery `dicom_all` table, and the offline idc-index-data index.
+
+BigQuery (production): one parameterised standard-SQL query, scripts/bigquery/idc_slides.sql,
+over a pinned release (`bigquery-public-data.idc_v20.dicom_all` by default). The table id is a
+validated identifier; collections, UUIDs and the limit are query parameters. It returns one row
+per slide with all its VOLUME levels; `records_from_rows` chooses the levels with
+`transforms.levels.choose_levels`, like every source. It runs with the google-cloud-bigquery
+client (Beam's ReadFromBigQuery takes no query parameters) and needs credentials; rendering
+and row conversion are pure functions, tested offline.
+
+idc-index-data (offline): the package's series index (a Parquet file of the release its
+version names, e.g. 25.0.5 -> IDC v25) lists every SM series with its collection, UIDs and
+`crdc_series_uuid`, for planning, counting and sampling the archive without network. It has no
+instance-level columns, so a series becomes a SlideRecord by reading its instances' headers
+from the bucket (`{bucket}/{crdc_series_uuid}/{crdc_instance_uuid}.dcm`, byte ranges only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+import re
+import string
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transforms.levels import LevelInfo, PixelSpacing
+from transforms.slides import (
+    FolderFailure,
+    SlideRecord,
+    build_record,
+    record_from_headers,
+    validate_uuid,
+)
+
+DEFAULT_TABLE = "bigquery-public-data.idc_v20.dicom_all"
+DEFAULT_BUCKET = "s3://idc-open-data"
+SQL_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bigquery" / "idc_slides.sql"
+# project.dataset.table: GCP project ids (letters, digits, hyphens), dataset/table names.
+_TABLE_RE = re.compile(
+    r"^[a-z][a-z0-9-]{4,61}[a-z0-9]\.[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
+)
+_RELEASE_RE = re.compile(r"\bidc_(v\d+)\b")
+MAX_SLIDES = 2**62  # "no limit" for @max_slides
+
+
+# ---------------------------------------------------------------------------------------------
+# BigQuery
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_table(table: str) -> str:
+    """A `project.dataset.table` identifier, or ValueError: the only text put into the SQL."""
+    if not isinstance(table, str) or not _TABLE_RE.match(table):
+        raise ValueError(f"{table!r} is not a BigQuery table id (project.dataset.table)")
+    return table
+
+
+def idc_version_of_table(table: str) -> str | None:
+    """'v20' for bigquery-public-data.idc_v20.dicom_all; None when the name does not say."""
+    match = _RELEASE_RE.search(table)
+    return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class RenderedQuery:
+    """SQL text and its parameters as (name, type, value), convertible to a QueryJobConfig."""
+
+    sql: str
+    parameters: tuple[tuple[str, str, Any], ...]
+
+    def job_config(self):
+        from google.cloud import bigquery
+
+        params = []
+        for name, kind, value in self.parameters:
+            if kind.startswith("ARRAY<"):
+                params.append(bigquery.ArrayQueryParameter(name, kind[6:-1], list(value)))
+            else:
+                params.append(bigquery.ScalarQueryParameter(name, kind, value))
+        return bigquery.QueryJobConfig(query_parameters=params, use_legacy_sql=False)
+
+
+def render_slides_query(
+    table: str = DEFAULT_TABLE,
+    collections: Sequence[str] = (),
+    uuids: Sequence[str] = (),
+    limit: int | None = None,
+) -> RenderedQuery:
+    """The slides query for a release table, filtered by collections / instance UUIDs."""
+    template = string.Template(SQL_PATH.read_text())
+    sql = template.substitute(dicom_all=validate_table(table))
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    return RenderedQuery(
+        sql=sql,
+        parameters=(
+            ("collections", "ARRAY<STRING>", tuple(str(c) for c in collections)),
+            ("uuids", "ARRAY<STRING>", tuple(validate_uuid(u) for u in uuids)),
+            ("max_slides", "INT64", MAX_SLIDES if limit is None else limit),
+        ),
+    )
+
+
+def _spacing(level: Mapping[str, Any]) -> PixelSpacing | None:
+    row, col = level.get("spacing_row_mm"), level.get("spacing_column_mm")
+    if row is None or col is None:
+        return None
+    return PixelSpacing(float(row), float(col))
+
+
+def records_from_rows(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    idc_version: str | None,
+    read_from: str = "gcs",
+    dicomweb_url: str | None = None,
+    target_spacing_mm: float = 0.0005,
+    tolerance: float = 0.15,
+    mask_spacing_mm: float = 0.005,
+) -> Iterator[SlideRecord | FolderFailure]:
+    """Query rows (one per slide, `levels` = every VOLUME level) -> records or failures.
+
+    `read_from`: `gcs` (gcs_url), `aws` (aws_url) or `dicomweb` (WADO-RS URLs under
+    `dicomweb_url`, e.g. IDC's Google Healthcare DICOM store).
+    """
+    from transforms.dicomweb import instance_url
+
+    if read_from == "dicomweb" and not dicomweb_url:
+        raise ValueError("read_from=dicomweb needs a DICOMweb base URL")
+    for row in rows:
+        study, series = str(row["StudyInstanceUID"]), str(row["SeriesInstanceUID"])
+        levels, files, uuids, hashes = [], [], {}, {}
+        for level in row["levels"]:
+            sop = str(level["SOPInstanceUID"])
+            levels.append(
+                LevelInfo(
+                    width=int(level["width"]),
+                    height=int(level["height"]),
+                    spacing=_spacing(level),
+                    sop_instance_uid=sop,
+                    frame_width=int(level["frame_width"] or 256),
+                    frame_height=int(level["frame_height"] or 256),
+                )
+            )
+            if read_from == "dicomweb":
+                uri = instance_url(dicomweb_url, study, series, sop)
+            elif read_from in ("gcs", "aws"):
+                uri = level[f"{read_from}_url"]
+            else:
+                raise ValueError(f"read_from must be gcs, aws or dicomweb, not {read_from!r}")
+            files.append((sop, str(uri)))
+            if level.get("crdc_instance_uuid"):
+                uuids[sop] = str(level["crdc_instance_uuid"])
+            if level.get("instance_hash"):
+                hashes[sop] = str(level["instance_hash"])
+        yield build_record(
+            study_uid=study,
+            series_uid=series,
+            levels=levels,
+            files=files,
+            target_spacing_mm=target_spacing_mm,
+            tolerance=tolerance,
+            mask_spacing_mm=mask_spacing_mm,
+            instance_uuids=uuids,
+            instance_hashes=hashes,
+            collection=row.get("collection_id"),
+            idc_version=idc_version,
+            dicomweb_url=dicomweb_url if read_from == "dicomweb" else None,
+        )
+
+
+def run_slides_query(query: RenderedQuery, project: str | None = None) -> Iterator[dict]:
+    """Rows of the rendered query (needs BigQuery credentials)."""
+    from google.cloud import bigquery
+
+    client = bigquery.Client(project=project)
+    for row in client.query(query.sql, job_config=query.job_config()).result():
+        yield dict(row.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# idc-index-data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdcSeries:
+    """One SM series of the offline index."""
+
+    collection_id: str
+    study_instance_uid: str
+    series_instance_uid: str
+    crdc_series_uuid: str
+    instance_count: int
+    series_size_mb: float
+    transfer_syntax: str | None
+    series_aws_url: str | None
+
+
+_INDEX_COLUMNS = {
+    "collection_id": "collection_id",
+    "StudyInstanceUID": "study_instance_uid",
+    "SeriesInstanceUID": "series_instance_uid",
+    "crdc_series_uuid": "crdc_series_uuid",
+    "instanceCount": "instance_count",
+    "series_size_MB": "series_size_mb",
+    "TransferSyntaxUID": "transfer_syntax",
+    "series_aws_url": "series_aws_url",
+}
+
+
+def index_version() -> str:
+    """IDC release of the installed idc-index-data, e.g. 'v25' for 25.0.5."""
+    import idc_index_data
+
+    return "v" + idc_index_data.__version__.split(".")[0]
+
+
+@functools.cache
+def _all_sm_series() -> tuple[IdcSeries, ...]:
+    """Every SM series of the installed index, sorted by SeriesInstanceUID (read once)."""
+    import idc_index_data
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(
+        idc_index_data.IDC_INDEX_PARQUET_FILEPATH,
+        columns=["Modality", *_INDEX_COLUMNS],
+        filters=[("Modality", "=", "SM")],
+    ).sort_by("SeriesInstanceUID")
+    columns = {_INDEX_COLUMNS[name]: table.column(name).to_pylist() for name in _INDEX_COLUMNS}
+    names = list(columns)
+    return tuple(
+        IdcSeries(**dict(zip(names, values, strict=True)))
+        for values in zip(*columns.values(), strict=True)
+    )
+
+
+def sm_series(
+    collections: Sequence[str] = (),
+    limit: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> list[IdcSeries]:
+    """SM series of the offline index, sorted by SeriesInstanceUID: optionally only some
+    collections, a random sample of `sample` series (seeded), then at most `limit`."""
+    wanted = set(collections)
+    out = [s for s in _all_sm_series() if not wanted or s.collection_id in wanted]
+    if sample is not None and sample < len(out):
+        out = sorted(random.Random(seed).sample(out, sample), key=lambda s: s.series_instance_uid)
+    return out[:limit] if limit is not None else out
+
+
+def summarize(series: Iterable[IdcSeries]) -> dict[str, dict[str, float]]:
+    """{collection: {series, instances, size_gb}} for planning a run."""
+    out: dict[str, dict[str, float]] = {}
+    for s in series:
+        entry = out.setdefault(s.collection_id, {"series": 0, "instances": 0, "size_gb": 0.0})
+        entry["series"] += 1
+        entry["instances"] += s.instance_count or 0
+        entry["size_gb"] += (s.series_size_mb or 0.0) / 1000
+    return out
+
+
+def series_prefix(series: IdcSeries, bucket: str) -> str:
+    return f"{bucket.rstrip('/')}/{validate_uuid(series.crdc_series_uuid)}/"
+
+
+def resolve_series(
+    series: IdcSeries,
+    bucket: str = DEFAULT_BUCKET,
+    idc_version: str | None = None,
+    target_spacing_mm: float = 0.0005,
+    tolerance: float = 0.15,
+    mask_spacing_mm: float = 0.005,
+) -> SlideRecord | FolderFailure:
+    """A series' record from its instances' headers in the bucket (range reads only).
+
+    IDC names each instance `{crdc_series_uuid}/{crdc_instance_uuid}.dcm`, so the instance
+    UUIDs come from the object names (validated).
+    """
+    from transforms.bucket import list_uris, read_header
+    from transforms.errors import ReasonCode, SlideError
+    from transforms.slides import local_instance_uuid
+
+    instances, uuids = [], {}
+    for uri in list_uris(series_prefix(series, bucket)):
+        if not uri.endswith(".dcm"):
+            continue
+        header, _ = read_header(uri)
+        sop = str(header.SOPInstanceUID)
+        uuids[sop] = validate_uuid(uri.rsplit("/", 1)[-1][: -len(".dcm")])
+        instances.append((uri, header))
+    if not instances:
+        return FolderFailure(
+            local_instance_uuid(series.series_instance_uid),
+            series.series_instance_uid,
+            SlideError(
+                ReasonCode.READ_ERROR, f"no instances under {series_prefix(series, bucket)}"
+            ),
+        )
+    return record_from_headers(
+        series.series_instance_uid,
+        instances,
+        target_spacing_mm,
+        tolerance,
+        mask_spacing_mm,
+        instance_uuids=uuids,
+        collection=series.collection_id,
+        idc_version=idc_version or index_version(),
+    )
+
+
+def with_dicomweb(record: SlideRecord, base_url: str) -> SlideRecord:
+    """The same record read through a DICOMweb store (e.g. IDC's) instead of its files."""
+    from transforms.dicomweb import instance_url
+
+    files = tuple(
+        (
+            sop,
+            instance_url(base_url, record.study_instance_uid, record.series_instance_uid, sop),
+        )
+        for sop, _ in record.files
+    )
+    return dataclasses.replace(record, files=files, dicomweb_url=base_url.rstrip("/"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m transforms.idc [--collections a,b] [--sample N]`: plan from the offline index."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--collections", default="")
+    parser.add_argument("--sample", type=int)
+    parser.add_argument("--limit", type=int)
+    args = parser.parse_args(argv)
+    collections = [c for c in args.collections.split(",") if c]
+    series = sm_series(collections, limit=args.limit, sample=args.sample)
+    total = summarize(series)
+    print(f"idc-index-data {index_version()}: {len(series)} SM series")
+    for name, entry in sorted(total.items()):
+        print(
+            f"  {name}: {int(entry['series'])} series, {int(entry['instances'])} instances, "
+            f"{entry['size_gb']:.1f} GB"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

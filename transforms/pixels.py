@@ -1,0 +1,32 @@
+"""Opening a slide whose levels are not local files: which pixel source reads which URI.
+
+`transforms.patches.open_slide` hands every record whose `files` hold URIs here. WADO-RS
+instance URLs go to DICOMweb (ez-wsi DicomSlide, batched frame requests); gs://, s3:// and
+http(s) file URLs go to the byte-range reader. Both return ez-wsi slides (`levels`,
+`get_patch(level, x, y, w, h).image_bytes()`), so `read_patches` works on either unchanged.
+
+Colour: pixels are the stored values; no ICC profile is applied (the same as the local-file
+source). Both slide kinds expose ez-wsi's `create_icc_profile_transformation` and
+`get_patch(...).image_bytes(color_transform)` for callers that want sRGB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transforms import bucket, dicomweb
+from transforms.errors import ReasonCode, SlideError
+
+
+def open_remote_slide(files: Sequence[tuple[str, str]]):
+    """The ez-wsi slide of these (SOPInstanceUID, URI) levels."""
+    uris = [uri for _, uri in files]
+    web = [dicomweb.is_instance_url(u) for u in uris]
+    if all(web):
+        try:
+            return dicomweb.open_dicomweb_slide(uris)
+        except ValueError as exc:
+            raise SlideError(ReasonCode.READ_ERROR, f"DICOMweb slide: {exc}") from exc
+    if any(web):
+        raise SlideError(ReasonCode.READ_ERROR, "a slide mixes DICOMweb URLs and file URIs")
+    return bucket.open_range_slide(uris)
