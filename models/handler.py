@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from models.path_foundation import Embedder, ModelInfo, describe_model, load_embedder, resolve_model
+from models.path_foundation import (
+    Embedder,
+    EmbedderOptions,
+    ModelInfo,
+    configure_threads,
+    describe_model,
+    load_embedder,
+    resolve_model,
+)
 
 
 class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
@@ -35,6 +43,9 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
       cache_dir: where stubs are built; default ~/.cache/pathembed/models.
       revision: Hugging Face revision (branch, tag or commit).
       batch_size: patches per model call.
+      intra_op_threads, inter_op_threads: TensorFlow's thread pools in the worker process
+        (0 = TensorFlow's default); set before the model is loaded.
+      options: precision and XLA (`EmbedderOptions`; default: the model as defined).
       large_model, model_copies: Beam's options to share loaded models across the worker's
         processes (e.g. one model on a GPU); by default each process loads its own.
     """
@@ -46,6 +57,9 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         revision: str | None = None,
         batch_size: int = 32,
         *,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+        options: EmbedderOptions | None = None,
         large_model: bool = False,
         model_copies: int | None = None,
     ) -> None:
@@ -62,6 +76,8 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         self._cache_dir = cache_dir
         self._revision = revision
         self._batch_size = batch_size
+        self._threads = (intra_op_threads, inter_op_threads)
+        self._options = options or EmbedderOptions()
         self._info: ModelInfo | None = None
 
     def model_info(self) -> ModelInfo:
@@ -74,7 +90,8 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
     def load_model(self) -> Embedder:
         """Resolves (building a stub or fetching from Hugging Face if needed) and loads."""
         model_dir, self._info = resolve_model(self._model, self._cache_dir, self._revision)
-        return load_embedder(model_dir)
+        configure_threads(*self._threads)
+        return load_embedder(model_dir, self._options)
 
     def run_inference(
         self,
@@ -107,4 +124,4 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         return "pathembed"
 
     def __repr__(self) -> str:
-        return f"PathFoundationModelHandler(model={self._model!r})"
+        return f"PathFoundationModelHandler(model={self._model!r}, options={self._options})"

@@ -10,7 +10,11 @@ pass for Path Foundation's:
   (gated: needs an accepted licence and a token, or an already cached snapshot).
 
 `load_embedder()` loads the directory's `serving_default` signature as an `Embedder`, which
-maps uint8 RGB patches [B, 224, 224, 3] to float32 embeddings [B, 384].
+maps uint8 RGB patches [B, 224, 224, 3] to float32 embeddings [B, 384]. Options for GPUs
+(`EmbedderOptions`): XLA compilation, and TensorFlow's automatic mixed precision (float16 on
+GPUs, bfloat16 on CPUs with AVX512-BF16/AMX), a graph rewrite that TensorFlow applies to every
+function of the process; both are off by default. `configure_threads()` sets TensorFlow's
+intra-/inter-op thread pools, which only works before TensorFlow has run anything.
 
 TensorFlow is imported only when a model is loaded, so describing a model is cheap.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import pathlib
 import re
 from typing import TYPE_CHECKING, Any
@@ -33,6 +38,14 @@ if TYPE_CHECKING:
 PATH_FOUNDATION_REPO = "google/path-foundation"
 DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/pathembed/models")
 PATCH_SHAPE = (stubs.PATCH_SIZE, stubs.PATCH_SIZE, 3)
+
+_LOG = logging.getLogger(__name__)
+# precision -> TensorFlow's graph rewrite (grappler) that implements it
+PRECISIONS: dict[str, str | None] = {
+    "float32": None,
+    "mixed_float16": "auto_mixed_precision",  # GPUs (compute capability >= 7.0)
+    "mixed_bfloat16": "auto_mixed_precision_onednn_bfloat16",  # CPUs with AVX512-BF16 / AMX
+}
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
@@ -186,12 +199,61 @@ def describe_model(
     return resolve_model(model, cache_dir, revision)[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbedderOptions:
+    """How the model is run; the defaults compute exactly what the SavedModel defines.
+
+    precision: a key of PRECISIONS. Anything but float32 switches on TensorFlow's automatic
+      mixed-precision rewrite for the whole process (one model per worker process); where the
+      device cannot run it (float16 needs a GPU), TensorFlow leaves the graph as it is.
+    jit_compile: compile the model with XLA.
+    """
+
+    precision: str = "float32"
+    jit_compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}: {self.precision!r}")
+
+
+def configure_threads(intra_op: int = 0, inter_op: int = 0) -> None:
+    """Sets TensorFlow's thread pools (0 = TensorFlow's default, one thread per core).
+
+    TensorFlow fixes them when it first runs an op; after that a different setting is logged
+    and ignored.
+    """
+    import tensorflow as tf
+
+    for value, setter, getter in (
+        (intra_op, tf.config.threading.set_intra_op_parallelism_threads,
+         tf.config.threading.get_intra_op_parallelism_threads),
+        (inter_op, tf.config.threading.set_inter_op_parallelism_threads,
+         tf.config.threading.get_inter_op_parallelism_threads),
+    ):  # fmt: skip
+        if value < 0:
+            raise ValueError(f"thread counts must be >= 0, got {value}")
+        if value == getter():
+            continue
+        try:
+            setter(value)
+        except RuntimeError:
+            _LOG.warning(
+                "TensorFlow is already initialized with %s = %d; cannot set %d in this process",
+                getter.__name__.removeprefix("get_"), getter(), value,
+            )  # fmt: skip
+
+
 class Embedder:
     """A loaded `serving_default` signature: uint8 RGB patches in, float32 embeddings out."""
 
-    def __init__(self, model_dir: pathlib.Path) -> None:
+    def __init__(self, model_dir: pathlib.Path, options: EmbedderOptions | None = None) -> None:
         import tensorflow as tf
 
+        self.options = options or EmbedderOptions()
+        rewrite = PRECISIONS[self.options.precision]
+        if rewrite is not None:
+            tf.config.optimizer.set_experimental_options({rewrite: True})
         self.model_dir = pathlib.Path(model_dir)
         self._loaded = tf.saved_model.load(str(self.model_dir))  # keeps the variables alive
         self._fn = self._loaded.signatures["serving_default"]
@@ -212,7 +274,10 @@ class Embedder:
         """One graph for uint8 -> float32 / 255 and the model (faster than numpy or eager ops)."""
         fn, input_name, output_key = self._fn, self.input_name, self.output_key
 
-        @tf.function(input_signature=[tf.TensorSpec([None, *PATCH_SHAPE], tf.uint8)])
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, *PATCH_SHAPE], tf.uint8)],
+            jit_compile=self.options.jit_compile,
+        )
         def embed(patches: tf.Tensor) -> tf.Tensor:
             images = tf.cast(patches, tf.float32) / 255.0
             return fn(**{input_name: images})[output_key]
@@ -235,6 +300,6 @@ class Embedder:
         return self._fn(**{self.input_name: images})[self.output_key].numpy()
 
 
-def load_embedder(model_dir: pathlib.Path) -> Embedder:
+def load_embedder(model_dir: pathlib.Path, options: EmbedderOptions | None = None) -> Embedder:
     """Loads the SavedModel at `model_dir` for embedding."""
-    return Embedder(model_dir)
+    return Embedder(model_dir, options)

@@ -85,6 +85,12 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="keep patches at least this much tissue (tissue.min_tissue_fraction)",
     )
+    run.add_argument(
+        "--icc-profile",
+        choices=["none", "srgb"],
+        help="patch colour: stored values (none, default) or converted to sRGB from the slide's "
+        "ICC profile (color.icc_profile)",
+    )
     run.add_argument("--uuids", help="comma-separated instance UUIDs: process only these")
     run.add_argument("--uuids-file", type=Path, help="file with one instance UUID per line")
     run.add_argument("--force", action="store_true", help="redo slides that are already complete")
@@ -139,6 +145,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         "model.name": args.model,
         "model.batch_size": args.batch_size,
         "tissue.min_tissue_fraction": args.min_tissue_fraction,
+        "color.icc_profile": args.icc_profile,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
     uuids = [u for u in (args.uuids or "").split(",") if u.strip()]
@@ -163,7 +170,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     from models.handler import PathFoundationModelHandler
-    from models.path_foundation import ModelAccessError
+    from models.path_foundation import EmbedderOptions, ModelAccessError
     from pipeline import dag, summary
     from transforms.slides import validate_uuid
 
@@ -186,6 +193,9 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         cache_dir=cfg.model.cache_dir,
         revision=cfg.model.revision,
         batch_size=cfg.model.batch_size,
+        intra_op_threads=cfg.model.intra_op_threads,
+        inter_op_threads=cfg.model.inter_op_threads,
+        options=EmbedderOptions(cfg.model.precision, cfg.model.jit_compile),
     )
     try:
         model = handler.model_info()

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from transforms.clustering import KMeansParams
+from transforms.patches import ICC_PROFILES
 from transforms.plan import PlanParams
 
 PIPELINE_VERSION = "0.1.0"
@@ -66,6 +67,10 @@ class ModelConfig:
     revision: str | None = None
     cache_dir: str | None = None
     batch_size: int = 32
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    precision: str = "float32"
+    jit_compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,15 @@ class GridConfig:
 
 
 @dataclass(frozen=True)
+class ColorConfig:
+    icc_profile: str = "none"  # none | srgb (transforms.patches.ICC_PROFILES)
+
+    def __post_init__(self) -> None:
+        if self.icc_profile not in ICC_PROFILES:
+            raise ValueError(f"color.icc_profile: one of {ICC_PROFILES}, not {self.icc_profile!r}")
+
+
+@dataclass(frozen=True)
 class ThumbnailConfig:
     max_size: int = 1024
     jpeg_quality: int = 90
@@ -109,6 +123,7 @@ class PipelineConfig:
     levels: LevelsConfig = field(default_factory=LevelsConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
     grid: GridConfig = field(default_factory=GridConfig)
+    color: ColorConfig = field(default_factory=ColorConfig)
     kmeans: KMeansParams = field(default_factory=KMeansParams)
     thumbnail: ThumbnailConfig = field(default_factory=ThumbnailConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -128,10 +143,16 @@ class PipelineConfig:
         """Everything that changes a slide's outputs; its hash decides if a slide is done."""
         return {
             "dataset_version": DATASET_VERSION,
-            "model": {"name": model_name, "version": model_version},
+            "model": {
+                "name": model_name,
+                "version": model_version,
+                "precision": self.model.precision,
+                "jit_compile": self.model.jit_compile,
+            },
             "levels": dataclasses.asdict(self.levels),
             "tissue": dataclasses.asdict(self.tissue),
             "patch_size": self.grid.patch_size,
+            "icc_profile": self.color.icc_profile,
             "kmeans": self.kmeans.as_dict(),
         }
 

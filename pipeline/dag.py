@@ -39,12 +39,12 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
     planned = todo | "PlanSlide" >> beam.ParDo(stages.PlanSlideFn(cfg.plan_params())).with_outputs(
         "plan", main="chunks"
     ).with_exception_handling()  # fmt: skip
+    read_patches = stages.ReadPatchesFn(cfg.grid.patch_size, cfg.color.icc_profile)
     read = (
         planned.chunks
         | "Reshuffle" >> beam.Reshuffle()
-        | "ReadPatches" >> beam.ParDo(stages.ReadPatchesFn(cfg.grid.patch_size))
-        .with_exception_handling()
-    )  # fmt: skip
+        | "ReadPatches" >> beam.ParDo(read_patches).with_exception_handling()
+    )
     embedded = (
         read.good
         | "Embed" >> RunInference(KeyedModelHandler(handler))

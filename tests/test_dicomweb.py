@@ -92,3 +92,21 @@ def test_an_unknown_instance_is_a_read_error(store, local_record):
     )
     with pytest.raises(SlideError, match="read_error"):
         patches.open_slide((("1.2.3.4", url),))
+
+
+def test_pixel_reads_authenticate_as_the_source_says(store, local_record, monkeypatch, tmp_path):
+    """source.dicomweb_auth reaches the records and the pixel reader, not only the listing:
+    `google` makes the reader ask Application Default Credentials (here pointed at a missing
+    file, so it fails saying so), `none` reads without credentials."""
+    (record,) = _enumerate(store)
+    tagged = sources._tagged(record, "google")
+    assert tagged.dicomweb_auth == "google" and tagged.files == record.files
+    assert sources._tagged(local_record, "google").dicomweb_auth == "auto"  # local files
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    patches.open_slide.cache_clear()
+    with pytest.raises(Exception, match=r"no-such-key\.json"):
+        plan_slide(tagged, PlanParams())
+    patches.open_slide.cache_clear()
+    plan, _ = plan_slide(sources._tagged(record, "none"), PlanParams())
+    assert len(plan.coords) > 0
+    patches.open_slide.cache_clear()

@@ -298,3 +298,90 @@ def test_handler_in_beam_pipeline(
     with beam.Pipeline(runner=FnApiRunner()) as p:
         results = p | beam.Create(list(chunks.items())) | RunInference(KeyedModelHandler(handler))
         assert_that(results, check)
+
+
+# --- run options: XLA, mixed precision, threads -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slide_patches(sample_slides: pathlib.Path) -> np.ndarray:
+    """24 tissue patches of the medium sample slide, read as the pipeline reads them."""
+    from transforms import patches as patch_io
+    from transforms.plan import PlanParams, plan_slide
+    from transforms.slides import enumerate_dicom_folder
+
+    (record,) = list(enumerate_dicom_folder(sample_slides / "medium-20x"))
+    _, chunks = plan_slide(record, PlanParams())
+    slide = patch_io.open_slide(record.files)
+    level = patch_io.level_of(slide, record.sop_instance_uid)
+    return patch_io.read_patches(slide, level, chunks[len(chunks) // 2].coords[:24], 1.0)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_xla_matches_float32_on_the_sample_slide(
+    tiny_dir: pathlib.Path, embedder: path_foundation.Embedder, slide_patches: np.ndarray
+) -> None:
+    xla = load_embedder(tiny_dir, path_foundation.EmbedderOptions(jit_compile=True))
+    reference = embedder(slide_patches)
+    compiled = xla(slide_patches)
+    assert compiled.shape == reference.shape and compiled.dtype == np.float32
+    assert _cosines(compiled, reference).min() >= 0.999
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("model", ["stub-tiny", "stub-vit-s16"])
+def test_reduced_precision_matches_float32_on_the_sample_slide(
+    precision: str, model: str, slide_patches: np.ndarray, tmp_path_factory
+) -> None:
+    """The check that must pass on the device that runs a reduced precision before it may be
+    switched on (configs/local.yaml: model.precision). TensorFlow applies the rewrite only
+    where the device supports it (float16: a GPU; bfloat16: a CPU with AVX512-BF16 or AMX);
+    elsewhere the outputs are bit-identical and there is nothing to check."""
+    model_dir, _ = resolve_model(model, tmp_path_factory.getbasetemp() / "precision-models")
+    pixels = slide_patches[:4] if model == "stub-vit-s16" else slide_patches
+    reference = load_embedder(model_dir)(pixels)  # before the process-wide rewrite is on
+    rewrite = path_foundation.PRECISIONS[precision]
+    try:
+        reduced = load_embedder(model_dir, path_foundation.EmbedderOptions(precision=precision))
+        got = reduced(pixels)
+    finally:
+        tf.config.optimizer.set_experimental_options({rewrite: False})
+    # Where TensorFlow left the graph as it is, the outputs are identical (cosine 1).
+    assert got.dtype == np.float32 and got.shape == reference.shape
+    assert _cosines(got, reference).min() >= 0.999
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        path_foundation.EmbedderOptions(precision="int8")
+    with pytest.raises(ValueError, match="thread counts"):
+        path_foundation.configure_threads(-1)
+
+
+def test_threads_after_tensorflow_started_are_logged_not_fatal(
+    embedder: path_foundation.Embedder, caplog: pytest.LogCaptureFixture
+) -> None:
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    path_foundation.configure_threads(
+        current, tf.config.threading.get_inter_op_parallelism_threads()
+    )
+    assert not caplog.records  # unchanged settings: nothing to do
+    path_foundation.configure_threads(current + 3)
+    assert "already initialized" in caplog.text
+    assert tf.config.threading.get_intra_op_parallelism_threads() == current
+
+
+def test_handler_loads_with_its_options(tiny_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    shutil.copytree(tiny_dir, tmp_path / "stub-tiny")
+    options = path_foundation.EmbedderOptions(jit_compile=True)
+    handler = PathFoundationModelHandler(
+        "stub-tiny", cache_dir=tmp_path, batch_size=4, options=options
+    )
+    model = handler.load_model()
+    assert model.options == options
+    [result] = handler.run_inference([_random_patches(5)], model)
+    assert result.inference.shape == (5, 384)
+    assert "jit_compile=True" in repr(handler)

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import cachetools
+import cv2
 import numpy as np
 import pydicom
 import requests
@@ -54,6 +55,10 @@ _SEQ_END = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
 _PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010)
 
 _NAMESPACE = "pathembed"
+# Beam counters resolve to the running step's container when incremented: make them once.
+_REQUESTS = Metrics.counter(_NAMESPACE, "pixel_source_requests")
+_BYTES = Metrics.counter(_NAMESPACE, "pixel_source_bytes_read")
+_FRAMES = Metrics.counter(_NAMESPACE, "pixel_frames_read")
 
 
 def is_remote(uri: str) -> bool:
@@ -100,21 +105,29 @@ class ByteSource:
             return b""
         data = self._read(start, end)
         self.stats.add(1, len(data))
-        Metrics.counter(_NAMESPACE, "pixel_source_requests").inc()
-        Metrics.counter(_NAMESPACE, "pixel_source_bytes_read").inc(len(data))
+        _REQUESTS.inc()
+        _BYTES.inc(len(data))
         return data
 
 
 class LocalSource(ByteSource):
+    """A local file, kept open while the source lives (one per instance of an open slide)."""
+
+    def __init__(self, uri: str, stats: IoStats | None = None):
+        super().__init__(uri, stats)
+        self._file = None
+
     def size(self) -> int:
         return os.path.getsize(self.uri)
 
     def _read(self, start: int, end: int) -> bytes:
-        fd = os.open(self.uri, os.O_RDONLY)
-        try:
-            return os.pread(fd, end - start, start)
-        finally:
-            os.close(fd)
+        if self._file is None:
+            self._file = open(self.uri, "rb")  # noqa: SIM115 - closed with the source
+        return os.pread(self._file.fileno(), end - start, start)
+
+    def __del__(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def gcs_client():
@@ -297,7 +310,7 @@ class DicomInstanceReader:
         h = self.header
         return int(h.Rows) * int(h.Columns) * int(h.SamplesPerPixel) * (int(h.BitsAllocated) // 8)
 
-    def _value_start(self) -> tuple[int, int]:
+    def pixel_data_value(self) -> tuple[int, int]:
         """(offset of the PixelData value, its length or 0xFFFFFFFF)."""
         head = self._source.read(self._pixel_data_at, self._pixel_data_at + 12)
         explicit = self.transfer_syntax != pydicom.uid.ImplicitVRLittleEndian
@@ -306,7 +319,7 @@ class DicomInstanceReader:
         return self._pixel_data_at + 8, struct.unpack("<I", head[4:8])[0]
 
     def _build_index(self) -> None:
-        value_at, length = self._value_start()
+        value_at, length = self.pixel_data_value()
         n = self.number_of_frames
         if not self._encapsulated:
             size = self._native_frame_bytes()
@@ -413,7 +426,7 @@ class DicomInstanceReader:
             else:
                 self._fetch_run(run)
         self.stats.add(0, 0, len(wanted))
-        Metrics.counter(_NAMESPACE, "pixel_frames_read").inc(len(wanted))
+        _FRAMES.inc(len(wanted))
 
     def _store(self, frame: int, data: bytes) -> None:
         with self._lock:
@@ -477,6 +490,7 @@ class RangeDicomFiles(local_dicom_file_interface.LocalDicomFileInterface):
     def __init__(self, readers: Sequence[DicomInstanceReader], base: str = "https://mock_url"):
         # no super().__init__(): there are no local files to open
         self._readers = {r.uid_tuple: r for r in readers}
+        self._by_path: dict[str, DicomInstanceReader] = {}
         self._base = base
 
     def _selected(self, study_uid: str, series_uid: str) -> Iterator[DicomInstanceReader]:
@@ -513,6 +527,13 @@ class RangeDicomFiles(local_dicom_file_interface.LocalDicomFileInterface):
     def get_dicom_file_paths(self, study_uid: str, series_uid: str) -> list[str]:
         return [r.uri for r in self._selected(study_uid, series_uid)]
 
+    def reader_at(self, path: str) -> DicomInstanceReader:
+        """The reader of an instance by its path string (str(dicom_path.Path))."""
+        reader = self._by_path.get(path)
+        if reader is None:
+            reader = self._by_path[path] = self.reader(dicom_path.FromString(path))
+        return reader
+
     def reader(self, instance_path: dicom_path.Path) -> DicomInstanceReader:
         key = (instance_path.study_uid, instance_path.series_uid, instance_path.instance_uid)
         reader = self._readers.get(key)
@@ -523,6 +544,12 @@ class RangeDicomFiles(local_dicom_file_interface.LocalDicomFileInterface):
     def get_decoded_frame_image(self, instance_path: dicom_path.Path, frame_index: int):
         reader = self.reader(instance_path)
         data = reader.frame_bytes(frame_index)
+        if reader.transfer_syntax == pydicom.uid.JPEGBaseline8Bit:
+            # What ez-wsi's decoder does for JPEG baseline (cv2.imdecode, then BGR -> RGB),
+            # in one call: OpenCV's decoder writes RGB directly.
+            frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+            if frame is not None:
+                return frame
         h = reader.header
         if not reader._encapsulated:
             pixel_format = local_dicom_file_interface._get_pixel_format(h)
@@ -558,13 +585,15 @@ def level_frames_by_instance(level, frame_numbers: Iterable[int]) -> dict[str, l
     """{instance path: 1-based frame numbers in it} of whole-level frame numbers."""
     level = getattr(level, "source_level", level)  # a ResizedLevel reads its source
     out: dict[str, list[int]] = {}
+    by_instance: dict[int, list[int]] = {}  # id(instance) -> its list in `out`
     for frame_number in frame_numbers:
         instance = level.get_instance_by_frame(frame_number)
         if instance is None:  # TILED_SPARSE levels may leave frames out
             continue
-        out.setdefault(str(instance.dicom_object.path), []).append(
-            instance.instance_frame_number_from_wholes_slide_frame_number(frame_number)
-        )
+        frames = by_instance.get(id(instance))
+        if frames is None:  # str(path) is costly: once per instance
+            frames = by_instance[id(instance)] = out.setdefault(str(instance.path), [])
+        frames.append(instance.instance_frame_number_from_wholes_slide_frame_number(frame_number))
     return out
 
 
@@ -585,9 +614,12 @@ def region_frame_numbers(level, x: int, y: int, width: int, height: int) -> list
 
 
 def log_fetch(what: str, uri: str, frames: int, requests_: int, bytes_: int, total) -> None:
-    """One line per batched fetch: frames per request and bytes, with the slide's totals."""
-    if requests_:
-        _LOG.info(
+    """One line per batched fetch: frames per request and bytes, with the slide's totals
+    (INFO for remote sources, DEBUG for local files)."""
+    level = logging.INFO if "://" in uri else logging.DEBUG
+    if requests_ and _LOG.isEnabledFor(level):
+        _LOG.log(
+            level,
             "%s %s: %d frames in %d requests (%.1f frames/request), %d bytes; "
             "slide total %d bytes in %d requests",
             what, uri, frames, requests_, frames / requests_, bytes_, total[0], total[1],
@@ -616,7 +648,7 @@ class RangeDicomSlide(dicom_slide.LocalDicomSlide):
     def _prefetch(self, by_instance: dict[str, list[int]], what: str) -> None:
         before = (self.io.requests, self.io.bytes, self.io.frames)
         for path, frames in by_instance.items():
-            self._files.reader(dicom_path.FromString(path)).prefetch(frames)
+            self._files.reader_at(path).prefetch(frames)
         log_fetch(
             what, self.uris[0].rsplit("/", 1)[0], self.io.frames - before[2],
             self.io.requests - before[0], self.io.bytes - before[1],
@@ -625,6 +657,10 @@ class RangeDicomSlide(dicom_slide.LocalDicomSlide):
 
     def prefetch_frames(self, level, frame_numbers: Iterable[int]) -> None:
         self._prefetch(level_frames_by_instance(level, frame_numbers), "range reads for frames of")
+
+    def decode_instance_frame(self, instance_path: dicom_path.Path, frame_number: int):
+        """Frame `frame_number` (1-based) of an instance, decoded to RGB (ez-wsi's decoder)."""
+        return self._files.get_decoded_frame_image(instance_path, frame_number)
 
     def get_patch(self, level, x, y, width, height, require_fully_in_source_image=False):
         # ez-wsi decodes a local slide's region as the patch is made: fetch its frames first.

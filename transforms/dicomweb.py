@@ -18,6 +18,7 @@ for this source.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import urllib.parse
@@ -50,6 +51,8 @@ _INSTANCE_URL = re.compile(
     r"/instances/(?P<sop>[0-9.]+)$"
 )
 _TRANSFER_SYNTAX_UID = "00020010"
+_OPTICAL_PATH_SEQUENCE = "00480105"
+_ICC_PROFILE = "00282000"
 _NAMESPACE = "pathembed"
 
 
@@ -139,6 +142,20 @@ class DicomWebClient:
                 return pydicom.uid.ExplicitVRLittleEndian
         raise ValueError(f"server did not say the transfer syntax of instance {sop}")
 
+    def bulk_data(self, uri: str) -> bytes:
+        """The value behind a BulkDataURI of this server, asked for as the standard's multipart
+        response (PS3.18 8.7.3.5; Orthanc offers only that, ez-wsi asks for a single part)."""
+        if not uri.startswith(self.base_url + "/"):
+            raise ValueError(f"bulk data URI outside the store {self.base_url}: {uri}")
+        response = self._get(
+            uri.removeprefix(self.base_url + "/"),
+            'multipart/related; type="application/octet-stream"; transfer-syntax=*',
+        )
+        if not response.headers.get("Content-Type", "").startswith("multipart/"):
+            return response.content
+        (part, *_) = decoder.MultipartDecoder.from_response(response).parts
+        return part.content
+
 
 def _uid(tags: dict, tag: str) -> str | None:
     value = tags.get(tag, {}).get("Value")
@@ -153,6 +170,17 @@ def series_of(qido_row: dict) -> tuple[str, str]:
     return study, series
 
 
+def icc_profile_of(tags: dict) -> bytes | str | None:
+    """An instance's ICC profile in DICOM JSON: bytes (inline), its BulkDataURI, or None."""
+    for item in tags.get(_OPTICAL_PATH_SEQUENCE, {}).get("Value", []):
+        icc = item.get(_ICC_PROFILE)
+        if icc and "InlineBinary" in icc:
+            return base64.b64decode(icc["InlineBinary"])
+        if icc and "BulkDataURI" in icc:
+            return icc["BulkDataURI"]
+    return None
+
+
 def metadata_dataset(tags: dict) -> pydicom.Dataset:
     """A pydicom header from DICOM JSON (bulk data such as ICC profiles left out)."""
     return pydicom.Dataset.from_json(tags, bulk_data_uri_handler=lambda *_: b"")
@@ -165,7 +193,20 @@ def metadata_dataset(tags: dict) -> pydicom.Dataset:
 
 class BatchedDicomSlide(dicom_slide.DicomSlide):
     """ez-wsi DicomSlide that loads the frames a chunk or region needs in batched WADO-RS
-    requests (`frames/1,2,...`) into its frame cache before they are decoded one by one."""
+    requests (`frames/1,2,...`) into its frame cache before they are decoded one by one.
+    Its ICC profile comes from the series metadata already fetched (`icc_profile`)."""
+
+    icc_profile: bytes | str | None = None  # icc_profile_of(); a URI is fetched when first used
+    client: DicomWebClient | None = None
+
+    def get_icc_profile_bytes(self) -> bytes:
+        cached = self._level_map.get_cached_icc_profile_bytes()
+        if cached is None:
+            cached = self.icc_profile or b""
+            if isinstance(cached, str):
+                cached = self.client.bulk_data(cached)
+            self._level_map.set_icc_profile_bytes(cached)
+        return cached
 
     def _prefetch(self, by_instance: dict[str, list[int]], what: str) -> None:
         cache = self.slide_frame_cache
@@ -210,11 +251,12 @@ def open_dicomweb_slide(uris: Sequence[str], auth: str = "auto") -> BatchedDicom
     wanted = {sop for *_, sop in parsed}
     client = DicomWebClient(base, auth)
     series_path = dicom_path.FromString(f"{base}/studies/{study}/series/{series}")
-    instances = []
+    instances, icc_profile = [], None
     for tags in client.series_metadata(study, series):
         sop = _uid(tags, "00080018")
         if sop not in wanted:
             continue
+        icc_profile = icc_profile or icc_profile_of(tags)
         if _TRANSFER_SYNTAX_UID not in tags:  # Orthanc: not in QIDO nor in metadata
             syntax = client.stored_transfer_syntax(study, series, sop)
             tags[_TRANSFER_SYNTAX_UID] = {"vr": "UI", "Value": [syntax]}
@@ -230,6 +272,7 @@ def open_dicomweb_slide(uris: Sequence[str], auth: str = "auto") -> BatchedDicom
         instances=instances,
         logging_factory=ez_wsi_logging_factory.BasePythonLoggerFactory(_EZ_WSI_LOGGER),
     )
+    slide.icc_profile, slide.client = icc_profile, client
     slide.init_slide_frame_cache(
         max_cache_frame_memory_lru_cache_size_bytes=FRAME_CACHE_BYTES,
         optimization_hint=local_dicom_slide_cache_types.CacheConfigOptimizationHint.MINIMIZE_DICOM_STORE_QPM,

@@ -1,27 +1,49 @@
-"""Reading a slide's pixels with ez-wsi-dicomweb: the mask-level image and 224 px patches.
+"""Reading a slide's pixels through ez-wsi-dicomweb: the mask-level image and 224 px patches.
 
-Patches of one chunk are row-major neighbours, so the chunk's bounding region is read once
-(every DICOM frame in it decoded once) and the patches are cropped from it in numpy; one
-`get_patch()` per patch would decode ~3 frames per patch. A finer-than-20x level is read
-natively and each patch's footprint is downsampled with cv2.INTER_AREA, per patch, so a
-patch's pixels never depend on which chunk it travelled in.
+Slides are ez-wsi slide objects: local files and gs://, s3://, http(s) files are read by byte
+ranges (`transforms.bucket`: a frame offset index, only the frames asked for, so a worker never
+holds a whole instance, which for a 100k-patch 20x level is ~2 GB compressed), WADO-RS URLs
+through DICOMweb (`transforms.pixels`).
+
+Patches are assembled from decoded DICOM frames in numpy: each patch copies the parts of the
+1-4 frames it overlaps (4-9 at 40x) into place, and a finer-than-20x level is downsampled per
+patch with cv2.INTER_AREA (patch [x, y] covers native pixels from floor(x * d), size
+round(224 * d)), so a patch's pixels never depend on which chunk it travelled in. Only the
+frames that kept patches overlap are decoded, each once per chunk: a chunk is assembled one
+patch row at a time, keeping the frames the next row still needs. Frames reaching outside the
+chunk's footprint also go to a per-worker LRU cache bounded in bytes (`FRAME_CACHE_BYTES`), so
+the neighbouring chunk finds them if it comes while they are cached. With the default chunks
+(16 x 16 cells) and 256 px frames, chunk borders fall on frame borders at 20x and at exactly
+40x (16 x 224 = 14 x 256), so every frame of a slide is decoded once whatever the order.
+
+Frames come from ez-wsi's `get_frame()`, which decodes them (`dicom_frame_decoder`). A slide
+object that fetches frames in batches offers `prefetch_frames(level, frame_numbers)`: it is
+called with the frames a chunk still needs before they are read one by one.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import cv2
 import numpy as np
-from ez_wsi_dicomweb import dicom_slide, ez_wsi_errors, slide_level_map
+from ez_wsi_dicomweb import dicom_slide, ez_wsi_errors, image_util, slide_level_map
+from PIL import ImageCms
 
+from transforms import bucket
 from transforms.errors import ReasonCode, SlideError
 
-# Open slides kept per worker process; each holds its instances' frame bytes in memory.
+# Open slides kept per worker process (each keeps a bounded cache of compressed frames).
 SLIDE_CACHE_SIZE = 2
+# Decoded frames kept per worker process (a 256 x 256 RGB frame is 192 KiB).
+FRAME_CACHE_BYTES = 256 * 1024 * 1024
+# color.icc_profile: none = stored values; srgb = from the slide's ICC profile to sRGB.
+ICC_PROFILES = ("none", "srgb")
 
 
 @contextlib.contextmanager
@@ -46,15 +68,19 @@ def slide_errors(what: str) -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=SLIDE_CACHE_SIZE)
-def open_slide(files: tuple[tuple[str, str], ...]) -> dicom_slide.LocalDicomSlide:
+def open_slide(
+    files: tuple[tuple[str, str], ...], dicomweb_auth: str = "auto"
+) -> dicom_slide.LocalDicomSlide:
     """The slide of these (SOPInstanceUID, URI) files, opened once per worker process: local
-    paths with ez-wsi; gs://, s3://, http(s) and DICOMweb URIs through transforms/pixels.py."""
+    paths with the byte-range reader (ez-wsi's LocalDicomSlide would load whole files: 1.8 GB
+    of memory for a 100k-patch level); gs://, s3://, http(s) and DICOMweb URIs through
+    transforms/pixels.py (DICOMweb with `dicomweb_auth`: auto, google or none)."""
     with slide_errors("opening slide"):
         if any("://" in uri for _, uri in files):
             from transforms.pixels import open_remote_slide
 
-            return open_remote_slide(files)
-        return dicom_slide.LocalDicomSlide([path for _, path in files])
+            return open_remote_slide(files, dicomweb_auth)
+        return bucket.open_range_slide([path for _, path in files])
 
 
 def level_of(slide: dicom_slide.LocalDicomSlide, sop_instance_uid: str) -> slide_level_map.Level:
@@ -76,17 +102,159 @@ def read_region(
     return pixels
 
 
+class FrameCache:
+    """Decoded frames, least recently used first out, at most `max_bytes`; thread-safe.
+
+    `decodes` counts the frames decoded through it (kept or not), `hits` those it served.
+    """
+
+    def __init__(self, max_bytes: int = FRAME_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.decodes = 0
+        self.hits = 0
+        self._frames: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        """The cached frame, or None; a hit makes it the most recently used."""
+        with self._lock:
+            frame = self._frames.get(key)
+            if frame is not None:
+                self._frames.move_to_end(key)
+                self.hits += 1
+            return frame
+
+    def decode(
+        self, key: tuple, decode: Callable[[], np.ndarray | None], keep: bool
+    ) -> np.ndarray | None:
+        """Decodes a frame that `get` did not have; keeps it if asked and it fits."""
+        frame = decode()
+        with self._lock:
+            self.decodes += 1
+            if not keep or frame is None or frame.nbytes > self.max_bytes or key in self._frames:
+                return frame
+            frame.flags.writeable = False
+            self._frames[key] = frame
+            self.bytes += frame.nbytes
+            while self.bytes > self.max_bytes:
+                _, old = self._frames.popitem(last=False)
+                self.bytes -= old.nbytes
+        return frame
+
+    def clear(self) -> None:
+        with self._lock:
+            self._frames.clear()
+            self.bytes = self.decodes = self.hits = 0
+
+
+FRAMES = FrameCache()  # the worker process's decoded frames
+
+
+class _ChunkFrames:
+    """The decoded frames of one chunk's level, each decoded at most once for the chunk.
+
+    Patches are assembled one row at a time; frames stay in `window` while a later row still
+    needs them. Frames reaching outside the chunk's footprint may be wanted by a neighbouring
+    chunk, so they also go to the worker's cache.
+    """
+
+    def __init__(
+        self,
+        slide: dicom_slide.LocalDicomSlide,
+        level: slide_level_map.Level,
+        cache: FrameCache,
+        footprint: tuple[int, int, int, int],  # x0, y0, x1, y1 (native pixels, exclusive)
+    ) -> None:
+        self._slide, self._level, self._cache = slide, level, cache
+        self._footprint = footprint
+        self._per_row = math.ceil(level.width / level.frame_width)
+        self.window: dict[int, np.ndarray | None] = {}
+
+    def get(self, numbers: list[int]) -> dict[int, np.ndarray | None]:
+        """Frames by whole-level 1-based number, decoding those neither kept nor cached."""
+        out, missing = {}, []
+        for number in numbers:
+            if number in self.window:
+                out[number] = self.window[number]
+                continue
+            located = _locate(self._level, number)
+            frame = None if located is None else self._cache.get(located[0])
+            if frame is None and located is not None:
+                missing.append((number, *located))
+            out[number] = frame
+        prefetch = getattr(self._slide, "prefetch_frames", None)
+        if missing and prefetch is not None:
+            with slide_errors(f"fetching {len(missing)} frames"):
+                prefetch(self._level, [number for number, *_ in missing])
+        for number, key, instance in missing:
+            with slide_errors(f"reading frame {number}"):
+                out[number] = self._cache.decode(
+                    key, functools.partial(_decoded, self._slide, self._level, number, instance),
+                    keep=self._outside(number),
+                )  # fmt: skip
+        self.window.update(out)
+        return out
+
+    def keep_rows_from(self, frame_row: int) -> None:
+        """Forgets the frames above `frame_row` (no later patch row needs them)."""
+        self.window = {
+            n: f for n, f in self.window.items() if (n - 1) // self._per_row >= frame_row
+        }
+
+    def _outside(self, number: int) -> bool:
+        fw, fh = self._level.frame_width, self._level.frame_height
+        row, col = divmod(number - 1, self._per_row)
+        x0, y0, x1, y1 = self._footprint
+        return col * fw < x0 or (col + 1) * fw > x1 or row * fh < y0 or (row + 1) * fh > y1
+
+
+def _locate(
+    level: slide_level_map.Level, frame_number: int
+) -> tuple[tuple[str, int], slide_level_map.Instance] | None:
+    """((SOPInstanceUID, frame number in it), instance) of a whole-level frame number, None if
+    the level leaves the frame out (TILED_SPARSE)."""
+    instance = level.get_instance_by_frame(frame_number)
+    if instance is None:
+        return None
+    n = instance.instance_frame_number_from_wholes_slide_frame_number(frame_number)
+    return (instance.dicom_object.sop_instance_uid, n), instance
+
+
+def _decoded(
+    slide: dicom_slide.LocalDicomSlide,
+    level: slide_level_map.Level,
+    frame_number: int,
+    instance: slide_level_map.Instance,
+) -> np.ndarray | None:
+    # The byte-range slide decodes an instance's frame directly: ez-wsi's get_frame() builds
+    # path strings and Frame objects per frame, ~10% of the decode time of a 256 px frame.
+    decode = getattr(slide, "decode_instance_frame", None)
+    if decode is not None:
+        n = instance.instance_frame_number_from_wholes_slide_frame_number(frame_number)
+        pixels = decode(instance.path, n)
+    else:
+        frame = slide.get_frame(level, frame_number)
+        if frame is None:
+            return None
+        pixels = frame.image_np
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise SlideError(ReasonCode.DECODE_ERROR, f"expected RGB frames, got {pixels.shape}")
+    return pixels
+
+
 def read_patches(
     slide: dicom_slide.LocalDicomSlide,
     level: slide_level_map.Level,
     coords: np.ndarray,
     downsample: float,
     patch_size: int = 224,
+    cache: FrameCache | None = None,
 ) -> np.ndarray:
     """uint8 [N, patch, patch, 3]: the patches at `coords` (patch-source frame) of a level.
 
     With downsample d > 1, patch [x, y] covers native pixels starting at floor(x * d), size
-    round(patch * d), resized to `patch` with INTER_AREA.
+    round(patch * d), resized to `patch` with INTER_AREA. `cache` defaults to the worker's.
     """
     coords = np.asarray(coords, np.int64)
     out = np.empty((len(coords), patch_size, patch_size, 3), np.uint8)
@@ -96,15 +264,40 @@ def read_patches(
     starts = np.floor(coords * downsample).astype(np.int64)
     starts[:, 0] = np.minimum(starts[:, 0], level.width - native)
     starts[:, 1] = np.minimum(starts[:, 1], level.height - native)
-    x0, y0 = starts.min(axis=0)
-    x1, y1 = starts.max(axis=0) + native
-    region = read_region(slide, level, int(x0), int(y0), int(x1 - x0), int(y1 - y0))
-    for k, (sx, sy) in enumerate(starts - [x0, y0]):
-        crop = region[sy : sy + native, sx : sx + native]
-        if native == patch_size:
-            out[k] = crop
-        else:
-            out[k] = cv2.resize(crop, (patch_size, patch_size), interpolation=cv2.INTER_AREA)
+    fw, fh = level.frame_width, level.frame_height
+    per_row = math.ceil(level.width / fw)
+    x0, y0 = starts.min(axis=0).tolist()
+    x1, y1 = (starts.max(axis=0) + native).tolist()
+    frames = _ChunkFrames(slide, level, FRAMES if cache is None else cache, (x0, y0, x1, y1))
+    order = np.lexsort((starts[:, 0], starts[:, 1]))
+    rows = np.split(order, np.flatnonzero(np.diff(starts[order, 1])) + 1)
+    scratch = None if native == patch_size else np.empty((native, native, 3), np.uint8)
+    for k, members in enumerate(rows):
+        sy = int(starts[members[0], 1])
+        r0, r1 = sy // fh, (sy + native - 1) // fh
+        xs = starts[members, 0].tolist()
+        columns = sorted({c for sx in xs for c in range(sx // fw, (sx + native - 1) // fw + 1)})
+        row_frames = frames.get([r * per_row + c + 1 for r in range(r0, r1 + 1) for c in columns])
+        for index, sx in zip(members.tolist(), xs, strict=True):
+            target = out[index] if scratch is None else scratch
+            for r in range(r0, r1 + 1):
+                fy = r * fh
+                py0, py1 = max(sy, fy), min(sy + native, fy + fh)
+                for c in range(sx // fw, (sx + native - 1) // fw + 1):
+                    fx = c * fw
+                    px0, px1 = max(sx, fx), min(sx + native, fx + fw)
+                    frame = row_frames[r * per_row + c + 1]
+                    region = target[py0 - sy : py1 - sy, px0 - sx : px1 - sx]
+                    if frame is None:
+                        region[...] = 0  # a frame the level leaves out
+                    else:
+                        region[...] = frame[py0 - fy : py1 - fy, px0 - fx : px1 - fx]
+            if scratch is not None:
+                cv2.resize(
+                    scratch, (patch_size, patch_size), dst=out[index], interpolation=cv2.INTER_AREA
+                )
+        if k + 1 < len(rows):
+            frames.keep_rows_from(int(starts[rows[k + 1][0], 1]) // fh)
     return out
 
 
@@ -133,3 +326,26 @@ def chunk_order(coords: np.ndarray, columns_per_block: int) -> list[np.ndarray]:
 def block_side(chunk_size: int) -> int:
     """Grid cells per block side so that a block holds at most `chunk_size` patches."""
     return max(1, math.isqrt(chunk_size))
+
+
+@functools.lru_cache(maxsize=SLIDE_CACHE_SIZE)
+def srgb_transform(
+    files: tuple[tuple[str, str], ...], dicomweb_auth: str = "auto"
+) -> ImageCms.ImageCmsTransform | None:
+    """The slide's ICC profile -> sRGB transform (ez-wsi), None if the slide has no profile.
+
+    Local and bucket slides read the profile from the header; DICOMweb asks the server
+    (the profile's bulk data URI, or the instance where the server gives none)."""
+    slide = open_slide(files, dicomweb_auth)
+    with slide_errors("reading the ICC profile"):
+        return slide.create_icc_profile_transformation(dicom_slide.get_srgb_icc_profile())
+
+
+def to_srgb(patches: np.ndarray, transform: ImageCms.ImageCmsTransform | None) -> np.ndarray:
+    """uint8 RGB patches [N, H, W, 3] through `transform`: ez-wsi's colour transform, applied
+    once to the patches stacked into one image."""
+    if transform is None or len(patches) == 0:
+        return patches
+    n, h, w, c = patches.shape
+    stacked = image_util.transform_image_bytes_color(patches.reshape(n * h, w, c), transform)
+    return np.ascontiguousarray(stacked).reshape(n, h, w, c)

@@ -5,9 +5,9 @@ instance URLs go to DICOMweb (ez-wsi DicomSlide, batched frame requests); gs://,
 http(s) file URLs go to the byte-range reader. Both return ez-wsi slides (`levels`,
 `get_patch(level, x, y, w, h).image_bytes()`), so `read_patches` works on either unchanged.
 
-Colour: pixels are the stored values; no ICC profile is applied (the same as the local-file
-source). Both slide kinds expose ez-wsi's `create_icc_profile_transformation` and
-`get_patch(...).image_bytes(color_transform)` for callers that want sRGB.
+Colour: pixels are the stored values. With color.icc_profile = srgb, ReadPatches converts
+patches through ez-wsi's `create_icc_profile_transformation` (`transforms.patches.srgb_transform`),
+which both slide kinds offer.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from transforms import bucket, dicomweb
 from transforms.errors import ReasonCode, SlideError
 
 
-def open_remote_slide(files: Sequence[tuple[str, str]]):
-    """The ez-wsi slide of these (SOPInstanceUID, URI) levels."""
+def open_remote_slide(files: Sequence[tuple[str, str]], dicomweb_auth: str = "auto"):
+    """The ez-wsi slide of these (SOPInstanceUID, URI) levels; DICOMweb reads authenticate
+    as `dicomweb_auth` says (transforms.dicomweb.credentials_for)."""
     uris = [uri for _, uri in files]
     web = [dicomweb.is_instance_url(u) for u in uris]
     if all(web):
         try:
-            return dicomweb.open_dicomweb_slide(uris)
+            return dicomweb.open_dicomweb_slide(uris, dicomweb_auth)
         except ValueError as exc:
             raise SlideError(ReasonCode.READ_ERROR, f"DICOMweb slide: {exc}") from exc
     if any(web):

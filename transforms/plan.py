@@ -7,13 +7,13 @@ around it only keys and emits its results. Only coordinates leave this step, nev
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import pydicom
 
-from transforms import patches, tissue
+from transforms import bucket, patches, tissue
 from transforms.errors import ReasonCode, SlideError
 from transforms.slides import SlideRecord
 
@@ -61,14 +61,41 @@ class PatchChunk:
         return f"PatchChunk({self.record.instance_uuid}#{self.chunk_index}, {len(self.indices)})"
 
 
+_BLOCK = 1 << 22
+_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+
+
 def instance_hashes(path: str) -> tuple[str, str]:
-    """(MD5 of the instance file, SHA-512 of its PixelData value as stored)."""
+    """(MD5 of the instance file, SHA-512 of its PixelData value as stored), both streamed in
+    4 MiB blocks: the value of an encapsulated PixelData is its items, headers included, up to
+    the sequence delimiter (what pydicom returns as `PixelData`)."""
     md5 = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
+        for block in iter(lambda: handle.read(_BLOCK), b""):
             md5.update(block)
-    pixel_data = pydicom.dcmread(path).PixelData
-    return md5.hexdigest(), hashlib.sha512(pixel_data).hexdigest()
+    value_at, value_length = bucket.DicomInstanceReader(path).pixel_data_value()
+    sha512 = hashlib.sha512()
+    with open(path, "rb") as handle:
+        handle.seek(value_at)
+        if value_length != 0xFFFFFFFF:  # native pixels: one value of known length
+            _copy(handle, value_length, sha512)
+        else:
+            while len(header := handle.read(8)) == 8:
+                group, element, length = struct.unpack("<HHI", header)
+                if (group, element) == _SEQUENCE_DELIMITER:
+                    break
+                sha512.update(header)
+                _copy(handle, length, sha512)
+    return md5.hexdigest(), sha512.hexdigest()
+
+
+def _copy(handle, length: int, digest) -> None:
+    while length > 0:
+        block = handle.read(min(length, _BLOCK))
+        if not block:
+            raise SlideError(ReasonCode.INCOMPLETE_SLIDE, f"{handle.name}: PixelData truncated")
+        digest.update(block)
+        length -= len(block)
 
 
 def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -89,7 +116,7 @@ def _thumbnail(mask_image: np.ndarray, max_size: int) -> np.ndarray:
 
 def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list[PatchChunk]]:
     """Computes the mask, grid, thumbnails and chunks of one slide."""
-    slide = patches.open_slide(record.files)
+    slide = patches.open_slide(record.files, record.dicomweb_auth)
     mask_level = patches.level_of(slide, record.levels.mask.sop_instance_uid)
     mask_image = patches.read_level_image(slide, mask_level)
     mask = tissue.tissue_mask(mask_image, params.v_min, params.v_max)

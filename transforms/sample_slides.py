@@ -711,7 +711,7 @@ def _ds(value: float) -> str:
 
 def _level_dataset(spec: SampleSpec, level: int, n_frames: int, compressed_bytes: int) -> Dataset:
     """Every attribute of the level's instance except the pixel data."""
-    study_uid, series_uid = sample_uids(spec.name)
+    study_uid, series_uid = _uid(spec.name, "study"), _uid(spec.name, "series")
     sop_uid = _uid(spec.name, "instance", level)
     width, height = spec.level_size(level)
     spacing = spec.level_spacing_mm(level)

@@ -86,6 +86,9 @@ class SlideRecord:
     idc_version: str | None = None
     instance_hash: str | None = None  # IDC's MD5 of the instance, when the source knows it
     dicomweb_url: str | None = None  # DICOMweb base URL when `files` are WADO-RS URLs
+    # How WADO-RS reads authenticate (source.dicomweb_auth: auto, google, none); a mode,
+    # never a credential: credentials come from ADC on the worker that reads.
+    dicomweb_auth: str = "auto"
 
     def __repr__(self) -> str:
         return f"SlideRecord({self.instance_uuid}, series={self.series_instance_uid})"

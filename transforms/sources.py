@@ -18,6 +18,7 @@ element; per-series work (header or metadata reads) is spread out after a Reshuf
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterator
@@ -31,10 +32,15 @@ from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder
 _LOG = logging.getLogger(__name__)
 
 
-def _tagged(item) -> object:
-    """A found slide on the main output, a failure on 'failed'; counted either way."""
+def _tagged(item, dicomweb_auth: str) -> object:
+    """A found slide on the main output (its DICOMweb reads set to authenticate as
+    source.dicomweb_auth says), a failure on 'failed'; counted either way."""
     Metrics.counter("pathembed", "slides_found").inc()
-    return beam.pvalue.TaggedOutput("failed", item) if isinstance(item, FolderFailure) else item
+    if isinstance(item, FolderFailure):
+        return beam.pvalue.TaggedOutput("failed", item)
+    if item.dicomweb_url and item.dicomweb_auth != dicomweb_auth:
+        return dataclasses.replace(item, dicomweb_auth=dicomweb_auth)
+    return item
 
 
 def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tuple[str, str]]:
@@ -178,7 +184,9 @@ class EnumerateSlides(beam.PTransform):
             found = found | "ReadThroughDicomWeb" >> beam.Map(
                 lambda r: with_dicomweb(r, url) if isinstance(r, SlideRecord) else r
             )
-        outputs = found | "Split" >> beam.Map(_tagged).with_outputs("failed", main="slides")
+        outputs = found | "Split" >> beam.Map(_tagged, src.dicomweb_auth).with_outputs(
+            "failed", main="slides"
+        )
         if src.manifest_out:
             from transforms.manifest import format_rows
 

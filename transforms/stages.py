@@ -81,17 +81,21 @@ class PlanSlideFn(beam.DoFn):
 class ReadPatchesFn(beam.DoFn):
     """PatchChunk -> ((uuid, rows), uint8 patches [n, 224, 224, 3]), read as one region."""
 
-    def __init__(self, patch_size: int):
+    def __init__(self, patch_size: int, icc_profile: str = "none"):
         self._patch_size = patch_size
+        self._icc_profile = icc_profile
 
     def process(self, chunk: PatchChunk) -> Iterator[tuple[tuple[str, np.ndarray], np.ndarray]]:
         record = chunk.record
         with _timed("read"):
-            slide = patches.open_slide(record.files)
+            slide = patches.open_slide(record.files, record.dicomweb_auth)
             level = patches.level_of(slide, record.sop_instance_uid)
             pixels = patches.read_patches(
                 slide, level, chunk.coords, record.levels.downsample, self._patch_size
             )
+            if self._icc_profile == "srgb":
+                transform = patches.srgb_transform(record.files, record.dicomweb_auth)
+                pixels = patches.to_srgb(pixels, transform)
         yield (record.instance_uuid, chunk.indices), pixels
 
 
