@@ -55,7 +55,10 @@ def _series_failure(series_uid: str, exc: Exception) -> FolderFailure:
         fallback = local_instance_uuid(series_uid)
     except ValueError:
         fallback = local_instance_uuid("0")
-    error = SlideError(ReasonCode.READ_ERROR, f"reading the series' headers: {exc!r}")
+    if isinstance(exc, SlideError):  # e.g. transient_http once the retries are spent
+        error = SlideError(exc.reason, f"reading the series' headers: {exc.message}")
+    else:
+        error = SlideError(ReasonCode.READ_ERROR, f"reading the series' headers: {exc!r}")
     return FolderFailure(fallback, series_uid, error)
 
 
