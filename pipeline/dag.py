@@ -28,6 +28,7 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
     skip_done = SkipDoneOrUnrequested(
         output_root=root, dataset_version=DATASET_VERSION, n_clusters=cfg.kmeans.n_clusters,
         parameter_hash=p_hash, uuids=frozenset(cfg.run.uuids), force=cfg.run.force,
+        resource_table=cfg.run.resource_table,
     )  # fmt: skip
     write_artifacts = stages.WriteArtifactsFn(
         output_root=root, model=model, parameter_hash=p_hash, params=params,

@@ -144,9 +144,16 @@ def write_artifacts(
     _write(paths.complete_marker, json_bytes(marker))
 
 
-def completed_parameter_hash(paths: ArtifactPaths) -> str | None:
-    """The parameter hash of a completed slide, or None when it is not complete."""
+def completion_marker(paths: ArtifactPaths) -> dict[str, Any] | None:
+    """The completion marker of a completed slide (parameter_hash, instance_hash, run_id, ...),
+    or None when it is not complete."""
     if not FileSystems.exists(paths.complete_marker):
         return None
     with FileSystems.open(paths.complete_marker) as handle:
-        return json.loads(handle.read()).get("parameter_hash")
+        return json.loads(handle.read())
+
+
+def completed_parameter_hash(paths: ArtifactPaths) -> str | None:
+    """The parameter hash of a completed slide, or None when it is not complete."""
+    marker = completion_marker(paths)
+    return None if marker is None else marker.get("parameter_hash")

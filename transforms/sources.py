@@ -31,10 +31,15 @@ from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder
 _LOG = logging.getLogger(__name__)
 
 
-def _tagged(item) -> object:
-    """A found slide on the main output, a failure on 'failed'; counted either way."""
+def _tagged(item, uuids: frozenset[str]) -> Iterator[object]:
+    """A found slide on the main output, a failure on 'failed' (unless other slides were
+    asked for); counted either way."""
     Metrics.counter("pathembed", "slides_found").inc()
-    return beam.pvalue.TaggedOutput("failed", item) if isinstance(item, FolderFailure) else item
+    if not isinstance(item, FolderFailure):
+        yield item
+    elif not uuids or item.instance_uuid in uuids:
+        Metrics.counter("pathembed", "enumerate_failures").inc()
+        yield beam.pvalue.TaggedOutput("failed", item)
 
 
 def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tuple[str, str]]:
@@ -181,7 +186,9 @@ class EnumerateSlides(beam.PTransform):
             found = found | "ReadThroughDicomWeb" >> beam.Map(
                 lambda r: with_dicomweb(r, url) if isinstance(r, SlideRecord) else r
             )
-        outputs = found | "Split" >> beam.Map(_tagged).with_outputs("failed", main="slides")
+        outputs = found | "Split" >> beam.FlatMap(_tagged, self._uuids).with_outputs(
+            "failed", main="slides"
+        )
         if src.manifest_out:
             from transforms.manifest import format_rows
 
@@ -213,7 +220,13 @@ def _write_text(path: str, text: str) -> None:
 
 
 class SkipDoneOrUnrequested(beam.DoFn):
-    """Keeps slides that were asked for and are not complete with these parameters."""
+    """Keeps slides that were asked for and are not complete with these parameters.
+
+    Complete: the completion marker is present, its parameter hash is this run's and its
+    instance hash is the record's (when both are known). With `resource_table` (new-release
+    mode) slides in that table with an unchanged instance hash are skipped without looking
+    at their markers; the table is read once per worker, in `setup`.
+    """
 
     def __init__(
         self,
@@ -224,6 +237,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         parameter_hash: str,
         uuids: frozenset[str],
         force: bool,
+        resource_table: str | None = None,
     ):
         self._root = output_root
         self._version = dataset_version
@@ -231,16 +245,41 @@ class SkipDoneOrUnrequested(beam.DoFn):
         self._hash = parameter_hash
         self._uuids = uuids
         self._force = force
+        self._resource_table = resource_table
+        self._known: dict[str, str | None] = {}
         self._skipped = Metrics.counter("pathembed", "slides_skipped_complete")
+        self._to_process = Metrics.counter("pathembed", "slides_to_process")
+
+    def setup(self) -> None:
+        if self._resource_table:
+            from transforms.reruns import known_instances
+
+            self._known = known_instances(self._resource_table)
+            _LOG.info("%d slides already in %s", len(self._known), self._resource_table)
 
     def process(self, record: SlideRecord) -> Iterator[SlideRecord]:
         if self._uuids and record.instance_uuid not in self._uuids:
             return
+        if self._resource_table:
+            from transforms.reruns import is_unchanged
+
+            if is_unchanged(self._known, record.instance_uuid, record.instance_hash):
+                self._skipped.inc()
+                return
         if not self._force:
             paths = artifacts.ArtifactPaths.for_slide(
                 self._root, record.instance_uuid, self._version, self._n_clusters
             )
-            if artifacts.completed_parameter_hash(paths) == self._hash:
+            marker = artifacts.completion_marker(paths)
+            if (
+                marker is not None
+                and marker.get("parameter_hash") == self._hash
+                and (
+                    record.instance_hash is None
+                    or marker.get("instance_hash") in (None, record.instance_hash)
+                )
+            ):
                 self._skipped.inc()
                 return
+        self._to_process.inc()
         yield record
