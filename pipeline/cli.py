@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import secrets
@@ -238,10 +237,8 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     result.wait_until_finish()
     collected = summary.collect(result)
     print(summary.render(collected, cfg.output_root, time.perf_counter() - started))
-    runs = Path(cfg.output_root) / "runs"
-    if "://" not in cfg.output_root:
-        runs.mkdir(parents=True, exist_ok=True)
-        (runs / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, **collected}, indent=1))
+    # Written last: it marks the run's tables as committed (transforms/artifacts.py).
+    summary.write_run_summary(cfg.output_root, run_id, collected)
     exceeded = summary.failure_threshold_exceeded(
         collected["counters"], cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides
     )

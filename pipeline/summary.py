@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from apache_beam.metrics.metric import MetricsFilter
@@ -99,3 +101,15 @@ def render(summary: dict[str, Any], output_root: str, wall_seconds: float) -> st
         lines.append(f"  see why: {output_root}/tables/failures/ (reason_code, message)")
         lines.append(f"  rerun:   pathembed rerun --failures {output_root}/tables/failures ...")
     return "\n".join(lines)
+
+
+def write_run_summary(output_root: str, run_id: str, collected: dict[str, Any]) -> str:
+    """Writes {output_root}/runs/{run_id}.json (local path or gs://) and returns its path."""
+    from apache_beam.io.filesystems import FileSystems
+
+    path = FileSystems.join(output_root.rstrip("/"), "runs", f"{run_id}.json")
+    if "://" not in output_root:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps({"run_id": run_id, **collected}, indent=1).encode())
+    return path

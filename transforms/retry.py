@@ -29,8 +29,10 @@ READ_TIMEOUT_SECONDS = 120.0
 GCS_DEADLINE_SECONDS = 120.0  # google-api-core bounds GCS retries by total time
 
 
-def url_retry(retries: int = RETRIES, backoff: float = BACKOFF_SECONDS) -> Retry:
+def url_retry(retries: int | None = None, backoff: float | None = None) -> Retry:
     """urllib3 Retry for idempotent reads: transient statuses and connection faults only."""
+    retries = RETRIES if retries is None else retries
+    backoff = BACKOFF_SECONDS if backoff is None else backoff
     return Retry(
         total=retries,
         connect=retries,
@@ -60,11 +62,13 @@ class _TimeoutAdapter(HTTPAdapter):
 
 
 def http_session(
-    retries: int = RETRIES,
-    backoff: float = BACKOFF_SECONDS,
-    timeout: tuple[float, float] = (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS),
+    retries: int | None = None,
+    backoff: float | None = None,
+    timeout: tuple[float, float] | None = None,
 ) -> requests.Session:
-    """A requests Session that retries transient faults and never waits without a timeout."""
+    """A requests Session that retries transient faults and never waits without a timeout
+    (defaults: the module's constants, read when the session is made)."""
+    timeout = timeout or (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
     session = requests.Session()
     adapter = _TimeoutAdapter(timeout, max_retries=url_retry(retries, backoff))
     session.mount("http://", adapter)

@@ -222,8 +222,9 @@ def _write_text(path: str, text: str) -> None:
 class SkipDoneOrUnrequested(beam.DoFn):
     """Keeps slides that were asked for and are not complete with these parameters.
 
-    Complete: the completion marker is present, its parameter hash is this run's and its
-    instance hash is the record's (when both are known). With `resource_table` (new-release
+    Complete: the completion marker is present, its parameter hash is this run's, its
+    instance hash is the record's (when both are known), and the run that wrote it finished
+    (its tables hold the slide's rows). With `resource_table` (new-release
     mode) slides in that table with an unchanged instance hash are skipped without looking
     at their markers; the table is read once per worker, in `setup`.
     """
@@ -247,6 +248,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         self._force = force
         self._resource_table = resource_table
         self._known: dict[str, str | None] = {}
+        self._committed: dict[str, bool] = {}
         self._skipped = Metrics.counter("pathembed", "slides_skipped_complete")
         self._to_process = Metrics.counter("pathembed", "slides_to_process")
 
@@ -256,6 +258,11 @@ class SkipDoneOrUnrequested(beam.DoFn):
 
             self._known = known_instances(self._resource_table)
             _LOG.info("%d slides already in %s", len(self._known), self._resource_table)
+
+    def _run_committed(self, run_id: str | None) -> bool:
+        if run_id not in self._committed:
+            self._committed[run_id] = artifacts.run_committed(self._root, run_id)
+        return self._committed[run_id]
 
     def process(self, record: SlideRecord) -> Iterator[SlideRecord]:
         if self._uuids and record.instance_uuid not in self._uuids:
@@ -278,6 +285,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
                     record.instance_hash is None
                     or marker.get("instance_hash") in (None, record.instance_hash)
                 )
+                and self._run_committed(marker.get("run_id"))
             ):
                 self._skipped.inc()
                 return
