@@ -202,6 +202,16 @@ class RetryingDicomWebInterface(dicom_web_interface.DicomWebInterface):
         except SlideError as exc:  # ez-wsi's cache thread catches only its own errors
             raise ez_wsi_errors.HttpError(str(exc)) from exc
 
+    def download_instance(
+        self, instance_path, transfer_syntax: str, output_stream, chunk_size=None, retry=True
+    ) -> None:
+        """A whole instance (ez-wsi's cache reads small instances so)."""
+        accept = f"application/dicom; transfer-syntax={transfer_syntax}"
+        try:
+            output_stream.write(self._get_retrying(instance_path.complete_url, accept).content)
+        except SlideError as exc:  # ez-wsi's cache thread catches only its own errors
+            raise ez_wsi_errors.HttpError(str(exc)) from exc
+
     def get_frame_image(self, instance_path, frame_index: int, transcode_frame) -> bytes:
         url = self._make_api_url(instance_path, f"frames/{frame_index}")
         accept = (
@@ -282,8 +292,10 @@ def open_dicomweb_slide(uris: Sequence[str], auth: str = "auto") -> BatchedDicom
         instances=instances,
         logging_factory=ez_wsi_logging_factory.BasePythonLoggerFactory(_EZ_WSI_LOGGER),
     )
-    slide.init_slide_frame_cache(
+    cache = slide.init_slide_frame_cache(
         max_cache_frame_memory_lru_cache_size_bytes=FRAME_CACHE_BYTES,
         optimization_hint=local_dicom_slide_cache_types.CacheConfigOptimizationHint.MINIMIZE_DICOM_STORE_QPM,
     )
+    # The cache makes its own plain DicomWebInterface from the credentials; give it ours.
+    cache._dicom_web_interface = RetryingDicomWebInterface(client.dwi.credential_factory)
     return slide
