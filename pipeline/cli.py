@@ -233,8 +233,17 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     started = time.perf_counter()
     pipeline = beam.Pipeline(runner=runner, options=options)
     dag.build(pipeline, cfg, handler, run_id)
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception:
+        from transforms import breaker
+
+        threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
+        if not breaker.tripped(run_id, *threshold):
+            raise
+        _LOG.error("run %s stopped: too many slides failed (see the error above)", run_id)
+        return FAILED_SHARE_EXIT
     collected = summary.collect(result)
     print(summary.render(collected, cfg.output_root, time.perf_counter() - started))
     # Written last: it marks the run's tables as committed (transforms/artifacts.py).

@@ -239,6 +239,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         uuids: frozenset[str],
         force: bool,
         resource_table: str | None = None,
+        run_id: str | None = None,
     ):
         self._root = output_root
         self._version = dataset_version
@@ -247,6 +248,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         self._uuids = uuids
         self._force = force
         self._resource_table = resource_table
+        self._run_id = run_id
         self._known: dict[str, str | None] = {}
         self._committed: dict[str, bool] = {}
         self._skipped = Metrics.counter("pathembed", "slides_skipped_complete")
@@ -290,4 +292,8 @@ class SkipDoneOrUnrequested(beam.DoFn):
                 self._skipped.inc()
                 return
         self._to_process.inc()
+        if self._run_id:
+            from transforms import breaker
+
+            breaker.note_tried(self._run_id)
         yield record
