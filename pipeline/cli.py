@@ -288,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(args, rest)
 
 
-from pipeline.rerun import add_rerun_parser  # noqa: E402 (kept beside the list it extends)
+from pipeline.rerun import (  # noqa: E402 (kept beside the list it extends)
+    add_failures_parser,
+    add_rerun_parser,
+)
 from pipeline.search_cli import (  # noqa: E402 (kept beside the list it extends)
     add_fetch_parser,
     add_index_parser,
@@ -301,6 +304,7 @@ from pipeline.search_cli import (  # noqa: E402 (kept beside the list it extends
 SUBCOMMANDS = [
     _run_parser,
     add_rerun_parser,
+    add_failures_parser,
     _sample_parser,
     add_search_parser,
     add_index_parser,

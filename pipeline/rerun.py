@@ -1,4 +1,5 @@
-"""`pathembed rerun`: run again exactly the slides of a failures table.
+"""`pathembed failures` and `pathembed rerun`: see why slides failed, and run exactly those
+slides again.
 
 The slides are the distinct instance UUIDs of the failure rows (all runs, or `--run-id`; all
 reason codes, or `--reason`), and the run is `pathembed run --uuids ...` with the same source
@@ -56,3 +57,32 @@ def rerun_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     _LOG.info("rerunning %d failed slides from %s", len(failed.uuids), args.failures)
     args.uuids = ",".join(failed.uuids)
     return run_command(args, beam_args)
+
+
+def add_failures_parser(sub: argparse._SubParsersAction) -> None:
+    failures = sub.add_parser(
+        "failures",
+        help="summarise a failures table: counts per reason code and stage, one line per row",
+    )
+    failures.add_argument("table", help="Parquet file or folder, e.g. OUT/tables/failures")
+    failures.add_argument("--run-id", help="only the failures of this run")
+    failures.add_argument("--reason", action="append", default=[], help="only these reason codes")
+    failures.set_defaults(handler=failures_command)
+
+
+def failures_command(args: argparse.Namespace, _: list[str]) -> int:
+    from collections import Counter
+
+    from transforms.reruns import local_failure_rows
+
+    try:
+        rows = local_failure_rows(args.table, args.run_id, args.reason)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{args.table}: {exc}") from None
+    slides = {r["instance_uuid"] for r in rows}
+    print(f"{len(rows)} failure rows, {len(slides)} slides")
+    for (reason, stage), n in sorted(Counter((r["reason_code"], r["stage"]) for r in rows).items()):
+        print(f"  {reason:<30} {stage:<10} {n}")
+    for r in rows:
+        print(f"{r['instance_uuid']}  {r['stage']:<9} {r['reason_code']:<28} {r['message']}")
+    return 0

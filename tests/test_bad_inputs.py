@@ -228,3 +228,14 @@ def test_a_run_whose_slides_fail_wholesale_is_stopped(tmp_path, model_cache, cap
     assert code == FAILED_SHARE_EXIT
     assert "more than run.max_failed_fraction = 50%" in caplog.text
     assert not (out / "runs").exists()  # the run did not finish: nothing is committed
+
+
+def test_the_failures_command_summarises_the_table(matrix, capsys):
+    assert main(["failures", str(matrix["out"] / "tables" / "failures")]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(matrix['failures'])} failure rows, {len(EXPECTED)} slides" in printed
+    assert "decode_error" in printed and matrix["bad"]["no-tissue"] in printed
+    assert (
+        main(["failures", str(matrix["out"] / "tables" / "failures"), "--reason", "no_tissue"]) == 0
+    )
+    assert "1 failure rows, 1 slides" in capsys.readouterr().out

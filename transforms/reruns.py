@@ -49,6 +49,20 @@ def _local_rows(path: str, columns: Sequence[str]) -> list[dict]:
     return [{c: row.get(c) for c in columns} for row in rows]
 
 
+def local_failure_rows(
+    path: str, run_id: str | None = None, reasons: Sequence[str] = ()
+) -> list[dict]:
+    """Rows of a local failures table (Parquet file or folder), oldest first."""
+    columns = ["instance_uuid", "stage", "reason_code", "message", "run_id", "time"]
+    rows = [
+        row
+        for row in _local_rows(path, columns)
+        if (run_id is None or row["run_id"] == run_id)
+        and (not reasons or row["reason_code"] in reasons)
+    ]
+    return sorted(rows, key=lambda r: (str(r["time"]), str(r["instance_uuid"])))
+
+
 @dataclass(frozen=True)
 class FailedSlides:
     """Distinct, valid instance UUIDs of failure rows, and the values that were not UUIDs."""
