@@ -43,7 +43,11 @@ def _local_rows(path: str, columns: Sequence[str]) -> list[dict]:
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such Parquet file or folder (nor a BigQuery table)")
-    dataset = ds.dataset(path, format="parquet", exclude_invalid_files=True)
+    # Beam's temporary shards of a run that did not finish are not part of the table.
+    dataset = ds.dataset(
+        path, format="parquet", exclude_invalid_files=True,
+        ignore_prefixes=[".", "_", "beam-temp"],
+    )  # fmt: skip
     present = [c for c in columns if c in dataset.schema.names]
     rows = dataset.to_table(columns=present).to_pylist()
     return [{c: row.get(c) for c in columns} for row in rows]
