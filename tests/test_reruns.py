@@ -100,6 +100,7 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
     BODY = bytes(range(256)) * 64
     plan: ClassVar[list[str]] = []
     seen: ClassVar[list[str]] = []
+    auth: ClassVar[list[str | None]] = []
 
     def log_message(self, *args):
         pass
@@ -107,6 +108,7 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
     def _answer(self, head: bool) -> None:
         action = self.plan.pop(0) if self.plan else "ok"
         self.seen.append(action)
+        self.auth.append(self.headers.get("Authorization"))
         if action.startswith("sleep"):
             time.sleep(float(action[5:]))
         if action.isdigit():
@@ -140,7 +142,7 @@ def flaky(monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _Flaky.plan, _Flaky.seen = [], []
+    _Flaky.plan, _Flaky.seen, _Flaky.auth = [], [], []
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/slide.dcm"
     finally:
@@ -230,3 +232,46 @@ def test_only_new_processes_new_and_changed_slides(tmp_path):
     third = run(release(tmp_path / "v3.jsonl", {"a": "a2", "b": "b1", "c": "c1"}))
     assert third["slides_written"] == 0 and third["slides_skipped_complete"] == 3
     assert np.load(out / uuid["b"] / "path_foundation" / "v1" / "slide_embedding.npy").size
+
+
+def test_gcs_errors_after_retries_are_transient_or_permanent():
+    from google.api_core import exceptions
+
+    from transforms.bucket import _gcs_error
+
+    transient = _gcs_error("gs://b/o", exceptions.ServiceUnavailable("down"))
+    assert isinstance(transient, SlideError) and transient.reason == "transient_http"
+    assert isinstance(_gcs_error("gs://b/o", exceptions.TooManyRequests("slow down")), SlideError)
+    permanent = _gcs_error("gs://b/o", exceptions.NotFound("gone"))
+    assert isinstance(permanent, OSError) and "gs://b/o" in str(permanent)
+
+
+def test_a_stale_temporary_of_a_killed_run_is_removed(tmp_path):
+    from transforms import artifacts
+
+    paths = artifacts.ArtifactPaths.for_slide(str(tmp_path), A, "v1", 500)
+    Path(paths.directory).mkdir(parents=True)
+    Path(f"{paths.embeddings}.tmp-killed-run").write_bytes(b"half")
+    artifacts.write_artifacts(paths, {paths.embeddings: b"x", paths.metadata: b"{}"}, {}, "r2")
+    assert sorted(p.name for p in Path(paths.directory).iterdir()) == sorted(
+        ["slide_embedding.npy", "metadata.json", artifacts.COMPLETE_MARKER]
+    )
+
+
+def test_credentials_are_sent_but_never_written_to_messages_or_logs(flaky, monkeypatch, caplog):
+    from ez_wsi_dicomweb import credential_factory
+
+    from transforms import dicomweb
+
+    secret = "ya29.SECRET-TOKEN"
+    monkeypatch.setattr(
+        dicomweb, "credentials_for",
+        lambda *_: credential_factory.TokenPassthroughCredentialFactory(secret),
+    )  # fmt: skip
+    _Flaky.plan = ["503"] * 20
+    client = dicomweb.DicomWebClient(flaky.removesuffix("/slide.dcm"), "google")
+    with caplog.at_level("DEBUG"), pytest.raises(SlideError) as failure:
+        client.series_metadata("1.2.3", "1.2.3.4")
+    assert _Flaky.auth[0] == f"Bearer {secret}"
+    assert failure.value.reason == "transient_http"
+    assert secret not in str(failure.value) and secret not in caplog.text

@@ -145,10 +145,12 @@ def write_artifacts(
         _write(temporary[uri], data)
     FileSystems.rename(list(temporary.values()), list(temporary.keys()))
     _write(paths.complete_marker, json_bytes(marker))
-    # Temporaries of an attempt that was killed (another run id) would otherwise stay.
-    stale = FileSystems.match([FileSystems.join(paths.directory, "*.tmp-*")])[0].metadata_list
+    # Temporaries of a killed run would otherwise stay. This run's own names are left alone:
+    # a concurrent attempt at the same bundle (a retry) may still be renaming them.
+    found = FileSystems.match([FileSystems.join(paths.directory, "*.tmp-*")])[0].metadata_list
+    stale = [m.path for m in found if not m.path.endswith(f".tmp-{run_id}")]
     if stale:
-        FileSystems.delete([m.path for m in stale])
+        FileSystems.delete(stale)
 
 
 def completion_marker(paths: ArtifactPaths) -> dict[str, Any] | None:
