@@ -256,22 +256,28 @@ def record_from_headers(
 ) -> SlideRecord | FolderFailure:
     """The record of one series from its instances' (URI, header) pairs; non-VOLUME
     instances (label, overview, thumbnail) are ignored."""
+    known_uuids = extra.get("instance_uuids") or {}
+
+    def failure_uuid(sop: str) -> str:
+        """The UUID a failure row of this series carries: the source's (IDC) or uuid5."""
+        if sop in known_uuids:
+            return validate_uuid(known_uuids[sop])
+        return local_instance_uuid(sop) if _UID_RE.match(sop) else local_instance_uuid("0")
+
     volume = [(uri, ds) for uri, ds in instances if is_volume(ds)]
     try:
         levels = [level_info(ds) for _, ds in volume]
     except (AttributeError, TypeError, ValueError) as exc:
-        sop = str(instances[0][1].get("SOPInstanceUID", "0"))
         return FolderFailure(
-            local_instance_uuid(sop) if _UID_RE.match(sop) else local_instance_uuid("0"),
+            failure_uuid(str(instances[0][1].get("SOPInstanceUID", "0"))),
             series_uid,
             SlideError(ReasonCode.READ_ERROR, f"incomplete WSI header: {exc}"),
         )
     study_uid = str((volume or instances)[0][1].StudyInstanceUID)
     if not levels:
-        sop = str(instances[0][1].SOPInstanceUID)
         kinds = sorted({"/".join(map(str, ds.get("ImageType", []))) for _, ds in instances})
         return FolderFailure(
-            local_instance_uuid(sop),
+            failure_uuid(str(instances[0][1].SOPInstanceUID)),
             series_uid,
             SlideError(
                 ReasonCode.NO_PYRAMID,
@@ -282,9 +288,7 @@ def record_from_headers(
     unsupported = _unsupported([ds for _, ds in volume])
     if unsupported is not None:
         finest = max(levels, key=lambda lv: lv.width * lv.height).sop_instance_uid
-        known = (extra.get("instance_uuids") or {}).get(finest)
-        instance_uuid = validate_uuid(known) if known else local_instance_uuid(finest)
-        return FolderFailure(instance_uuid, series_uid, unsupported)
+        return FolderFailure(failure_uuid(finest), series_uid, unsupported)
     return build_record(
         study_uid=study_uid,
         series_uid=series_uid,
