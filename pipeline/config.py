@@ -102,8 +102,8 @@ class RunConfig:
     # New-release mode: skip slides already in this resource table with an unchanged
     # instance hash (null = off; "auto" = {output_root}/tables/resource).
     resource_table: str | None = None
-    # Exit non-zero when more than this share of the slides tried failed (null = never),
-    # once at least failure_check_min_slides slides were tried.
+    # Stop the run (exit status 3) when more than this share of the slides tried failed
+    # (null = never), once at least failure_check_min_slides were tried (transforms/breaker.py).
     max_failed_fraction: float | None = 0.5
     failure_check_min_slides: int = 20
 
