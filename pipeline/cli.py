@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import secrets
@@ -20,6 +19,7 @@ import yaml
 from pipeline.config import PipelineConfig, load_config
 
 _LOG = logging.getLogger("pathembed")
+FAILED_SHARE_EXIT = 3  # more than run.max_failed_fraction of the slides failed
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +30,12 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         "tables. Flags not listed here are passed to Beam (e.g. --runner, --project, "
         "--direct_num_workers).",
     )
+    add_run_arguments(run)
+    run.set_defaults(handler=run_command, passes_beam_flags=True)
+
+
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """The flags of `run`, shared by `rerun`."""
     run.add_argument(
         "--config",
         type=Path,
@@ -95,6 +101,16 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--uuids-file", type=Path, help="file with one instance UUID per line")
     run.add_argument("--force", action="store_true", help="redo slides that are already complete")
     run.add_argument(
+        "--only-new",
+        action="store_true",
+        help="new IDC release: only slides not in the resource table or whose instance hash "
+        "changed (run.resource_table; default {output_root}/tables/resource)",
+    )
+    run.add_argument(
+        "--resource-table",
+        help="resource table for --only-new: Parquet file/folder or BigQuery project.dataset.table",
+    )
+    run.add_argument(
         "--set",
         action="append",
         default=[],
@@ -102,7 +118,6 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         help="override any config key, e.g. --set kmeans.n_init=1 (repeatable)",
     )
     run.add_argument("--log-level", default="INFO")
-    run.set_defaults(handler=run_command, passes_beam_flags=True)
 
 
 def _sample_parser(sub: argparse._SubParsersAction) -> None:
@@ -155,6 +170,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         overrides["run.uuids"] = [u.strip() for u in uuids]
     if args.force:
         overrides["run.force"] = True
+    if args.only_new or args.resource_table:
+        overrides["run.resource_table"] = args.resource_table or "auto"
     if args.collections:
         overrides["source.collections"] = [c.strip() for c in args.collections.split(",") if c]
     cfg = load_config(args.config, overrides)
@@ -172,13 +189,21 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from models.handler import PathFoundationModelHandler
     from models.path_foundation import EmbedderOptions, ModelAccessError
     from pipeline import dag, summary
+    from transforms.errors import SlideError
     from transforms.slides import validate_uuid
 
     cfg = config_from_args(args)
     if "://" not in cfg.output_root:  # record absolute local paths in metadata and tables
         cfg = dataclasses.replace(cfg, output_root=str(Path(cfg.output_root).resolve()))
-    for value in cfg.run.uuids:
-        validate_uuid(value)
+    try:  # before any UUID reaches a path or a query
+        uuids = tuple(validate_uuid(value) for value in cfg.run.uuids)
+    except SlideError as exc:
+        raise SystemExit(f"--uuids / --uuids-file: {exc.message}") from None
+    resource_table = cfg.run.resource_table
+    if resource_table == "auto":
+        resource_table = f"{cfg.output_root.rstrip('/')}/tables/resource"
+    run_cfg = dataclasses.replace(cfg.run, uuids=uuids, resource_table=resource_table)
+    cfg = dataclasses.replace(cfg, run=run_cfg)
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner
     if runner in (None, "DirectRunner"):
@@ -218,14 +243,27 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     started = time.perf_counter()
     pipeline = beam.Pipeline(runner=runner, options=options)
     dag.build(pipeline, cfg, handler, run_id)
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception:
+        from transforms import breaker
+
+        threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
+        if not breaker.tripped(run_id, *threshold):
+            raise
+        _LOG.error("run %s stopped: too many slides failed (see the error above)", run_id)
+        return FAILED_SHARE_EXIT
     collected = summary.collect(result)
     print(summary.render(collected, cfg.output_root, time.perf_counter() - started))
-    runs = Path(cfg.output_root) / "runs"
-    if "://" not in cfg.output_root:
-        runs.mkdir(parents=True, exist_ok=True)
-        (runs / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, **collected}, indent=1))
+    # Written last: it marks the run's tables as committed (transforms/artifacts.py).
+    summary.write_run_summary(cfg.output_root, run_id, collected)
+    exceeded = summary.failure_threshold_exceeded(
+        collected["counters"], cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides
+    )
+    if exceeded:
+        _LOG.error("run %s: %s", run_id, exceeded)
+        return FAILED_SHARE_EXIT
     return 0
 
 
@@ -260,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(args, rest)
 
 
+from pipeline.rerun import (  # noqa: E402 (kept beside the list it extends)
+    add_failures_parser,
+    add_rerun_parser,
+)
 from pipeline.search_cli import (  # noqa: E402 (kept beside the list it extends)
     add_fetch_parser,
     add_index_parser,
@@ -271,6 +313,8 @@ from pipeline.search_cli import (  # noqa: E402 (kept beside the list it extends
 # Each adds one subcommand parser whose defaults set `handler(args, extra_flags) -> exit code`.
 SUBCOMMANDS = [
     _run_parser,
+    add_rerun_parser,
+    add_failures_parser,
     _sample_parser,
     add_search_parser,
     add_index_parser,

@@ -113,6 +113,13 @@ class RunConfig:
     uuids: tuple[str, ...] = ()
     force: bool = False
     idc_version: str | None = None
+    # New-release mode: skip slides already in this resource table with an unchanged
+    # instance hash (null = off; "auto" = {output_root}/tables/resource).
+    resource_table: str | None = None
+    # Stop the run (exit status 3) when more than this share of the slides tried failed
+    # (null = never), once at least failure_check_min_slides were tried (transforms/breaker.py).
+    max_failed_fraction: float | None = 0.5
+    failure_check_min_slides: int = 20
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The DAG (DESIGN.md §2), composed from transforms/: read it top to bottom.
 
 Enumerate -> SkipDone -> PlanSlide -> Reshuffle -> ReadPatches -> RunInference ->
-GroupBySlide -> ClusterSlide -> WriteArtifacts -> tables; every stage's dead letters -> failures.
+GroupBySlide -> ClusterSlide -> WriteArtifacts -> tables; every stage's dead letters -> failures
+(through a breaker that stops the run when most slides fail: transforms/breaker.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from pipeline.config import DATASET_VERSION, PIPELINE_VERSION, PipelineConfig, parameter_hash
-from transforms import stages
+from transforms import breaker, stages
 from transforms.sinks import WriteTable
 from transforms.sources import EnumerateSlides, SkipDoneOrUnrequested
 
@@ -28,6 +29,7 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
     skip_done = SkipDoneOrUnrequested(
         output_root=root, dataset_version=DATASET_VERSION, n_clusters=cfg.kmeans.n_clusters,
         parameter_hash=p_hash, uuids=frozenset(cfg.run.uuids), force=cfg.run.force,
+        resource_table=cfg.run.resource_table, run_id=run_id,
     )  # fmt: skip
     write_artifacts = stages.WriteArtifactsFn(
         output_root=root, model=model, parameter_hash=p_hash, params=params,
@@ -61,12 +63,19 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
 
     written.resource | "WriteResourceTable" >> WriteTable("resource", root, run_id)
     written.search | "WriteSearchTable" >> WriteTable("search", root, run_id)
-    failures = [found.failed | "EnumerateFailures" >> beam.Map(stages.folder_failure_row, run_id)]
+    # Each branch passes the breaker where its failures arise (fused with the failing stage).
+    threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
+    failures = [
+        found.failed
+        | "EnumerateFailures" >> beam.Map(stages.folder_failure_row, run_id)
+        | "EnumerateBreaker" >> beam.Map(breaker.check_failure_row, run_id, *threshold)
+    ]
     for stage, result in [("plan", planned), ("read", read), ("cluster", clustered),
                           ("write", written)]:  # fmt: skip
         failures.append(
             result.bad
             | f"{stage.title()}Failures" >> beam.Map(stages.dead_letter_row, stage, run_id)
+            | f"{stage.title()}Breaker" >> beam.Map(breaker.check_failure_row, run_id, *threshold)
         )
     (
         failures

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from apache_beam.metrics.metric import MetricsFilter
@@ -11,7 +13,9 @@ COUNTERS = [
     "pixel_frames_read",
     "pixel_source_bytes_read",
     "slides_found",
+    "enumerate_failures",
     "slides_skipped_complete",
+    "slides_to_process",
     "slides_planned",
     "patches_planned",
     "slides_written",
@@ -47,15 +51,40 @@ def collect(result: Any) -> dict[str, Any]:
     return {"counters": counters, "stage_seconds": seconds}
 
 
+def failed_slides(counters: dict[str, int]) -> tuple[int, int]:
+    """(slides that failed, slides tried): tried = not skipped as complete, including those
+    that failed before they could be filtered (enumeration)."""
+    tried = counters["slides_to_process"] + counters["enumerate_failures"]
+    return max(0, tried - counters["slides_written"]), tried
+
+
+def failure_threshold_exceeded(
+    counters: dict[str, int], max_failed_fraction: float | None, min_slides: int
+) -> str | None:
+    """A message when more than `max_failed_fraction` of at least `min_slides` tried slides
+    failed (a broken credential or store rather than bad slides), else None."""
+    failed, tried = failed_slides(counters)
+    if max_failed_fraction is None or tried < max(1, min_slides):
+        return None
+    if failed / tried <= max_failed_fraction:
+        return None
+    return (
+        f"{failed} of {tried} slides failed ({failed / tried:.0%}), more than "
+        f"run.max_failed_fraction = {max_failed_fraction:.0%}: check credentials and the pixel "
+        "source, then rerun the failures (README: Recovering from failures)"
+    )
+
+
 def render(summary: dict[str, Any], output_root: str, wall_seconds: float) -> str:
     c = summary["counters"]
+    failed, tried = failed_slides(c)
     lines = [
         "",
         "pathembed run summary",
         f"  slides found        {c['slides_found']}",
         f"  already complete    {c['slides_skipped_complete']} (skipped; --force to redo)",
         f"  slides done         {c['slides_written']}",
-        f"  failures            {c['failures']}",
+        f"  slides failed       {failed} (of {tried} tried; {c['failures']} failure rows)",
         f"  patches embedded    {c['patches_embedded']} (of {c['patches_planned']} planned)",
         f"  remote pixel reads  {c['pixel_source_requests']} requests, "
         f"{c['pixel_frames_read']} frames, {c['pixel_source_bytes_read'] / 1e6:.1f} MB",
@@ -70,4 +99,17 @@ def render(summary: dict[str, Any], output_root: str, wall_seconds: float) -> st
     ]
     if c["failures"]:
         lines.append(f"  see why: {output_root}/tables/failures/ (reason_code, message)")
+        lines.append(f"  rerun:   pathembed rerun --failures {output_root}/tables/failures ...")
     return "\n".join(lines)
+
+
+def write_run_summary(output_root: str, run_id: str, collected: dict[str, Any]) -> str:
+    """Writes {output_root}/runs/{run_id}.json (local path or gs://) and returns its path."""
+    from apache_beam.io.filesystems import FileSystems
+
+    path = FileSystems.join(output_root.rstrip("/"), "runs", f"{run_id}.json")
+    if "://" not in output_root:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps({"run_id": run_id, **collected}, indent=1).encode())
+    return path

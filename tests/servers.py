@@ -70,11 +70,12 @@ def require_orthanc() -> None:
 
 
 @contextlib.contextmanager
-def orthanc(workdir: Path) -> Iterator[str]:
-    """A private Orthanc; yields its DICOMweb base URL (http://127.0.0.1:PORT/dicom-web)."""
+def orthanc(workdir: Path, port: int | None = None) -> Iterator[str]:
+    """A private Orthanc; yields its DICOMweb base URL (http://127.0.0.1:PORT/dicom-web).
+    Started again with the same workdir and port, it serves what was stored before."""
     require_orthanc()
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     config = {
         "Name": "pathembed-test",
         "HttpPort": port,

@@ -99,14 +99,16 @@ def test_pixel_reads_authenticate_as_the_source_says(store, local_record, monkey
     `google` makes the reader ask Application Default Credentials (here pointed at a missing
     file, so it fails saying so), `none` reads without credentials."""
     (record,) = _enumerate(store)
-    tagged = sources._tagged(record, "google")
+    [tagged] = sources._tagged(record, frozenset(), "google")
     assert tagged.dicomweb_auth == "google" and tagged.files == record.files
-    assert sources._tagged(local_record, "google").dicomweb_auth == "auto"  # local files
+    [local] = sources._tagged(local_record, frozenset(), "google")
+    assert local.dicomweb_auth == "auto"  # local files: no DICOMweb
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
     patches.open_slide.cache_clear()
     with pytest.raises(Exception, match=r"no-such-key\.json"):
         plan_slide(tagged, PlanParams())
     patches.open_slide.cache_clear()
-    plan, _ = plan_slide(sources._tagged(record, "none"), PlanParams())
+    [anonymous] = sources._tagged(record, frozenset(), "none")
+    plan, _ = plan_slide(anonymous, PlanParams())
     assert len(plan.coords) > 0
     patches.open_slide.cache_clear()

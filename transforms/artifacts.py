@@ -5,7 +5,10 @@ slide_thumbnail_mask.jpeg, slide_embedding.npy, slide_embedding_coord.npy,
 embeddings_500_cluster_centroid.npy, embeddings_500_labels.npy}. Files go through Beam
 `FileSystems` (local paths now, gs:// later), each written under a temporary name and renamed;
 the completion marker `_COMPLETE.json` is removed first and written last, so a slide is never
-marked complete while any of its files is stale or half-written.
+marked complete while any of its files is stale or half-written. A slide counts as done only
+when the run named in its marker also committed its tables (`{output_root}/runs/{run_id}.json`,
+written when a run finishes): a slide written by a run that was killed before its table rows
+were written is done again, so every slide ends with one set of files and of rows.
 """
 
 from __future__ import annotations
@@ -142,11 +145,31 @@ def write_artifacts(
         _write(temporary[uri], data)
     FileSystems.rename(list(temporary.values()), list(temporary.keys()))
     _write(paths.complete_marker, json_bytes(marker))
+    # Temporaries of a killed run would otherwise stay. This run's own names are left alone:
+    # a concurrent attempt at the same bundle (a retry) may still be renaming them.
+    found = FileSystems.match([FileSystems.join(paths.directory, "*.tmp-*")])[0].metadata_list
+    stale = [m.path for m in found if not m.path.endswith(f".tmp-{run_id}")]
+    if stale:
+        FileSystems.delete(stale)
+
+
+def completion_marker(paths: ArtifactPaths) -> dict[str, Any] | None:
+    """The completion marker of a completed slide (parameter_hash, instance_hash, run_id, ...),
+    or None when it is not complete."""
+    if not FileSystems.exists(paths.complete_marker):
+        return None
+    with FileSystems.open(paths.complete_marker) as handle:
+        return json.loads(handle.read())
+
+
+def run_committed(output_root: str, run_id: str | None) -> bool:
+    """True when run `run_id` finished and wrote its tables (its run summary exists)."""
+    if not run_id:
+        return False
+    return FileSystems.exists(FileSystems.join(output_root.rstrip("/"), "runs", f"{run_id}.json"))
 
 
 def completed_parameter_hash(paths: ArtifactPaths) -> str | None:
     """The parameter hash of a completed slide, or None when it is not complete."""
-    if not FileSystems.exists(paths.complete_marker):
-        return None
-    with FileSystems.open(paths.complete_marker) as handle:
-        return json.loads(handle.read()).get("parameter_hash")
+    marker = completion_marker(paths)
+    return None if marker is None else marker.get("parameter_hash")

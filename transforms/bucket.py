@@ -44,6 +44,8 @@ from ez_wsi_dicomweb import (
 )
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
+from transforms import retry
+
 _LOG = logging.getLogger(__name__)
 
 HEADER_BLOCK = 64 * 1024  # header reads are whole blocks of this size
@@ -150,6 +152,16 @@ def split_bucket_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+_GCS_TIMEOUT = (retry.CONNECT_TIMEOUT_SECONDS, retry.READ_TIMEOUT_SECONDS)
+
+
+def _gcs_error(uri: str, exc: Exception) -> Exception:
+    """transient_http once google-api-core's retries are spent, else an OSError (read_error)."""
+    if retry.is_transient(exc):
+        return retry.transient_http(f"GCS {uri}", exc)
+    return OSError(f"{uri}: {exc}")
+
+
 class GcsSource(ByteSource):
     def __init__(self, uri: str, stats: IoStats | None = None):
         super().__init__(uri, stats)
@@ -162,9 +174,9 @@ class GcsSource(ByteSource):
 
         if self._size is None:
             try:
-                self._blob.reload()
+                self._blob.reload(timeout=_GCS_TIMEOUT, retry=retry.gcs_retry())
             except exceptions.GoogleAPIError as exc:
-                raise OSError(f"{self.uri}: {exc}") from exc
+                raise _gcs_error(self.uri, exc) from exc
             self._size = int(self._blob.size)
         return self._size
 
@@ -172,9 +184,12 @@ class GcsSource(ByteSource):
         from google.api_core import exceptions
 
         try:
-            return self._blob.download_as_bytes(start=start, end=end - 1, checksum=None)
+            return self._blob.download_as_bytes(
+                start=start, end=end - 1, checksum=None, timeout=_GCS_TIMEOUT,
+                retry=retry.gcs_retry(),
+            )  # fmt: skip
         except exceptions.GoogleAPIError as exc:
-            raise OSError(f"{self.uri}: {exc}") from exc
+            raise _gcs_error(self.uri, exc) from exc
 
 
 class HttpSource(ByteSource):
@@ -187,21 +202,25 @@ class HttpSource(ByteSource):
             self._url = S3_ENDPOINT.format(bucket=bucket, key=urllib.parse.quote(key))
         else:
             self._url = uri
-        self._session = requests.Session()
+        self._session = retry.http_session()
         self._size: int | None = None
+
+    def _request(self, method: str, **kwargs) -> requests.Response:
+        what = f"{method} {self._url}"
+        try:
+            response = self._session.request(method, self._url, **kwargs)
+        except requests.RequestException as exc:  # retries spent (connection, timeout)
+            raise retry.transient_http(what, exc) from exc
+        return retry.raise_for_status(response, what)
 
     def size(self) -> int:
         if self._size is None:
-            response = self._session.head(self._url, timeout=60, allow_redirects=True)
-            response.raise_for_status()
+            response = self._request("HEAD", allow_redirects=True)
             self._size = int(response.headers["Content-Length"])
         return self._size
 
     def _read(self, start: int, end: int) -> bytes:
-        response = self._session.get(
-            self._url, headers={"Range": f"bytes={start}-{end - 1}"}, timeout=300
-        )
-        response.raise_for_status()
+        response = self._request("GET", headers={"Range": f"bytes={start}-{end - 1}"})
         if response.status_code != 206 and not (start == 0 and len(response.content) <= end):
             raise OSError(f"{self._url} ignored the Range header (HTTP {response.status_code})")
         return response.content

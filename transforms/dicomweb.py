@@ -32,13 +32,16 @@ from ez_wsi_dicomweb import (
     credential_factory,
     dicom_slide,
     dicom_web_interface,
+    ez_wsi_errors,
     ez_wsi_logging_factory,
     local_dicom_slide_cache_types,
 )
 from ez_wsi_dicomweb.ml_toolkit import dicom_path
 from requests_toolbelt.multipart import decoder
 
+from transforms import retry
 from transforms.bucket import level_frames_by_instance, log_fetch, region_frame_numbers
+from transforms.errors import SlideError
 
 _LOG = logging.getLogger(__name__)
 _EZ_WSI_LOGGER = "ez_wsi_dicomweb.frame_cache"  # ez-wsi logs every cache fill at INFO
@@ -91,8 +94,8 @@ class DicomWebClient:
     def __init__(self, base_url: str, auth: str = "auto"):
         self.base_url = base_url.rstrip("/")
         self.auth = auth
-        self.dwi = dicom_web_interface.DicomWebInterface(credentials_for(self.base_url, auth))
-        self._session = requests.Session()
+        self.dwi = RetryingDicomWebInterface(credentials_for(self.base_url, auth))
+        self._session = retry.http_session()
 
     def __getstate__(self):
         return {"base_url": self.base_url, "auth": self.auth}
@@ -103,11 +106,12 @@ class DicomWebClient:
     def _get(self, path: str, accept: str, **params: Any) -> requests.Response:
         headers = {"Accept": accept}
         self.dwi.credentials().apply(headers)
-        response = self._session.get(
-            f"{self.base_url}/{path}", headers=headers, params=params or None, timeout=300
-        )
-        response.raise_for_status()
-        return response
+        url = f"{self.base_url}/{path}"
+        try:
+            response = self._session.get(url, headers=headers, params=params or None)
+        except requests.RequestException as exc:  # retries spent (connection, timeout)
+            raise retry.transient_http(f"DICOMweb GET {url}", exc) from exc
+        return retry.raise_for_status(response, f"DICOMweb GET {url}")
 
     def search_series(self, modality: str = "SM", page: int = QIDO_PAGE) -> Iterator[dict]:
         """QIDO-RS series of a modality, paged with limit/offset."""
@@ -189,6 +193,64 @@ def metadata_dataset(tags: dict) -> pydicom.Dataset:
 # ---------------------------------------------------------------------------------------------
 # Pixels
 # ---------------------------------------------------------------------------------------------
+
+
+class RetryingDicomWebInterface(dicom_web_interface.DicomWebInterface):
+    """ez-wsi's DICOMweb interface with this project's retry policy on its frame requests.
+
+    ez-wsi sends frame requests with `requests.get` and no timeout, and its frame cache gives
+    up on a failed batch silently; the two methods below are where all frame bytes of a
+    slide come from, so they go through `retry.http_session()` instead. A batch that still
+    fails is left to ez-wsi (it reads the frames again one by one); a single frame that still
+    fails ends the read with `transient_http` (429/5xx/connection/timeout) or ez-wsi's HTTP
+    error (404, ...: permanent, `read_error`).
+    """
+
+    _FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._session = retry.http_session()
+
+    def _get_retrying(self, url: str, accept: str) -> requests.Response:
+        headers = {"Accept": accept}
+        self.credentials().apply(headers)
+        try:
+            response = self._session.get(url, headers=headers)
+        except requests.RequestException as exc:
+            raise retry.transient_http(f"DICOMweb GET {url}", exc) from exc
+        try:
+            return retry.raise_for_status(response, f"DICOMweb GET {url}")
+        except requests.HTTPError as exc:
+            ez_wsi_errors.raise_ez_wsi_http_exception(f"DICOMweb GET {url}", exc)
+
+    def _get_download_instance_frame_list_untranscoded_core_request(self, query: str):
+        try:
+            return self._get_retrying(query, self._FRAMES_ACCEPT)
+        except SlideError as exc:  # ez-wsi's cache thread catches only its own errors
+            raise ez_wsi_errors.HttpError(str(exc)) from exc
+
+    def download_instance(
+        self, instance_path, transfer_syntax: str, output_stream, chunk_size=None, retry=True
+    ) -> None:
+        """A whole instance (ez-wsi's cache reads small instances so)."""
+        accept = f"application/dicom; transfer-syntax={transfer_syntax}"
+        try:
+            output_stream.write(self._get_retrying(instance_path.complete_url, accept).content)
+        except SlideError as exc:  # ez-wsi's cache thread catches only its own errors
+            raise ez_wsi_errors.HttpError(str(exc)) from exc
+
+    def get_frame_image(self, instance_path, frame_index: int, transcode_frame) -> bytes:
+        url = self._make_api_url(instance_path, f"frames/{frame_index}")
+        accept = (
+            'multipart/related; type="application/octet-stream"; '
+            f"transfer-syntax={transcode_frame.value}"
+        )
+        response = self._get_retrying(url, accept)
+        parts = decoder.MultipartDecoder.from_response(response).parts
+        if len(parts) != 1:
+            raise ez_wsi_errors.HttpError(f"{url}: {len(parts)} parts, expected one frame")
+        return parts[0].content
 
 
 class BatchedDicomSlide(dicom_slide.DicomSlide):
@@ -273,8 +335,10 @@ def open_dicomweb_slide(uris: Sequence[str], auth: str = "auto") -> BatchedDicom
         logging_factory=ez_wsi_logging_factory.BasePythonLoggerFactory(_EZ_WSI_LOGGER),
     )
     slide.icc_profile, slide.client = icc_profile, client
-    slide.init_slide_frame_cache(
+    cache = slide.init_slide_frame_cache(
         max_cache_frame_memory_lru_cache_size_bytes=FRAME_CACHE_BYTES,
         optimization_hint=local_dicom_slide_cache_types.CacheConfigOptimizationHint.MINIMIZE_DICOM_STORE_QPM,
     )
+    # The cache makes its own plain DicomWebInterface from the credentials; give it ours.
+    cache._dicom_web_interface = RetryingDicomWebInterface(client.dwi.credential_factory)
     return slide

@@ -140,31 +140,51 @@ def _is_csv(path: str) -> bool:
     return path.lower().endswith(".csv")
 
 
+def _json_rows(handle) -> Iterator[dict | Exception]:
+    for line in handle:
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield exc
+                continue
+            yield row if isinstance(row, dict) else TypeError("a line is not a JSON object")
+
+
+def _uuid_or_none(value: Any) -> str | None:
+    try:
+        return validate_uuid(str(value))
+    except SlideError:
+        return None  # never put an invalid value where a UUID goes (failure rows, paths)
+
+
 def parse_manifest(path: str) -> Iterator[SlideRecord | FolderFailure]:
-    """Records of a .jsonl (or .json lines) or .csv manifest; a bad line becomes a failure."""
+    """Records of a .jsonl (or .json lines) or .csv manifest; a bad line becomes a failure
+    (invalid_uuid, no_pixel_spacing, or malformed_manifest_row) and the rest are read on."""
     with _open(path, "r") as handle:
-        rows: Iterable[dict] = (
-            csv.DictReader(handle)
-            if _is_csv(path)
-            else (json.loads(line) for line in handle if line.strip())
+        rows: Iterable[dict | Exception] = (
+            csv.DictReader(handle) if _is_csv(path) else _json_rows(handle)
         )
         for number, row in enumerate(rows, start=1):
+            where = f"manifest {path} line {number}"
+            if isinstance(row, Exception):
+                error = SlideError(ReasonCode.MALFORMED_MANIFEST_ROW, f"{where}: {row}")
+                yield FolderFailure(None, None, error)
+                continue
             try:
                 yield record_from_row(row)
             except (SlideError, ValueError, KeyError, TypeError) as exc:
-                error = (
-                    exc
-                    if isinstance(exc, SlideError)
-                    else SlideError(
-                        ReasonCode.INVALID_UUID
-                        if "UUID" in str(exc)
-                        else ReasonCode.INTERNAL_ERROR,
-                        f"manifest {path} line {number}: {type(exc).__name__}: {exc}",
+                if isinstance(exc, SlideError):
+                    error = SlideError(exc.reason, f"{where}: {exc.message}")
+                else:
+                    error = SlideError(
+                        ReasonCode.MALFORMED_MANIFEST_ROW,
+                        f"{where}: {type(exc).__name__}: {exc}",
                     )
-                )
+                series = row.get("series_instance_uid")
                 yield FolderFailure(
-                    str(row.get("instance_uuid") or ""),
-                    str(row.get("series_instance_uid") or ""),
+                    _uuid_or_none(row.get("instance_uuid")),
+                    str(series) if series else None,
                     error,
                 )
 

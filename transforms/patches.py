@@ -52,7 +52,10 @@ def slide_errors(what: str) -> Iterator[None]:
     try:
         yield
     except ez_wsi_errors.UnsupportedTransferSyntaxError as exc:
-        raise SlideError(ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX, f"{what}: {exc}") from exc
+        # ez-wsi raises this also for a frame that does not decode in a supported syntax.
+        corrupt = "decoding frame bytes" in str(exc)
+        reason = ReasonCode.DECODE_ERROR if corrupt else ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX
+        raise SlideError(reason, f"{what}: {exc}") from exc
     except (
         ez_wsi_errors.HttpTooManyRequestsError,
         ez_wsi_errors.HttpServiceUnavailableError,
@@ -62,7 +65,10 @@ def slide_errors(what: str) -> Iterator[None]:
     ) as exc:
         raise SlideError(ReasonCode.TRANSIENT_HTTP, f"{what}: {exc}") from exc
     except (ez_wsi_errors.EZWsiError, OSError) as exc:
-        raise SlideError(ReasonCode.READ_ERROR, f"{what}: {exc}") from exc
+        # PIL reports a truncated JPEG frame as an OSError.
+        corrupt = "image file is truncated" in str(exc)
+        reason = ReasonCode.DECODE_ERROR if corrupt else ReasonCode.READ_ERROR
+        raise SlideError(reason, f"{what}: {exc}") from exc
     except (cv2.error, ValueError) as exc:
         raise SlideError(ReasonCode.DECODE_ERROR, f"{what}: {exc}") from exc
 

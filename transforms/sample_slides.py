@@ -52,7 +52,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
-__all__ = ["SAMPLES", "SampleSpec", "sample_uids", "write_sample_slide", "write_samples"]
+__all__ = [
+    "SAMPLES",
+    "SampleSpec",
+    "sample_uids",
+    "write_sample_slide",
+    "write_samples",
+    "write_slide",
+]
 
 VL_WSI_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.77.1.6"
 FRAME_SIZE = 256
@@ -870,7 +877,13 @@ def write_sample_slide(out_dir: pathlib.Path, name: str) -> list[pathlib.Path]:
     their paths (finest level first)."""
     if name not in SAMPLES:
         raise KeyError(f"unknown sample {name!r}; known: {sorted(SAMPLES)}")
-    spec = SAMPLES[name]
+    return write_slide(out_dir, SAMPLES[name])
+
+
+def write_slide(out_dir: pathlib.Path, spec: SampleSpec) -> list[pathlib.Path]:
+    """Writes the slide of any spec (e.g. a tiny one for a test) into out_dir/spec.name/; its
+    UIDs derive from spec.name, so distinct names give distinct slides."""
+    name = spec.name
     slide_dir = pathlib.Path(out_dir) / name
     slide_dir.mkdir(parents=True, exist_ok=True)
     paths = []

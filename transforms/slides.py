@@ -46,6 +46,9 @@ _HEADER_TAGS = [
     "Columns",
     "SharedFunctionalGroupsSequence",
     "ContainerIdentifier",
+    "NumberOfOpticalPaths",
+    "TotalPixelMatrixFocalPlanes",
+    "OpticalPathSequence",
 ]
 
 
@@ -116,10 +119,11 @@ _spacing = spacing_of  # the folder source's old name
 
 @dataclass(frozen=True)
 class FolderFailure:
-    """A series found by a source that cannot become a SlideRecord."""
+    """A series found by a source that cannot become a SlideRecord (UUID and series UID are
+    None when the source did not give valid ones, e.g. a malformed manifest row)."""
 
-    instance_uuid: str
-    series_instance_uid: str
+    instance_uuid: str | None
+    series_instance_uid: str | None
     error: SlideError
 
 
@@ -139,6 +143,55 @@ def level_info(ds: pydicom.Dataset) -> LevelInfo:
         frame_width=int(ds.Columns),
         frame_height=int(ds.Rows),
     )
+
+
+def transfer_syntax_of(ds: pydicom.Dataset) -> str | None:
+    """The instance's TransferSyntaxUID (file meta, or DICOMweb metadata), None if unknown."""
+    meta = getattr(ds, "file_meta", None)
+    value = (meta.get("TransferSyntaxUID") if meta is not None else None) or ds.get(
+        "TransferSyntaxUID"
+    )
+    return str(value) if value else None
+
+
+def _unsupported(volume: Sequence[pydicom.Dataset]) -> SlideError | None:
+    """Why these pyramid instances cannot be read as one brightfield image, or None.
+
+    Several optical paths (fluorescence channels) or focal planes (z-stacks) are rejected
+    rather than guessed between; so is a transfer syntax ez-wsi cannot decode.
+    """
+    from ez_wsi_dicomweb import dicom_frame_decoder, local_dicom_slide_cache
+
+    paths = set()
+    for ds in volume:
+        sop = ds.get("SOPInstanceUID")
+        planes = int(ds.get("TotalPixelMatrixFocalPlanes", 1) or 1)
+        n_paths = int(ds.get("NumberOfOpticalPaths", 1) or 1)
+        if planes > 1 or n_paths > 1:
+            return SlideError(
+                ReasonCode.MULTIPLE_PLANES,
+                f"instance {sop} has {n_paths} optical paths and {planes} focal planes; only "
+                "single-plane brightfield pyramids are embedded",
+            )
+        paths.update(str(p.get("OpticalPathIdentifier")) for p in ds.get("OpticalPathSequence", []))
+        syntax = transfer_syntax_of(ds)
+        if not (
+            syntax is None
+            or syntax in local_dicom_slide_cache.UNENCAPSULATED_TRANSFER_SYNTAXES
+            or dicom_frame_decoder.can_decompress_dicom_transfer_syntax(syntax)
+        ):
+            return SlideError(
+                ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX,
+                f"instance {sop} is stored in transfer syntax {syntax}, which the frame decoder "
+                "(ez-wsi-dicomweb) cannot decode",
+            )
+    if len(paths) > 1:
+        return SlideError(
+            ReasonCode.MULTIPLE_PLANES,
+            f"the series' pyramid instances hold {len(paths)} optical paths {sorted(paths)}; "
+            "only single-plane brightfield pyramids are embedded",
+        )
+    return None
 
 
 def build_record(
@@ -206,24 +259,39 @@ def record_from_headers(
 ) -> SlideRecord | FolderFailure:
     """The record of one series from its instances' (URI, header) pairs; non-VOLUME
     instances (label, overview, thumbnail) are ignored."""
+    known_uuids = extra.get("instance_uuids") or {}
+
+    def failure_uuid(sop: str) -> str:
+        """The UUID a failure row of this series carries: the source's (IDC) or uuid5."""
+        if sop in known_uuids:
+            return validate_uuid(known_uuids[sop])
+        return local_instance_uuid(sop) if _UID_RE.match(sop) else local_instance_uuid("0")
+
     volume = [(uri, ds) for uri, ds in instances if is_volume(ds)]
     try:
         levels = [level_info(ds) for _, ds in volume]
     except (AttributeError, TypeError, ValueError) as exc:
-        sop = str(instances[0][1].get("SOPInstanceUID", "0"))
         return FolderFailure(
-            local_instance_uuid(sop) if _UID_RE.match(sop) else local_instance_uuid("0"),
+            failure_uuid(str(instances[0][1].get("SOPInstanceUID", "0"))),
             series_uid,
             SlideError(ReasonCode.READ_ERROR, f"incomplete WSI header: {exc}"),
         )
     study_uid = str((volume or instances)[0][1].StudyInstanceUID)
     if not levels:
-        sop = str(instances[0][1].SOPInstanceUID)
+        kinds = sorted({"/".join(map(str, ds.get("ImageType", []))) for _, ds in instances})
         return FolderFailure(
-            local_instance_uuid(sop),
+            failure_uuid(str(instances[0][1].SOPInstanceUID)),
             series_uid,
-            SlideError(ReasonCode.NO_PYRAMID, "the series has no pyramid (VOLUME) levels"),
+            SlideError(
+                ReasonCode.NO_PYRAMID,
+                f"the series has no pyramid (VOLUME) levels, only image types {kinds} "
+                "(e.g. a label or overview series)",
+            ),
         )
+    unsupported = _unsupported([ds for _, ds in volume])
+    if unsupported is not None:
+        finest = max(levels, key=lambda lv: lv.width * lv.height).sop_instance_uid
+        return FolderFailure(failure_uuid(finest), series_uid, unsupported)
     return build_record(
         study_uid=study_uid,
         series_uid=series_uid,

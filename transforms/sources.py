@@ -32,15 +32,18 @@ from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder
 _LOG = logging.getLogger(__name__)
 
 
-def _tagged(item, dicomweb_auth: str) -> object:
+def _tagged(item, uuids: frozenset[str], dicomweb_auth: str) -> Iterator[object]:
     """A found slide on the main output (its DICOMweb reads set to authenticate as
-    source.dicomweb_auth says), a failure on 'failed'; counted either way."""
+    source.dicomweb_auth says), a failure on 'failed' (unless other slides were asked for);
+    counted either way."""
     Metrics.counter("pathembed", "slides_found").inc()
-    if isinstance(item, FolderFailure):
-        return beam.pvalue.TaggedOutput("failed", item)
-    if item.dicomweb_url and item.dicomweb_auth != dicomweb_auth:
-        return dataclasses.replace(item, dicomweb_auth=dicomweb_auth)
-    return item
+    if not isinstance(item, FolderFailure):
+        if item.dicomweb_url and item.dicomweb_auth != dicomweb_auth:
+            item = dataclasses.replace(item, dicomweb_auth=dicomweb_auth)
+        yield item
+    elif not uuids or item.instance_uuid in uuids:
+        Metrics.counter("pathembed", "enumerate_failures").inc()
+        yield beam.pvalue.TaggedOutput("failed", item)
 
 
 def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tuple[str, str]]:
@@ -61,7 +64,10 @@ def _series_failure(series_uid: str, exc: Exception) -> FolderFailure:
         fallback = local_instance_uuid(series_uid)
     except ValueError:
         fallback = local_instance_uuid("0")
-    error = SlideError(ReasonCode.READ_ERROR, f"reading the series' headers: {exc!r}")
+    if isinstance(exc, SlideError):  # e.g. transient_http once the retries are spent
+        error = SlideError(exc.reason, f"reading the series' headers: {exc.message}")
+    else:
+        error = SlideError(ReasonCode.READ_ERROR, f"reading the series' headers: {exc!r}")
     return FolderFailure(fallback, series_uid, error)
 
 
@@ -184,8 +190,9 @@ class EnumerateSlides(beam.PTransform):
             found = found | "ReadThroughDicomWeb" >> beam.Map(
                 lambda r: with_dicomweb(r, url) if isinstance(r, SlideRecord) else r
             )
-        outputs = found | "Split" >> beam.Map(_tagged, src.dicomweb_auth).with_outputs(
-            "failed", main="slides"
+        outputs = found | "Split" >> beam.FlatMap(
+            _tagged, self._uuids, src.dicomweb_auth
+        ).with_outputs(            "failed", main="slides"
         )
         if src.manifest_out:
             from transforms.manifest import format_rows
@@ -218,7 +225,14 @@ def _write_text(path: str, text: str) -> None:
 
 
 class SkipDoneOrUnrequested(beam.DoFn):
-    """Keeps slides that were asked for and are not complete with these parameters."""
+    """Keeps slides that were asked for and are not complete with these parameters.
+
+    Complete: the completion marker is present, its parameter hash is this run's, its
+    instance hash is the record's (when both are known), and the run that wrote it finished
+    (its tables hold the slide's rows). With `resource_table` (new-release
+    mode) slides in that table with an unchanged instance hash are skipped without looking
+    at their markers; the table is read once per worker, in `setup`.
+    """
 
     def __init__(
         self,
@@ -229,6 +243,8 @@ class SkipDoneOrUnrequested(beam.DoFn):
         parameter_hash: str,
         uuids: frozenset[str],
         force: bool,
+        resource_table: str | None = None,
+        run_id: str | None = None,
     ):
         self._root = output_root
         self._version = dataset_version
@@ -236,16 +252,53 @@ class SkipDoneOrUnrequested(beam.DoFn):
         self._hash = parameter_hash
         self._uuids = uuids
         self._force = force
+        self._resource_table = resource_table
+        self._run_id = run_id
+        self._known: dict[str, str | None] = {}
+        self._committed: dict[str, bool] = {}
         self._skipped = Metrics.counter("pathembed", "slides_skipped_complete")
+        self._to_process = Metrics.counter("pathembed", "slides_to_process")
+
+    def setup(self) -> None:
+        if self._resource_table:
+            from transforms.reruns import known_instances
+
+            self._known = known_instances(self._resource_table)
+            _LOG.info("%d slides already in %s", len(self._known), self._resource_table)
+
+    def _run_committed(self, run_id: str | None) -> bool:
+        if run_id not in self._committed:
+            self._committed[run_id] = artifacts.run_committed(self._root, run_id)
+        return self._committed[run_id]
 
     def process(self, record: SlideRecord) -> Iterator[SlideRecord]:
         if self._uuids and record.instance_uuid not in self._uuids:
             return
+        if self._resource_table:
+            from transforms.reruns import is_unchanged
+
+            if is_unchanged(self._known, record.instance_uuid, record.instance_hash):
+                self._skipped.inc()
+                return
         if not self._force:
             paths = artifacts.ArtifactPaths.for_slide(
                 self._root, record.instance_uuid, self._version, self._n_clusters
             )
-            if artifacts.completed_parameter_hash(paths) == self._hash:
+            marker = artifacts.completion_marker(paths)
+            if (
+                marker is not None
+                and marker.get("parameter_hash") == self._hash
+                and (
+                    record.instance_hash is None
+                    or marker.get("instance_hash") in (None, record.instance_hash)
+                )
+                and self._run_committed(marker.get("run_id"))
+            ):
                 self._skipped.inc()
                 return
+        self._to_process.inc()
+        if self._run_id:
+            from transforms import breaker
+
+            breaker.note_tried(self._run_id)
         yield record

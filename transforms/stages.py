@@ -231,6 +231,7 @@ class WriteArtifactsFn(beam.DoFn):
         now = datetime.datetime.now(datetime.UTC)
         marker = {
             "parameter_hash": self._hash,
+            "instance_hash": plan.instance_md5,
             "run_id": self._run_id,
             "embedding_count": len(result.embeddings),
             "time": now.isoformat(),
@@ -255,6 +256,7 @@ class WriteArtifactsFn(beam.DoFn):
         yield {
             **identity,
             "collection": record.collection,
+            "instance_hash": plan.instance_md5,
             "metadata_uri": paths.metadata,
             "thumbnail_uri": paths.thumbnail,
             "thumbnail_mask_uri": paths.thumbnail_mask,

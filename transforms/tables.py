@@ -37,6 +37,7 @@ _UIDS = [
 RESOURCE = [
     *_UIDS,
     Column("collection", "STRING"),
+    Column("instance_hash", "STRING"),
     Column("metadata_uri", "STRING", nullable=False),
     Column("thumbnail_uri", "STRING", nullable=False),
     Column("thumbnail_mask_uri", "STRING", nullable=False),

@@ -1,0 +1,277 @@
+"""Reruns and release updates: reading failures and resource tables back, the failed-share
+threshold, the retry policy against a real local HTTP server, and `--only-new` end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import threading
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from pipeline.cli import main
+from pipeline.summary import failure_threshold_exceeded
+from tests import bad_slides
+from transforms import manifest, patches, retry
+from transforms.bucket import HttpSource
+from transforms.errors import SlideError
+from transforms.reruns import failed_slides, is_bigquery_table, is_unchanged, known_instances
+from transforms.slides import enumerate_dicom_folder
+
+A = "6fa459ea-ee8a-3ca4-894e-db77e160355e"
+B = "0d8e4f4c-9c1e-4b53-8a7e-2f0c5b0d9e11"
+
+
+def _failures(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_failed_slides_are_the_distinct_valid_uuids_of_the_failure_rows(tmp_path):
+    folder = tmp_path / "tables" / "failures"
+    row = {"stage": "plan", "message": "m", "time": None}
+    _failures(folder / "r1.parquet", [
+        {**row, "instance_uuid": A, "run_id": "r1", "reason_code": "transient_http"},
+        {**row, "instance_uuid": A, "run_id": "r1", "reason_code": "incomplete_slide"},
+        {**row, "instance_uuid": None, "run_id": "r1", "reason_code": "malformed_manifest_row"},
+        {**row, "instance_uuid": "../x", "run_id": "r1", "reason_code": "invalid_uuid"},
+    ])  # fmt: skip
+    _failures(folder / "r2.parquet", [
+        {**row, "instance_uuid": B, "run_id": "r2", "reason_code": "no_tissue"},
+    ])  # fmt: skip
+    found = failed_slides(str(folder))
+    assert found.uuids == tuple(sorted([A, B])) and found.rejected == ("../x",)
+    assert failed_slides(str(folder), run_id="r2").uuids == (B,)
+    assert failed_slides(str(folder), reasons=["transient_http"]).uuids == (A,)
+    assert failed_slides(str(folder / "r2.parquet")).uuids == (B,)
+    with pytest.raises(FileNotFoundError):
+        failed_slides(str(tmp_path / "nowhere"))
+
+
+def test_table_ids_are_told_from_paths_by_their_grammar(tmp_path):
+    assert is_bigquery_table("my-project.pathembed.failures")
+    assert not is_bigquery_table(str(tmp_path))
+    assert not is_bigquery_table("out/tables/failures")
+    assert not is_bigquery_table("p.d.t; DROP TABLE x")
+    assert not is_bigquery_table("project.dataset.t`x")
+
+
+def test_known_instances_and_unchanged_slides(tmp_path):
+    table = tmp_path / "resource.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([
+            {"instance_uuid": A, "instance_hash": "h1"},
+            {"instance_uuid": B, "instance_hash": None},
+            {"instance_uuid": "nope", "instance_hash": "h"},
+        ]),
+        table,
+    )  # fmt: skip
+    known = known_instances(str(table))
+    assert known == {A: "h1", B: None}
+    assert is_unchanged(known, A, "h1") and is_unchanged(known, A, None)
+    assert not is_unchanged(known, A, "h2")
+    assert is_unchanged(known, B, "anything")
+    assert not is_unchanged(known, "11111111-2222-3333-4444-555555555555", "h1")
+
+
+def test_the_failed_share_threshold():
+    counters = {"slides_to_process": 30, "enumerate_failures": 0, "slides_written": 10}
+    message = failure_threshold_exceeded(counters, 0.5, 20)
+    assert message and "20 of 30 slides failed" in message
+    assert failure_threshold_exceeded(counters, 0.7, 20) is None
+    assert failure_threshold_exceeded(counters, None, 20) is None
+    assert failure_threshold_exceeded(counters, 0.5, 31) is None  # too few slides to judge
+
+
+# --- retries against a real HTTP server on 127.0.0.1 ---------------------------------------
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """Serves BODY with Range support; `plan` says what each request gets."""
+
+    BODY = bytes(range(256)) * 64
+    plan: ClassVar[list[str]] = []
+    seen: ClassVar[list[str]] = []
+    auth: ClassVar[list[str | None]] = []
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, head: bool) -> None:
+        action = self.plan.pop(0) if self.plan else "ok"
+        self.seen.append(action)
+        self.auth.append(self.headers.get("Authorization"))
+        if action.startswith("sleep"):
+            time.sleep(float(action[5:]))
+        if action.isdigit():
+            self.send_response(int(action))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.BODY
+        status = 200
+        if "Range" in self.headers:
+            start, end = self.headers["Range"].removeprefix("bytes=").split("-")
+            body, status = body[int(start) : int(end) + 1], 206
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(self.BODY) if head else len(body)))
+        self.end_headers()
+        if not head:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(body)
+
+    def do_GET(self):
+        self._answer(False)
+
+    def do_HEAD(self):
+        self._answer(True)
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    monkeypatch.setattr(retry, "BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr(retry, "READ_TIMEOUT_SECONDS", 0.5)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Flaky.plan, _Flaky.seen, _Flaky.auth = [], [], []
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/slide.dcm"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_transient_statuses_and_timeouts_are_retried(flaky):
+    _Flaky.plan = ["503", "429", "sleep1.5", "502"]
+    source = HttpSource(flaky)
+    assert source.read(100, 200) == _Flaky.BODY[100:200]
+    assert _Flaky.seen == ["503", "429", "sleep1.5", "502", "ok"]
+
+
+def test_retries_are_bounded_and_end_in_transient_http(flaky):
+    _Flaky.plan = ["503"] * 20
+    with pytest.raises(SlideError) as failure:
+        HttpSource(flaky).read(0, 10)
+    assert failure.value.reason == "transient_http"
+    assert "HTTP 503" in failure.value.message
+    assert len(_Flaky.seen) == retry.RETRIES + 1
+
+
+def test_a_permanent_error_is_not_retried(flaky):
+    _Flaky.plan = ["404", "ok"]
+    with pytest.raises(requests.HTTPError):
+        HttpSource(flaky).read(0, 10)
+    assert _Flaky.seen == ["404"]
+
+
+def test_a_refused_connection_is_transient(monkeypatch):
+    from tests.servers import free_port
+
+    monkeypatch.setattr(retry, "BACKOFF_SECONDS", 0.01)
+    with pytest.raises(SlideError) as failure:
+        HttpSource(f"http://127.0.0.1:{free_port()}/x.dcm").read(0, 10)
+    assert failure.value.reason == "transient_http"
+
+
+# --- new IDC release ---------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_only_new_processes_new_and_changed_slides(tmp_path):
+    """Release 1 has slides A and C; release 2 has A with a new instance hash, C unchanged
+    and a new slide B. `--only-new` embeds A and B and skips C."""
+    slides = tmp_path / "slides"
+    records = {}
+    for name, seed in [("a", 1), ("b", 2), ("c", 3)]:
+        (records[name],) = enumerate_dicom_folder(bad_slides.tiny_slide(slides, name, seed))
+
+    def release(path: Path, hashes: dict[str, str]) -> str:
+        rows = [
+            type(records[n])(**{**records[n].__dict__, "instance_hash": h})
+            for n, h in hashes.items()
+        ]
+        manifest.write_manifest(rows, str(path))
+        return str(path)
+
+    out = tmp_path / "out"
+
+    def run(listed: str, *flags: str) -> dict:
+        patches.open_slide.cache_clear()
+        before = set((out / "runs").glob("*.json")) if (out / "runs").exists() else set()
+        code = main([
+            "run", "--source", "manifest", "--input", listed, "--output-root", str(out),
+            "--model", "stub-tiny", "--set", f"model.cache_dir={tmp_path / 'models'}",
+            "--log-level", "WARNING", *flags,
+        ])  # fmt: skip
+        assert code == 0
+        (new,) = set((out / "runs").glob("*.json")) - before
+        return json.loads(new.read_text())["counters"]
+
+    first = run(release(tmp_path / "v1.jsonl", {"a": "a1", "c": "c1"}))
+    assert first["slides_written"] == 2
+    second = run(release(tmp_path / "v2.jsonl", {"a": "a2", "b": "b1", "c": "c1"}), "--only-new")
+    assert second["slides_written"] == 2 and second["slides_skipped_complete"] == 1
+    resource = pq.read_table(out / "tables" / "resource").to_pylist()
+    rows = sorted((r["instance_uuid"], r["instance_hash"]) for r in resource)
+    uuid = {n: r.instance_uuid for n, r in records.items()}
+    assert rows == sorted([
+        (uuid["a"], "a1"), (uuid["c"], "c1"), (uuid["a"], "a2"), (uuid["b"], "b1"),
+    ])  # fmt: skip
+    marker = json.loads((out / uuid["a"] / "path_foundation" / "v1" / "_COMPLETE.json").read_text())
+    assert marker["instance_hash"] == "a2"
+    # Without --only-new, the markers say the same: A is redone only when its hash changes.
+    third = run(release(tmp_path / "v3.jsonl", {"a": "a2", "b": "b1", "c": "c1"}))
+    assert third["slides_written"] == 0 and third["slides_skipped_complete"] == 3
+    assert np.load(out / uuid["b"] / "path_foundation" / "v1" / "slide_embedding.npy").size
+
+
+def test_gcs_errors_after_retries_are_transient_or_permanent():
+    from google.api_core import exceptions
+
+    from transforms.bucket import _gcs_error
+
+    transient = _gcs_error("gs://b/o", exceptions.ServiceUnavailable("down"))
+    assert isinstance(transient, SlideError) and transient.reason == "transient_http"
+    assert isinstance(_gcs_error("gs://b/o", exceptions.TooManyRequests("slow down")), SlideError)
+    permanent = _gcs_error("gs://b/o", exceptions.NotFound("gone"))
+    assert isinstance(permanent, OSError) and "gs://b/o" in str(permanent)
+
+
+def test_a_stale_temporary_of_a_killed_run_is_removed(tmp_path):
+    from transforms import artifacts
+
+    paths = artifacts.ArtifactPaths.for_slide(str(tmp_path), A, "v1", 500)
+    Path(paths.directory).mkdir(parents=True)
+    Path(f"{paths.embeddings}.tmp-killed-run").write_bytes(b"half")
+    artifacts.write_artifacts(paths, {paths.embeddings: b"x", paths.metadata: b"{}"}, {}, "r2")
+    assert sorted(p.name for p in Path(paths.directory).iterdir()) == sorted(
+        ["slide_embedding.npy", "metadata.json", artifacts.COMPLETE_MARKER]
+    )
+
+
+def test_credentials_are_sent_but_never_written_to_messages_or_logs(flaky, monkeypatch, caplog):
+    from ez_wsi_dicomweb import credential_factory
+
+    from transforms import dicomweb
+
+    secret = "ya29.SECRET-TOKEN"
+    monkeypatch.setattr(
+        dicomweb, "credentials_for",
+        lambda *_: credential_factory.TokenPassthroughCredentialFactory(secret),
+    )  # fmt: skip
+    _Flaky.plan = ["503"] * 20
+    client = dicomweb.DicomWebClient(flaky.removesuffix("/slide.dcm"), "google")
+    with caplog.at_level("DEBUG"), pytest.raises(SlideError) as failure:
+        client.series_metadata("1.2.3", "1.2.3.4")
+    assert _Flaky.auth[0] == f"Bearer {secret}"
+    assert failure.value.reason == "transient_http"
+    assert secret not in str(failure.value) and secret not in caplog.text
