@@ -153,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     cfg = load_config(args.config, overrides)
     try:
         cfg.source.validate()
+        cfg.tables.validate()
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     return cfg
@@ -210,6 +211,12 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     dag.build(pipeline, cfg, handler, run_id)
     result = pipeline.run()
     result.wait_until_finish()
+    if cfg.tables.sink == "bigquery":  # this run's staging tables -> the final tables
+        from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+        from transforms.bigquery_sink import merge_run
+
+        merge_run(cfg.tables, run_id, project=options.view_as(GoogleCloudOptions).project)
     collected = summary.collect(result)
     print(summary.render(collected, cfg.output_root, time.perf_counter() - started))
     runs = Path(cfg.output_root) / "runs"
@@ -250,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(args, rest)
 
 
+from pipeline.launch import add_launch_parser  # noqa: E402 (kept beside the list it extends)
 from pipeline.search_cli import (  # noqa: E402 (kept beside the list it extends)
     add_fetch_parser,
     add_index_parser,
@@ -267,4 +275,5 @@ SUBCOMMANDS = [
     add_lookup_parser,
     add_fetch_parser,
     add_show_parser,
+    add_launch_parser,
 ]
