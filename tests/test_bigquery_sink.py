@@ -231,3 +231,12 @@ def test_the_merge_sql_is_one_transaction_then_drops():
     assert all(begin < sql.index(f"INSERT INTO `{t}`") < commit for t in run.final.values())
     assert all(sql.index(f"DROP TABLE `{t}`") > commit for t in run.staging.values())
     assert "${" not in sql
+
+
+def test_the_bigquery_sink_needs_a_dataset(tmp_path):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit, match=r"tables\.bigquery_dataset"):
+        main(["run", "--input", str(tmp_path), "--set", "tables.sink=bigquery"])
+    with pytest.raises(SystemExit, match="parquet or bigquery"):
+        main(["run", "--input", str(tmp_path), "--set", "tables.sink=csv"])
