@@ -209,14 +209,17 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     started = time.perf_counter()
     pipeline = beam.Pipeline(runner=runner, options=options)
     dag.build(pipeline, cfg, handler, run_id)
-    result = pipeline.run()
-    result.wait_until_finish()
-    if cfg.tables.sink == "bigquery":  # this run's staging tables -> the final tables
+    if cfg.tables.sink == "bigquery":  # per-run staging tables, merged when the run is done
         from apache_beam.options.pipeline_options import GoogleCloudOptions
 
-        from transforms.bigquery_sink import merge_run
+        from transforms import bigquery_sink
 
-        merge_run(cfg.tables, run_id, project=options.view_as(GoogleCloudOptions).project)
+        project = options.view_as(GoogleCloudOptions).project
+        bigquery_sink.prepare_run(cfg.tables, run_id, project)
+    result = pipeline.run()
+    result.wait_until_finish()
+    if cfg.tables.sink == "bigquery":
+        bigquery_sink.merge_run(cfg.tables, run_id, project)
     collected = summary.collect(result)
     print(summary.render(collected, cfg.output_root, time.perf_counter() - started))
     runs = Path(cfg.output_root) / "runs"

@@ -290,7 +290,7 @@ def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
     import secrets
 
     from models.path_foundation import ModelAccessError
-    from transforms.bigquery_sink import merge_run
+    from transforms.bigquery_sink import merge_run, prepare_run
 
     cfg = config_from_launch_args(args)
     if args.merge_only:
@@ -321,6 +321,8 @@ def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"wrote {args.graph_out}")
         print("dry run: nothing submitted")
         return 0
+    if cfg.tables.sink == "bigquery":
+        prepare_run(cfg.tables, run_id, project=cfg.dataflow.project)
     result = pipeline.run()
     print(f"submitted; waiting for the job to finish (run {run_id})")
     result.wait_until_finish()

@@ -24,6 +24,7 @@ from transforms.bigquery_sink import (
     bigquery_row,
     ddl_file_text,
     merge_sql,
+    prepare_sql,
     tables_ddl,
 )
 from transforms.sinks import WriteTable
@@ -240,3 +241,16 @@ def test_the_bigquery_sink_needs_a_dataset(tmp_path):
         main(["run", "--input", str(tmp_path), "--set", "tables.sink=bigquery"])
     with pytest.raises(SystemExit, match="parquet or bigquery"):
         main(["run", "--input", str(tmp_path), "--set", "tables.sink=csv"])
+
+
+def test_before_the_job_the_staging_tables_are_made_to_expire():
+    run = RunTables.of(TablesConfig(sink="bigquery", bigquery_dataset=DATASET), "run7")
+    sql = prepare_sql(run)
+    statements = sql.split(";")
+    for kind in ("resource", "search", "failures"):
+        (final,) = [s for s in statements if f"EXISTS `{run.final[kind]}` (" in s]
+        (staging,) = [s for s in statements if f"EXISTS `{run.staging[kind]}` (" in s]
+        assert "expiration_timestamp" not in final
+        assert "INTERVAL 7 DAY" in staging
+        # The staging table has the final table's columns, in order: INSERT ... SELECT * works.
+        assert final.split("(", 1)[1].split(")")[0] == staging.split("(", 1)[1].split(")")[0]

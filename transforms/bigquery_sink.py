@@ -5,8 +5,9 @@ slides that already have rows. Each run therefore loads its rows with `WriteToBi
 (method FILE_LOADS: load jobs, no streaming buffer, so DML can follow at once) into its own
 tables `{table}_staging_{run}`, and `merge_run` then replaces, in one transaction
 (scripts/bigquery/merge_run.sql), the resource and search rows of every slide the run wrote
-and the failure rows of that run, and drops the staging tables. A run that dies before the
-merge leaves the final tables untouched; its staging tables expire after STAGING_DAYS.
+and the failure rows of that run, and drops the staging tables. `prepare_run` creates the
+staging tables, with an expiration of STAGING_DAYS, before the job starts: a run that dies
+before the merge leaves the final tables untouched and its staging tables expire.
 
 Schemas come from transforms/tables.py (the same definition as the Parquet sink); so do the
 CREATE TABLE statements (`tables_ddl`, checked in as scripts/bigquery/tables.sql). Not for
@@ -97,8 +98,9 @@ class WriteBigQueryTable(beam.PTransform):
                 self._table_id,
                 schema=bigquery_schema(columns),
                 method=beam.io.WriteToBigQuery.Method.FILE_LOADS,
+                # prepare_run created the table (with its expiration); appending keeps that.
                 create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
-                write_disposition=beam.io.BigQueryDisposition.WRITE_TRUNCATE,
+                write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
             )
         )  # fmt: skip
 
@@ -151,16 +153,32 @@ def merge_sql(run: RunTables) -> str:
     return render_sql("merge_run.sql", tables)
 
 
-def merge_run(tables_cfg: Any, run_id: str, project: str | None = None) -> str:
-    """Creates missing tables, merges this run's staging tables into the final ones, drops them.
+def prepare_sql(run: RunTables) -> str:
+    """The final tables when missing, and the run's empty staging tables (which expire)."""
+    return "\n".join([tables_ddl(run.final), tables_ddl(run.staging, STAGING_DAYS)])
 
-    Needs BigQuery credentials. Staging tables are created (empty) when missing, so a run that
-    loaded no rows into a table (e.g. no failures) merges like any other. Returns the SQL run.
-    """
+
+def _run_script(sql: str, project: str | None) -> None:
     from google.cloud import bigquery
 
+    bigquery.Client(project=project).query(sql).result()
+
+
+def prepare_run(tables_cfg: Any, run_id: str, project: str | None = None) -> str:
+    """Before the job: creates the tables it loads into (needs BigQuery credentials)."""
+    sql = prepare_sql(RunTables.of(tables_cfg, run_id))
+    _run_script(sql, project)
+    return sql
+
+
+def merge_run(tables_cfg: Any, run_id: str, project: str | None = None) -> str:
+    """After the job: merges the run's staging tables into the final ones and drops them.
+
+    Needs BigQuery credentials. The CREATE ... IF NOT EXISTS of `prepare_sql` runs first again,
+    so a run whose staging tables are gone or were never made merges as an empty run.
+    Returns the SQL it ran.
+    """
     run = RunTables.of(tables_cfg, run_id)
-    sql = "\n".join([tables_ddl(run.final), tables_ddl(run.staging, STAGING_DAYS), merge_sql(run)])
-    client = bigquery.Client(project=project)
-    client.query(sql).result()
+    sql = "\n".join([prepare_sql(run), merge_sql(run)])
+    _run_script(sql, project)
     return sql
