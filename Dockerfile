@@ -7,7 +7,10 @@
 #   docker push REGION-docker.pkg.dev/PROJECT/REPO/pathembed:0.1.0
 FROM apache/beam_python3.11_sdk:2.77.0
 
+# TF_FORCE_GPU_ALLOW_GROWTH: Dataflow runs several SDK processes per worker, each loading its
+# own model; by default TensorFlow's first process would reserve the whole GPU's memory.
 ENV TF_CPP_MIN_LOG_LEVEL=2 \
+    TF_FORCE_GPU_ALLOW_GROWTH=true \
     PIP_NO_CACHE_DIR=1 \
     HF_HOME=/opt/pathembed/huggingface
 
