@@ -80,6 +80,19 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         self._options = options or EmbedderOptions()
         self._info: ModelInfo | None = None
 
+    @classmethod
+    def from_config(cls, model: Any) -> PathFoundationModelHandler:
+        """The handler of a `pipeline.config.ModelConfig` (the `model:` config section)."""
+        return cls(
+            model.name,
+            cache_dir=model.cache_dir,
+            revision=model.revision,
+            batch_size=model.batch_size,
+            intra_op_threads=model.intra_op_threads,
+            inter_op_threads=model.inter_op_threads,
+            options=EmbedderOptions(model.precision, model.jit_compile),
+        )
+
     def model_info(self) -> ModelInfo:
         """What will be recorded as the model; needs no TensorFlow (a Hugging Face model is
         resolved, i.e. fetched or found in the cache)."""

@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from pipeline.config import PipelineConfig, load_config
+from pipeline.summary import FAILED_SHARE_EXIT
 
 _LOG = logging.getLogger("pathembed")
-FAILED_SHARE_EXIT = 3  # more than run.max_failed_fraction of the slides failed
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
@@ -177,6 +177,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     cfg = load_config(args.config, overrides)
     try:
         cfg.source.validate()
+        cfg.tables.validate()
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     return cfg
@@ -187,7 +188,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     from models.handler import PathFoundationModelHandler
-    from models.path_foundation import EmbedderOptions, ModelAccessError
+    from models.path_foundation import ModelAccessError
     from pipeline import dag, summary
     from transforms.errors import SlideError
     from transforms.slides import validate_uuid
@@ -213,15 +214,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
 
         runner = FnApiRunner()
     run_id = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
-    handler = PathFoundationModelHandler(
-        cfg.model.name,
-        cache_dir=cfg.model.cache_dir,
-        revision=cfg.model.revision,
-        batch_size=cfg.model.batch_size,
-        intra_op_threads=cfg.model.intra_op_threads,
-        inter_op_threads=cfg.model.inter_op_threads,
-        options=EmbedderOptions(cfg.model.precision, cfg.model.jit_compile),
-    )
+    handler = PathFoundationModelHandler.from_config(cfg.model)
     try:
         model = handler.model_info()
     except (ModelAccessError, ValueError) as exc:
@@ -243,6 +236,13 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     started = time.perf_counter()
     pipeline = beam.Pipeline(runner=runner, options=options)
     dag.build(pipeline, cfg, handler, run_id)
+    if cfg.tables.sink == "bigquery":  # per-run staging tables, merged when the run is done
+        from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+        from transforms import bigquery_sink
+
+        project = options.view_as(GoogleCloudOptions).project
+        bigquery_sink.prepare_run(cfg.tables, run_id, project)
     try:
         result = pipeline.run()
         result.wait_until_finish()
@@ -254,17 +254,9 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
             raise
         _LOG.error("run %s stopped: too many slides failed (see the error above)", run_id)
         return FAILED_SHARE_EXIT
-    collected = summary.collect(result)
-    print(summary.render(collected, cfg.output_root, time.perf_counter() - started))
-    # Written last: it marks the run's tables as committed (transforms/artifacts.py).
-    summary.write_run_summary(cfg.output_root, run_id, collected)
-    exceeded = summary.failure_threshold_exceeded(
-        collected["counters"], cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides
-    )
-    if exceeded:
-        _LOG.error("run %s: %s", run_id, exceeded)
-        return FAILED_SHARE_EXIT
-    return 0
+    if cfg.tables.sink == "bigquery":
+        bigquery_sink.merge_run(cfg.tables, run_id, project)
+    return summary.finish(result, cfg, run_id, time.perf_counter() - started)
 
 
 def sample_command(args: argparse.Namespace, _: list[str]) -> int:
@@ -298,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(args, rest)
 
 
+from pipeline.launch import add_launch_parser  # noqa: E402 (kept beside the list it extends)
 from pipeline.rerun import (  # noqa: E402 (kept beside the list it extends)
     add_failures_parser,
     add_rerun_parser,
@@ -321,4 +314,5 @@ SUBCOMMANDS = [
     add_lookup_parser,
     add_fetch_parser,
     add_show_parser,
+    add_launch_parser,
 ]

@@ -123,6 +123,50 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TablesConfig:
+    """Where the resource, search and failures tables go (transforms/sinks.py WriteTable)."""
+
+    sink: str = "parquet"  # parquet | bigquery
+    bigquery_dataset: str | None = None  # project.dataset
+    resource: str = "pathology_embeddings_metadata"
+    search: str = "path_foundation_500_embeddings"
+    failures: str = "pathembed_failures"
+
+    def validate(self) -> None:
+        if self.sink not in ("parquet", "bigquery"):
+            raise ValueError(f"tables.sink {self.sink!r}: parquet or bigquery")
+        if self.sink == "bigquery" and not self.bigquery_dataset:
+            raise ValueError("tables.sink bigquery needs tables.bigquery_dataset (project.dataset)")
+
+
+@dataclass(frozen=True)
+class DataflowConfig:
+    """Dataflow job options (`pathembed launch`) and the embedding step's GPU resource hint."""
+
+    project: str | None = None
+    region: str = "us-central1"
+    temp_location: str | None = None
+    staging_location: str | None = None
+    sdk_container_image: str | None = None
+    machine_type: str = "n2-standard-4"
+    max_num_workers: int = 100
+    disk_size_gb: int = 50
+    job_name: str = "pathembed"
+    gpu_type: str | None = None  # e.g. nvidia-l4; null = no GPU hint (CPU everywhere)
+    gpu_count: int = 1
+    gpu_machine_type: str | None = None  # the embedding step's workers, e.g. g2-standard-16
+
+    def embed_resource_hints(self) -> dict[str, str]:
+        """Beam resource hints for the embedding step: a GPU when gpu_type is set, else none."""
+        if not self.gpu_type:
+            return {}
+        parts = [f"type:{self.gpu_type}", f"count:{self.gpu_count}"]
+        if self.gpu_machine_type:
+            parts.append(f"machine_type:{self.gpu_machine_type}")
+        return {"accelerator": ";".join([*parts, "install-nvidia-driver"])}
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     output_root: str = "./pathembed_out"
@@ -134,6 +178,8 @@ class PipelineConfig:
     kmeans: KMeansParams = field(default_factory=KMeansParams)
     thumbnail: ThumbnailConfig = field(default_factory=ThumbnailConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    dataflow: DataflowConfig = field(default_factory=DataflowConfig)
 
     def plan_params(self) -> PlanParams:
         return PlanParams(

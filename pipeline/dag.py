@@ -1,17 +1,18 @@
 """The DAG (DESIGN.md §2), composed from transforms/: read it top to bottom.
 
-Enumerate -> SkipDone -> PlanSlide -> Reshuffle -> ReadPatches -> RunInference ->
-GroupBySlide -> ClusterSlide -> WriteArtifacts -> tables; every stage's dead letters -> failures
-(through a breaker that stops the run when most slides fail: transforms/breaker.py).
+Enumerate -> SkipDone -> PlanSlide -> Reshuffle -> Embed (ReadPatches -> RunInference, the only
+step with a GPU hint) -> GroupBySlide -> ClusterSlide -> WriteArtifacts -> tables (Parquet or
+BigQuery, tables.sink); every stage's dead letters -> failures (through a breaker that stops the
+run when most slides fail: transforms/breaker.py).
 """
 
 from __future__ import annotations
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from pipeline.config import DATASET_VERSION, PIPELINE_VERSION, PipelineConfig, parameter_hash
 from transforms import breaker, stages
+from transforms.embed import EmbedChunks
 from transforms.sinks import WriteTable
 from transforms.sources import EnumerateSlides, SkipDoneOrUnrequested
 
@@ -41,19 +42,12 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
     planned = todo | "PlanSlide" >> beam.ParDo(stages.PlanSlideFn(cfg.plan_params())).with_outputs(
         "plan", main="chunks"
     ).with_exception_handling()  # fmt: skip
-    read_patches = stages.ReadPatchesFn(cfg.grid.patch_size, cfg.color.icc_profile)
-    read = (
-        planned.chunks
-        | "Reshuffle" >> beam.Reshuffle()
-        | "ReadPatches" >> beam.ParDo(read_patches).with_exception_handling()
-    )
-    embedded = (
-        read.good
-        | "Embed" >> RunInference(KeyedModelHandler(handler))
-        | "KeyBySlide" >> beam.Map(stages.by_slide)
-    )
+    embed = EmbedChunks(handler, cfg.grid.patch_size, cfg.color.icc_profile).with_resource_hints(
+        **cfg.dataflow.embed_resource_hints()
+    )  # fmt: skip
+    embedded = planned.chunks | "Reshuffle" >> beam.Reshuffle() | "Embed" >> embed
     clustered = (
-        {"plan": planned.plan, "patches": embedded}
+        {"plan": planned.plan, "patches": embedded["embedded"]}
         | "GroupBySlide" >> beam.CoGroupByKey()
         | "ClusterSlide" >> beam.ParDo(stages.ClusterSlideFn(cfg.kmeans)).with_exception_handling()
     )
@@ -61,8 +55,9 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         "search", main="resource"
     ).with_exception_handling()  # fmt: skip
 
-    written.resource | "WriteResourceTable" >> WriteTable("resource", root, run_id)
-    written.search | "WriteSearchTable" >> WriteTable("search", root, run_id)
+    tables = cfg.tables
+    written.resource | "WriteResourceTable" >> WriteTable("resource", tables, root, run_id)
+    written.search | "WriteSearchTable" >> WriteTable("search", tables, root, run_id)
     # Each branch passes the breaker where its failures arise (fused with the failing stage).
     threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
     failures = [
@@ -70,15 +65,15 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         | "EnumerateFailures" >> beam.Map(stages.folder_failure_row, run_id)
         | "EnumerateBreaker" >> beam.Map(breaker.check_failure_row, run_id, *threshold)
     ]
-    for stage, result in [("plan", planned), ("read", read), ("cluster", clustered),
-                          ("write", written)]:  # fmt: skip
+    for stage, bad in [("plan", planned.bad), ("read", embedded["bad"]),
+                       ("cluster", clustered.bad), ("write", written.bad)]:  # fmt: skip
         failures.append(
-            result.bad
+            bad
             | f"{stage.title()}Failures" >> beam.Map(stages.dead_letter_row, stage, run_id)
             | f"{stage.title()}Breaker" >> beam.Map(breaker.check_failure_row, run_id, *threshold)
         )
     (
         failures
         | "AllFailures" >> beam.Flatten()
-        | "WriteFailuresTable" >> WriteTable("failures", root, run_id)
+        | "WriteFailuresTable" >> WriteTable("failures", tables, root, run_id)
     )

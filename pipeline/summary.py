@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 from apache_beam.metrics.metric import MetricsFilter
+
+_LOG = logging.getLogger("pathembed")
+FAILED_SHARE_EXIT = 3  # more than run.max_failed_fraction of the slides failed
 
 COUNTERS = [
     "pixel_source_requests",
@@ -75,7 +79,9 @@ def failure_threshold_exceeded(
     )
 
 
-def render(summary: dict[str, Any], output_root: str, wall_seconds: float) -> str:
+def render(
+    summary: dict[str, Any], output_root: str, wall_seconds: float, tables: str = "Parquet"
+) -> str:
     c = summary["counters"]
     failed, tried = failed_slides(c)
     lines = [
@@ -95,12 +101,33 @@ def render(summary: dict[str, Any], output_root: str, wall_seconds: float) -> st
         lines.append(f"    {stage:<14} {secs:8.1f} s")
     lines += [
         f"  artifacts           {output_root}/<instance_uuid>/path_foundation/v1/",
-        f"  tables (Parquet)    {output_root}/tables/{{resource,search,failures}}/",
+        f"  tables (Parquet)    {output_root}/tables/{{resource,search,failures}}/"
+        if tables == "Parquet"
+        else f"  tables              {tables}: resource, search, failures",
     ]
     if c["failures"]:
         lines.append(f"  see why: {output_root}/tables/failures/ (reason_code, message)")
         lines.append(f"  rerun:   pathembed rerun --failures {output_root}/tables/failures ...")
     return "\n".join(lines)
+
+
+def finish(result: Any, cfg: Any, run_id: str, wall_seconds: float) -> int:
+    """After a finished job (local or Dataflow): prints the summary, writes it (which commits
+    the run's tables: a slide counts as done only then), checks the failed share; returns the
+    exit status."""
+    collected = collect(result)
+    tables = (
+        f"BigQuery {cfg.tables.bigquery_dataset}" if cfg.tables.sink == "bigquery" else "Parquet"
+    )
+    print(render(collected, cfg.output_root, wall_seconds, tables))
+    write_run_summary(cfg.output_root, run_id, collected)
+    exceeded = failure_threshold_exceeded(
+        collected["counters"], cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides
+    )
+    if exceeded:
+        _LOG.error("run %s: %s", run_id, exceeded)
+        return FAILED_SHARE_EXIT
+    return 0
 
 
 def write_run_summary(output_root: str, run_id: str, collected: dict[str, Any]) -> str:

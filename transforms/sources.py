@@ -192,8 +192,7 @@ class EnumerateSlides(beam.PTransform):
             )
         outputs = found | "Split" >> beam.FlatMap(
             _tagged, self._uuids, src.dicomweb_auth
-        ).with_outputs(            "failed", main="slides"
-        )
+        ).with_outputs("failed", main="slides")
         if src.manifest_out:
             from transforms.manifest import format_rows
 

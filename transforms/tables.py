@@ -1,12 +1,15 @@
 """Table schemas (defined once) and the rows a run produces: resource, search, failures.
 
-Each schema is a list of `Column`s from which the Parquet (pyarrow) schema is derived; the
-same definition is meant to give the BigQuery schema. Rows are plain dicts.
+Each schema is a list of `Column`s from which both the Parquet (pyarrow) schema and the
+BigQuery schema (WriteToBigQuery's TableSchema and scripts/bigquery/tables.sql) are derived.
+Rows are plain dicts; `row_errors` checks one against a schema the way BigQuery would.
 """
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -17,6 +20,7 @@ class Column:
     type: str  # STRING, INT64, FLOAT64, BOOL, TIMESTAMP
     nullable: bool = True
     repeated: bool = False
+    length: int | None = None  # repeated: every row holds exactly this many values
 
 
 _ARROW = {
@@ -26,6 +30,8 @@ _ARROW = {
     "BOOL": pa.bool_(),
     "TIMESTAMP": pa.timestamp("us", tz="UTC"),
 }
+
+EMBEDDING_DIMENSION = 384  # Path Foundation (and its stand-ins) output_0
 
 _UIDS = [
     Column("instance_uuid", "STRING", nullable=False),
@@ -69,7 +75,7 @@ SEARCH = [
     *_UIDS,
     Column("centroid_index", "INT64", nullable=False),
     Column("cluster_size", "INT64", nullable=False),
-    Column("embedding", "FLOAT64", nullable=False, repeated=True),
+    Column("embedding", "FLOAT64", nullable=False, repeated=True, length=EMBEDDING_DIMENSION),
 ]
 
 FAILURES = [
@@ -93,3 +99,80 @@ def arrow_schema(columns: list[Column]) -> pa.Schema:
             arrow_type = pa.list_(pa.field("element", arrow_type, nullable=False))
         fields.append(pa.field(col.name, arrow_type, nullable=col.nullable))
     return pa.schema(fields)
+
+
+def bigquery_fields(columns: list[Column]) -> list[dict[str, str]]:
+    """BigQuery TableFieldSchema dicts: REQUIRED when not nullable, REPEATED for arrays.
+
+    BigQuery arrays are never NULL and hold no NULLs, so a repeated column is REPEATED (a
+    NULL array loads as empty, which `row_errors` rejects for the embedding).
+    """
+    return [
+        {
+            "name": col.name,
+            "type": col.type,
+            "mode": "REPEATED" if col.repeated else "NULLABLE" if col.nullable else "REQUIRED",
+        }
+        for col in columns
+    ]
+
+
+def bigquery_schema(columns: list[Column]) -> dict[str, list[dict[str, str]]]:
+    """The `{"fields": [...]}` schema WriteToBigQuery takes."""
+    return {"fields": bigquery_fields(columns)}
+
+
+def bigquery_ddl_columns(columns: list[Column]) -> str:
+    """The column list of a CREATE TABLE statement, one column a line."""
+    lines = []
+    for col in columns:
+        kind = f"ARRAY<{col.type}>" if col.repeated else col.type
+        lines.append(f"  {col.name} {kind}{'' if col.nullable or col.repeated else ' NOT NULL'}")
+    return ",\n".join(lines)
+
+
+_PYTHON = {
+    "STRING": (str,),
+    "INT64": (int,),
+    "FLOAT64": (float, int),
+    "BOOL": (bool,),
+    "TIMESTAMP": (datetime.datetime, str),
+}
+
+
+def _value_error(col: Column, value: Any) -> str | None:
+    if col.type != "BOOL" and isinstance(value, bool):
+        return f"{col.name}: bool where {col.type} is expected"
+    if not isinstance(value, _PYTHON[col.type]):
+        return f"{col.name}: {type(value).__name__} where {col.type} is expected"
+    if col.type == "FLOAT64" and value != value:
+        return f"{col.name}: NaN"
+    if col.type == "TIMESTAMP" and isinstance(value, datetime.datetime) and value.tzinfo is None:
+        return f"{col.name}: naive datetime (no time zone)"
+    return None
+
+
+def row_errors(row: dict[str, Any], columns: list[Column]) -> list[str]:
+    """What is wrong with `row` under `columns` (empty when it loads as is): unknown or missing
+    columns, NULLs in REQUIRED columns, wrong Python types (numpy scalars included), NULL or
+    NaN array elements, and arrays of the wrong length."""
+    known = {col.name for col in columns}
+    errors = [f"{name}: not a column" for name in sorted(set(row) - known)]
+    for col in columns:
+        value = row.get(col.name)
+        if col.repeated:
+            if not isinstance(value, list):
+                errors.append(f"{col.name}: {type(value).__name__} where an array is expected")
+                continue
+            if col.length is not None and len(value) != col.length:
+                errors.append(f"{col.name}: {len(value)} values, expected {col.length}")
+            if any(v is None for v in value):
+                errors.append(f"{col.name}: NULL array element")
+                continue
+            errors += sorted({e for v in value if (e := _value_error(col, v))})
+        elif value is None:
+            if not col.nullable:
+                errors.append(f"{col.name}: NULL in a REQUIRED column")
+        elif error := _value_error(col, value):
+            errors.append(error)
+    return errors

@@ -1,0 +1,46 @@
+# syntax=docker/dockerfile:1
+# Dataflow worker image for pathembed (`pathembed launch --image ...`, README "Cloud outputs
+# and Dataflow"): Beam's Python 3.11 SDK image of the Beam version pinned in pyproject.toml,
+# TensorFlow with CUDA, and this project installed, so nothing is staged at job start
+# (--sdk_location container). tests/test_dockerfile.py checks the pins; build and push:
+#   docker build -t REGION-docker.pkg.dev/PROJECT/REPO/pathembed:0.1.0 .
+#   docker push REGION-docker.pkg.dev/PROJECT/REPO/pathembed:0.1.0
+FROM apache/beam_python3.11_sdk:2.77.0
+
+# TF_FORCE_GPU_ALLOW_GROWTH: Dataflow runs several SDK processes per worker, each loading its
+# own model; by default TensorFlow's first process would reserve the whole GPU's memory.
+ENV TF_CPP_MIN_LOG_LEVEL=2 \
+    TF_FORCE_GPU_ALLOW_GROWTH=true \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HOME=/opt/pathembed/huggingface
+
+WORKDIR /opt/pathembed
+COPY pyproject.toml requirements.lock README.md ./
+COPY pipeline ./pipeline
+COPY transforms ./transforms
+COPY models ./models
+COPY configs ./configs
+COPY scripts ./scripts
+
+# pyproject.toml pins the CPU wheel (tensorflow-cpu) for local runs; workers get the CUDA
+# build of the same version (NVIDIA's CUDA/cuDNN wheels; Dataflow installs the driver:
+# install-nvidia-driver in the resource hint). Every other package is held to
+# requirements.lock, so workers run what the tests ran.
+RUN sed -i 's/"tensorflow-cpu==\([0-9.]*\)"/"tensorflow[and-cuda]==\1"/' pyproject.toml \
+ && grep -q '"tensorflow\[and-cuda\]==2.21.0"' pyproject.toml \
+ && grep -iv '^tensorflow[-_]cpu==' requirements.lock > /tmp/constraints.txt \
+ && pip install -c /tmp/constraints.txt . \
+ && python -c "import apache_beam, tensorflow; print(apache_beam.__version__, tensorflow.__version__)"
+
+# Optional: bake gated Hugging Face weights into the image, so workers need no token:
+#   docker build --secret id=hf_token,env=HF_TOKEN --build-arg PREFETCH_MODEL=google/path-foundation .
+ARG PREFETCH_MODEL=""
+RUN --mount=type=secret,id=hf_token,required=false \
+    if [ -n "$PREFETCH_MODEL" ]; then \
+      HF_TOKEN="$(cat /run/secrets/hf_token)" python -c \
+        "import sys, huggingface_hub; huggingface_hub.snapshot_download(sys.argv[1])" \
+        "$PREFETCH_MODEL"; \
+    fi
+
+# The Beam SDK harness: Dataflow starts workers through the base image's boot program.
+ENTRYPOINT ["/opt/apache/beam/boot"]

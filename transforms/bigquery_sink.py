@@ -1,0 +1,184 @@
+"""The BigQuery table sink: per-run staging tables loaded by WriteToBigQuery, merged afterwards.
+
+Why staging: a rerun (with --force, new parameters, or after a failed job) writes rows for
+slides that already have rows. Each run therefore loads its rows with `WriteToBigQuery`
+(method FILE_LOADS: load jobs, no streaming buffer, so DML can follow at once) into its own
+tables `{table}_staging_{run}`, and `merge_run` then replaces, in one transaction
+(scripts/bigquery/merge_run.sql), the resource and search rows of every slide the run wrote
+and the failure rows of that run, and drops the staging tables. `prepare_run` creates the
+staging tables, with an expiration of STAGING_DAYS, before the job starts: a run that dies
+before the merge leaves the final tables untouched and its staging tables expire.
+
+Schemas come from transforms/tables.py (the same definition as the Parquet sink); so do the
+CREATE TABLE statements (`tables_ddl`, checked in as scripts/bigquery/tables.sql). Not for
+local runs: FILE_LOADS needs a gs:// temp location and BigQuery credentials.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+
+from transforms.tables import TABLES, Column, bigquery_ddl_columns, bigquery_schema, row_errors
+
+TABLE_KINDS = ("resource", "search", "failures")
+STAGING_DAYS = 7
+_RUN_TOKEN = re.compile(r"[^A-Za-z0-9_]")
+
+
+def _validate_table_id(table_id: str) -> str:
+    # Imported here: transforms.access imports transforms.sinks, which imports this module.
+    from transforms.access import validate_table_id
+
+    return validate_table_id(table_id)
+
+
+class RowSchemaError(ValueError):
+    """A row the pipeline produced does not fit its table's schema (a bug, not a bad slide)."""
+
+
+def checked_row(row: dict[str, Any], table: str) -> dict[str, Any]:
+    """`row` unchanged when it fits the `table` schema, else RowSchemaError naming what is wrong.
+
+    Both sinks check every row, so a row that would fail a BigQuery load fails a local run too.
+    """
+    errors = row_errors(row, TABLES[table])
+    if errors:
+        raise RowSchemaError(f"{table} row for {row.get('instance_uuid')}: {'; '.join(errors)}")
+    return row
+
+
+def bigquery_row(row: dict[str, Any], columns: list[Column]) -> dict[str, Any]:
+    """A row as WriteToBigQuery's JSON file loads take it: timestamps as ISO 8601 strings."""
+    out = dict(row)
+    for col in columns:
+        value = out.get(col.name)
+        if col.type == "TIMESTAMP" and isinstance(value, datetime.datetime):
+            out[col.name] = value.isoformat()
+    return out
+
+
+@dataclass(frozen=True)
+class RunTables:
+    """The final and staging table ids of one run in one dataset (all validated)."""
+
+    final: dict[str, str]
+    staging: dict[str, str]
+
+    @classmethod
+    def of(cls, tables_cfg: Any, run_id: str) -> RunTables:
+        """`tables_cfg`: pipeline.config.TablesConfig (bigquery_dataset and the three names)."""
+        dataset = tables_cfg.bigquery_dataset
+        token = _RUN_TOKEN.sub("_", run_id)
+        final = {kind: f"{dataset}.{getattr(tables_cfg, kind)}" for kind in TABLE_KINDS}
+        staging = {kind: f"{table}_staging_{token}" for kind, table in final.items()}
+        for table_id in [*final.values(), *staging.values()]:
+            _validate_table_id(table_id)
+        return cls(final, staging)
+
+
+class WriteBigQueryTable(beam.PTransform):
+    """Row dicts -> this run's staging table of `table` (WriteToBigQuery, FILE_LOADS)."""
+
+    def __init__(self, table: str, tables_cfg: Any, run_id: str):
+        super().__init__()
+        self._table = table
+        self._table_id = RunTables.of(tables_cfg, run_id).staging[table]
+
+    def expand(self, rows):
+        columns = TABLES[self._table]
+        return (
+            rows
+            | "ToBigQueryRow" >> beam.Map(bigquery_row, columns)
+            | "Load" >> beam.io.WriteToBigQuery(
+                self._table_id,
+                schema=bigquery_schema(columns),
+                method=beam.io.WriteToBigQuery.Method.FILE_LOADS,
+                # prepare_run created the table (with its expiration); appending keeps that.
+                create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
+                write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
+            )
+        )  # fmt: skip
+
+
+def _create_tables(names: dict[str, str], options: str = "") -> str:
+    """CREATE TABLE IF NOT EXISTS per {kind: name as it goes between backticks}."""
+    return (
+        "\n\n".join(
+            f"CREATE TABLE IF NOT EXISTS `{name}` (\n{bigquery_ddl_columns(TABLES[kind])}\n)"
+            f"{options};"
+            for kind, name in names.items()
+        )
+        + "\n"
+    )
+
+
+def tables_ddl(tables: dict[str, str], staging_days: int | None = None) -> str:
+    """CREATE TABLE IF NOT EXISTS for {kind: table id}, columns from transforms/tables.py.
+
+    `staging_days`: the tables expire that many days after creation (staging tables).
+    """
+    options = ""
+    if staging_days is not None:
+        options = (
+            "\nOPTIONS (expiration_timestamp = "
+            f"TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {int(staging_days)} DAY))"
+        )
+    return _create_tables({k: _validate_table_id(t) for k, t in tables.items()}, options)
+
+
+def ddl_file_text() -> str:
+    """scripts/bigquery/tables.sql: the final tables' DDL with ${...} table placeholders."""
+    header = (
+        "-- pathembed's three tables (DESIGN.md §5), generated from transforms/tables.py by\n"
+        "-- transforms.bigquery_sink.ddl_file_text(); tests/test_bigquery_sink.py checks that\n"
+        "-- this file is current. Render with transforms.access.render_sql('tables.sql', ...):\n"
+        "-- ${resource_table}, ${search_table} and ${failures_table} are validated table ids.\n"
+        "-- `embedding` holds 384 FLOAT64 per row: BigQuery cannot declare an array's length,\n"
+        "-- so both sinks check it (transforms/tables.py row_errors).\n\n"
+    )
+    return header + _create_tables({kind: f"${{{kind}_table}}" for kind in TABLE_KINDS})
+
+
+def merge_sql(run: RunTables) -> str:
+    """scripts/bigquery/merge_run.sql rendered for one run (validated table ids only)."""
+    from transforms.access import render_sql
+
+    tables = {f"{kind}_table": table for kind, table in run.final.items()}
+    tables |= {f"staging_{kind}": table for kind, table in run.staging.items()}
+    return render_sql("merge_run.sql", tables)
+
+
+def prepare_sql(run: RunTables) -> str:
+    """The final tables when missing, and the run's empty staging tables (which expire)."""
+    return "\n".join([tables_ddl(run.final), tables_ddl(run.staging, STAGING_DAYS)])
+
+
+def _run_script(sql: str, project: str | None) -> None:
+    from google.cloud import bigquery
+
+    bigquery.Client(project=project).query(sql).result()
+
+
+def prepare_run(tables_cfg: Any, run_id: str, project: str | None = None) -> str:
+    """Before the job: creates the tables it loads into (needs BigQuery credentials)."""
+    sql = prepare_sql(RunTables.of(tables_cfg, run_id))
+    _run_script(sql, project)
+    return sql
+
+
+def merge_run(tables_cfg: Any, run_id: str, project: str | None = None) -> str:
+    """After the job: merges the run's staging tables into the final ones and drops them.
+
+    Needs BigQuery credentials. The CREATE ... IF NOT EXISTS of `prepare_sql` runs first again,
+    so a run whose staging tables are gone or were never made merges as an empty run.
+    Returns the SQL it ran.
+    """
+    run = RunTables.of(tables_cfg, run_id)
+    sql = "\n".join([prepare_sql(run), merge_sql(run)])
+    _run_script(sql, project)
+    return sql
