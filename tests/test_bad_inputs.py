@@ -40,7 +40,7 @@ EXPECTED = {
     "unsupported-syntax": ({"unsupported_transfer_syntax"}, "1.2.840.10008.1.2.4.100"),
     "no-tissue": ({"no_tissue"}, "no 224 px patch has tissue"),
     "truncated-frame": ({"decode_error", "incomplete_slide"}, "truncated"),
-    "corrupt-frame": ({"decode_error", "incomplete_slide"}, "decoding frame bytes"),
+    "corrupt-frame": ({"decode_error", "incomplete_slide"}, "does not decode"),
 }
 CHUNK_SIDE_PX = 16 * 224  # a chunk is at most 16 x 16 neighbouring patches
 
@@ -84,22 +84,30 @@ def run(model_cache: Path, output: Path, *flags: str) -> int:
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory, model_cache):
-    """One run over the good, huge and bad slides; read_region calls are recorded."""
+    """One run over the good, huge and bad slides; region reads (the mask level) and patch
+    reads (every chunk: level width, patches, footprint) are recorded."""
     root = tmp_path_factory.mktemp("matrix")
     slides = root / "slides"
     good = bad.tiny_slide(slides)
     huge = bad.huge_sparse_slide(good, slides)
     make_bad_slides(good, slides / "bad")
     regions: list[tuple[int, int, int]] = []
-    read_region = patches.read_region
+    chunks: list[tuple[int, int, int, int]] = []
+    read_region, read_patches = patches.read_region, patches.read_patches
 
     def spy(slide, level, x, y, w, h):
         regions.append((level.width, w, h))
         return read_region(slide, level, x, y, w, h)
 
+    def patch_spy(slide, level, coords, downsample, patch_size=224, cache=None):
+        extent = coords.max(axis=0) - coords.min(axis=0) + patch_size if len(coords) else (0, 0)
+        chunks.append((level.width, len(coords), int(extent[0]), int(extent[1])))
+        return read_patches(slide, level, coords, downsample, patch_size, cache)
+
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(patches, "read_region", spy)
+        mp.setattr(patches, "read_patches", patch_spy)
         code = run(
             model_cache, out, "--input", str(slides), "--set", "run.max_failed_fraction=null"
         )
@@ -113,6 +121,7 @@ def matrix(tmp_path_factory, model_cache):
         "bad": {name: uuid_of(slides / "bad" / name) for name in EXPECTED},
         "failures": failures,
         "regions": regions,
+        "chunks": chunks,
         "summary": json.loads(summary.read_text()),
     }
 
@@ -158,11 +167,14 @@ def test_fewer_patches_than_clusters_keeps_every_embedding_as_a_centroid(matrix)
 
 
 def test_a_huge_grid_is_streamed_in_chunks(matrix):
-    """The 32768 px level is read only in chunk-sized regions, never whole; its ~16 tissue
+    """The 32768 px level is read only chunk by chunk (at most 256 patches, a chunk-sized
+    footprint), never whole; only the ~2X mask level is read as one region; its ~16 tissue
     patches are embedded."""
-    level_reads = [(w, h) for width, w, h in matrix["regions"] if width == 32768]
+    level_reads = [c for c in matrix["chunks"] if c[0] == 32768]
     assert level_reads
-    assert max(w * h for w, h in level_reads) <= CHUNK_SIDE_PX**2
+    assert max(n for _, n, _, _ in level_reads) <= 256
+    assert max(w * h for _, _, w, h in level_reads) <= CHUNK_SIDE_PX**2
+    assert all(width != 32768 for width, _, _ in matrix["regions"])
     assert max(w * h for width, w, h in matrix["regions"]) <= 4096 * 4096  # the ~2X mask level
     directory = matrix["out"] / matrix["huge"] / "path_foundation" / "v1"
     coords = np.load(directory / "slide_embedding_coord.npy")

@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCELERATOR = "beam:resources:accelerator:v1"
 TOP_LEVEL = [
     "Enumerate", "SkipDone", "PlanSlide", "Reshuffle", "Embed", "GroupBySlide", "ClusterSlide",
-    "WriteArtifacts", "WriteResourceTable", "WriteSearchTable", "EnumerateFailures",
-    "PlanFailures", "ReadFailures", "ClusterFailures", "WriteFailures", "AllFailures",
-    "WriteFailuresTable",
+    "WriteArtifacts", "WriteResourceTable", "WriteSearchTable",
+    "EnumerateFailures", "EnumerateBreaker", "PlanFailures", "PlanBreaker",
+    "ReadFailures", "ReadBreaker", "ClusterFailures", "ClusterBreaker",
+    "WriteFailures", "WriteBreaker", "AllFailures", "WriteFailuresTable",
 ]  # fmt: skip
 
 

@@ -45,6 +45,7 @@ from ez_wsi_dicomweb import (
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
 from transforms import retry
+from transforms.errors import ReasonCode, SlideError
 
 _LOG = logging.getLogger(__name__)
 
@@ -582,10 +583,11 @@ class RangeDicomFiles(local_dicom_file_interface.LocalDicomFileInterface):
         frame = dicom_frame_decoder.decode_dicom_compressed_frame_bytes(
             data, reader.transfer_syntax
         )
-        if frame is None:
-            raise ez_wsi_errors.UnsupportedTransferSyntaxError(
-                f"could not decode frame {frame_index} of {reader.uri} "
-                f"({len(data)} bytes, {reader.transfer_syntax})"
+        if frame is None:  # a supported syntax, but the bytes do not decode
+            raise SlideError(
+                ReasonCode.DECODE_ERROR,
+                f"frame {frame_index} of {reader.uri} does not decode "
+                f"({len(data)} bytes, {reader.transfer_syntax})",
             )
         return frame
 

@@ -11,6 +11,7 @@ CREATE TABLE IF NOT EXISTS `${resource_table}` (
   SeriesInstanceUID STRING NOT NULL,
   SOPInstanceUID STRING NOT NULL,
   collection STRING,
+  instance_hash STRING,
   metadata_uri STRING NOT NULL,
   thumbnail_uri STRING NOT NULL,
   thumbnail_mask_uri STRING NOT NULL,
