@@ -12,11 +12,8 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PipelineConfig, load_config, set_overrides
 from pipeline.summary import FAILED_SHARE_EXIT
 
 _LOG = logging.getLogger("pathembed")
@@ -139,12 +136,7 @@ def _sample_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    overrides = set_overrides(args.set)
     flags = {
         "source.kind": args.source,
         "source.input": args.input,

@@ -235,6 +235,17 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def set_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` flags as {"section.key": value}, values parsed as YAML (typed)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Loads a YAML config and applies `{"section.key": value}` overrides (typed values)."""
     values: dict[str, Any] = {}

@@ -125,16 +125,9 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_launch_args(args: argparse.Namespace) -> PipelineConfig:
-    import yaml
+    from pipeline.config import load_config, set_overrides
 
-    from pipeline.config import load_config
-
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    overrides = set_overrides(args.set)
     for dest, key in _CONFIG_FLAGS.items():
         value = getattr(args, dest)
         if value is not None:

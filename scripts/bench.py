@@ -637,60 +637,49 @@ def machine() -> dict:
 
 
 def part_clustering(
-    samples: dict, cache_dir: pathlib.Path, quick: bool, seed_n: int, seed_full: bool
+    samples: dict, cache_dir: pathlib.Path, sizes: list[int], seed_n: int, seed_full: bool
 ) -> tuple[list[Row], list[Ratio], Any]:
     """Lloyd's vs the seed's MiniBatchKMeans on 20k and 100k x 384 embeddings."""
     log("stub-tiny embeddings of the samples")
     base = embed_samples(samples, cache_dir)
     datasets = {}
-    for n in [20000] if quick else [20000, 100000]:
+    for n in sizes:
         datasets[f"gaussian {n // 1000}k"] = gaussian_embeddings(n)
         datasets[f"stub-tiny {n // 1000}k"] = stub_embeddings(base, n)
     return bench_clustering(datasets, seed_n, seed_full)
 
 
+def run_rows(run: dict, label: str, what: str, whole_what: str) -> list[Row]:
+    """Table rows of a `run_pipeline` result: seconds per stage, then the whole run."""
+    embedded = run["counters"]["patches_embedded"]
+    rows = []
+    for stage, secs in run["stage_seconds"].items():
+        slides = stage in ("plan", "cluster", "write")
+        unit, items = ("slides", 1) if slides else ("patches", embedded)
+        rows.append(Row(f"{label}: {stage}", what, items, unit, secs))
+    peak = f"peak RSS {run['max_rss'] / GIB:.2f} GiB"
+    rows.append(
+        Row(f"{label}: whole run", whole_what, embedded, "patches", run["wall_s"], None, peak)
+    )
+    return rows
+
+
 def part_e2e(workdir: pathlib.Path, cache_dir: pathlib.Path) -> tuple[list[Row], list[Ratio], Any]:
     """`pathembed run` on medium-20x with stub-tiny: seconds per stage."""
-    rows: list[Row] = []
-    ratios: list[Ratio] = []
     log("end to end: medium-20x, stub-tiny, DirectRunner")
     e2e_input = workdir / "e2e-input"
     e2e_input.mkdir(exist_ok=True)
     if not (e2e_input / "medium-20x").exists():
         (e2e_input / "medium-20x").symlink_to(workdir / "slides" / "medium-20x")
     e2e = run_pipeline(e2e_input, workdir / f"e2e-out-{time.time_ns()}", "stub-tiny", cache_dir)
-    embedded = e2e["counters"]["patches_embedded"]
-    for stage, secs in e2e["stage_seconds"].items():
-        unit = "slides" if stage in ("plan", "cluster", "write") else "patches"
-        rows.append(
-            Row(
-                f"e2e: {stage}",
-                "medium-20x, stub-tiny, DirectRunner",
-                1 if unit == "slides" else embedded,
-                unit,
-                secs,
-            )
-        )
-    rows.append(
-        Row(
-            "e2e: whole run",
-            "medium-20x, stub-tiny, DirectRunner",
-            embedded,
-            "patches",
-            e2e["wall_s"],
-            None,
-            f"peak RSS {e2e['max_rss'] / GIB:.2f} GiB",
-        )
-    )
-    return rows, ratios, e2e
+    what = "medium-20x, stub-tiny, DirectRunner"
+    return run_rows(e2e, "e2e", what, what), [], e2e
 
 
 def part_memory(
     workdir: pathlib.Path, cache_dir: pathlib.Path, quick: bool, model_rss: dict
 ) -> tuple[list[Row], list[Ratio], Any]:
     """`pathembed run` on a generated 100k-patch slide: peak RSS of the worker process."""
-    rows: list[Row] = []
-    ratios: list[Ratio] = []
     big_n = 20000 if quick else 100000
     log(f"memory: a {big_n}-patch slide, DirectRunner")
     big_dir = workdir / f"big-{big_n}"
@@ -701,41 +690,21 @@ def part_memory(
     pool_dir = pooling_model(workdir / "models" / "bench-pool")
     big = run_pipeline(big_dir, workdir / f"big-out-{time.time_ns()}", str(pool_dir), cache_dir)
     big_embedded = big["counters"]["patches_embedded"]
-    for stage, secs in big["stage_seconds"].items():
-        unit = "slides" if stage in ("plan", "cluster", "write") else "patches"
-        rows.append(
-            Row(
-                f"{big_n // 1000}k slide: {stage}",
-                "pooling model, DirectRunner",
-                1 if unit == "slides" else big_embedded,
-                unit,
-                secs,
-            )
-        )
-    rows.append(
-        Row(
-            f"{big_n // 1000}k slide: whole run",
-            f"{size / GIB:.2f} GiB of DICOM",
-            big_embedded,
-            "patches",
-            big["wall_s"],
-            None,
-            f"peak RSS {big['max_rss'] / GIB:.2f} GiB",
-        )
-    )
+    rows = run_rows(
+        big, f"{big_n // 1000}k slide", "pooling model, DirectRunner",
+        f"{size / GIB:.2f} GiB of DICOM",
+    )  # fmt: skip
     vit_extra = model_rss.get("stub-vit-s16", 0)
     phases = ", ".join(f"{k} {v / GIB:.2f}" for k, v in big["phase_max_rss"].items() if v)
-    ratios.append(
-        Ratio(
-            f"peak RSS of a worker, {big_n // 1000}k-patch slide (GiB)",
-            big["max_rss"] / GIB,
-            "< 4",
-            big["max_rss"] < RSS_LIMIT,
-            f"peak per phase, GiB: {phases}; with stub-vit-s16 loaded instead of the pooling "
-            f"model (+{vit_extra / GIB:.2f}): {(big['max_rss'] + vit_extra) / GIB:.2f}",
-        )
+    ratio = Ratio(
+        f"peak RSS of a worker, {big_n // 1000}k-patch slide (GiB)",
+        big["max_rss"] / GIB,
+        "< 4",
+        big["max_rss"] < RSS_LIMIT,
+        f"peak per phase, GiB: {phases}; with stub-vit-s16 loaded instead of the pooling "
+        f"model (+{vit_extra / GIB:.2f}): {(big['max_rss'] + vit_extra) / GIB:.2f}",
     )
-    return rows, ratios, {"patches": big_embedded, "dicom_bytes": size, **big}
+    return rows, [ratio], {"patches": big_embedded, "dicom_bytes": size, **big}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -757,6 +726,12 @@ def main(argv: list[str] | None = None) -> int:
         "--seed-full",
         action="store_true",
         help="run the seed's MiniBatchKMeans on the full 20k/100k sets (slow)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=lambda v: [int(n) for n in v.split(",")],
+        help="embeddings per clustering dataset, comma-separated (default 20000,100000; "
+        "20000 with --quick)",
     )
     parser.add_argument(
         "--only",
@@ -825,8 +800,9 @@ def main(argv: list[str] | None = None) -> int:
 
     c_records = e2e = large = None
     if "clustering" in parts:
+        sizes = args.sizes or ([20000] if quick else [20000, 100000])
         new_rows, new_ratios, c_records = part_clustering(
-            samples, cache_dir, quick, seed_n, args.seed_full
+            samples, cache_dir, sizes, seed_n, args.seed_full
         )
         rows, ratios = rows + new_rows, ratios + new_ratios
     if "e2e" in parts:

@@ -16,9 +16,12 @@ the neighbouring chunk finds them if it comes while they are cached. With the de
 (16 x 16 cells) and 256 px frames, chunk borders fall on frame borders at 20x and at exactly
 40x (16 x 224 = 14 x 256), so every frame of a slide is decoded once whatever the order.
 
-Frames come from ez-wsi's `get_frame()`, which decodes them (`dicom_frame_decoder`). A slide
-object that fetches frames in batches offers `prefetch_frames(level, frame_numbers)`: it is
-called with the frames a chunk still needs before they are read one by one.
+Frames are decoded by the slide: the byte-range slide's `decode_instance_frame()` (JPEG
+baseline straight to RGB with OpenCV, other syntaxes with ez-wsi's decoder), or ez-wsi's
+`get_frame()` for DICOMweb slides. A slide that fetches frames in batches offers
+`prefetch_frames(level, frame_numbers)`: it is called once per chunk with the frames the chunk
+needs that the cache lacks (one request per run of neighbouring frames), before they are
+decoded one by one.
 """
 
 from __future__ import annotations
@@ -122,11 +125,12 @@ class FrameCache:
         self._frames: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> np.ndarray | None:
-        """The cached frame, or None; a hit makes it the most recently used."""
+    def get(self, key: tuple, touch: bool = True) -> np.ndarray | None:
+        """The cached frame, or None; a hit makes it the most recently used (and counts)
+        unless `touch` is False."""
         with self._lock:
             frame = self._frames.get(key)
-            if frame is not None:
+            if frame is not None and touch:
                 self._frames.move_to_end(key)
                 self.hits += 1
             return frame
@@ -177,6 +181,21 @@ class _ChunkFrames:
         self._per_row = math.ceil(level.width / level.frame_width)
         self.window: dict[int, np.ndarray | None] = {}
 
+    def prefetch(self, numbers: set[int]) -> None:
+        """Fetches the stored bytes of the chunk's frames that the cache lacks, in one batch
+        (one request per run of neighbouring frames), if the slide fetches in batches."""
+        fetch = getattr(self._slide, "prefetch_frames", None)
+        if fetch is None:
+            return
+        wanted = []
+        for number in sorted(numbers):
+            located = _locate(self._level, number)
+            if located is not None and self._cache.get(located[0], touch=False) is None:
+                wanted.append(number)
+        if wanted:
+            with slide_errors(f"fetching {len(wanted)} frames"):
+                fetch(self._level, wanted)
+
     def get(self, numbers: list[int]) -> dict[int, np.ndarray | None]:
         """Frames by whole-level 1-based number, decoding those neither kept nor cached."""
         out, missing = {}, []
@@ -189,10 +208,6 @@ class _ChunkFrames:
             if frame is None and located is not None:
                 missing.append((number, *located))
             out[number] = frame
-        prefetch = getattr(self._slide, "prefetch_frames", None)
-        if missing and prefetch is not None:
-            with slide_errors(f"fetching {len(missing)} frames"):
-                prefetch(self._level, [number for number, *_ in missing])
         for number, key, instance in missing:
             with slide_errors(f"reading frame {number}"):
                 out[number] = self._cache.decode(
@@ -277,13 +292,20 @@ def read_patches(
     frames = _ChunkFrames(slide, level, FRAMES if cache is None else cache, (x0, y0, x1, y1))
     order = np.lexsort((starts[:, 0], starts[:, 1]))
     rows = np.split(order, np.flatnonzero(np.diff(starts[order, 1])) + 1)
+    row_numbers = []  # per patch row: the frames it overlaps
+    for members in rows:
+        sy = int(starts[members[0], 1])
+        xs = starts[members, 0].tolist()
+        columns = sorted({c for sx in xs for c in range(sx // fw, (sx + native - 1) // fw + 1)})
+        spanned = range(sy // fh, (sy + native - 1) // fh + 1)
+        row_numbers.append([r * per_row + c + 1 for r in spanned for c in columns])
+    frames.prefetch({n for numbers in row_numbers for n in numbers})
     scratch = None if native == patch_size else np.empty((native, native, 3), np.uint8)
     for k, members in enumerate(rows):
         sy = int(starts[members[0], 1])
         r0, r1 = sy // fh, (sy + native - 1) // fh
         xs = starts[members, 0].tolist()
-        columns = sorted({c for sx in xs for c in range(sx // fw, (sx + native - 1) // fw + 1)})
-        row_frames = frames.get([r * per_row + c + 1 for r in range(r0, r1 + 1) for c in columns])
+        row_frames = frames.get(row_numbers[k])
         for index, sx in zip(members.tolist(), xs, strict=True):
             target = out[index] if scratch is None else scratch
             for r in range(r0, r1 + 1):
