@@ -210,10 +210,10 @@ class _ChunkFrames:
             out[number] = frame
         for number, key, instance in missing:
             with slide_errors(f"reading frame {number}"):
-                out[number] = self._cache.decode(
-                    key, functools.partial(_decoded, self._slide, self._level, number, instance),
-                    keep=self._outside(number),
-                )  # fmt: skip
+                decode = functools.partial(
+                    _decoded, self._slide, self._level, number, key[1], instance
+                )
+                out[number] = self._cache.decode(key, decode, keep=self._outside(number))
         self.window.update(out)
         return out
 
@@ -246,14 +246,14 @@ def _decoded(
     slide: dicom_slide.LocalDicomSlide,
     level: slide_level_map.Level,
     frame_number: int,
+    instance_frame_number: int,
     instance: slide_level_map.Instance,
 ) -> np.ndarray | None:
     # The byte-range slide decodes an instance's frame directly: ez-wsi's get_frame() builds
     # path strings and Frame objects per frame, ~10% of the decode time of a 256 px frame.
     decode = getattr(slide, "decode_instance_frame", None)
     if decode is not None:
-        n = instance.instance_frame_number_from_wholes_slide_frame_number(frame_number)
-        pixels = decode(instance.path, n)
+        pixels = decode(instance.path, instance_frame_number)
     else:
         frame = slide.get_frame(level, frame_number)
         if frame is None:
