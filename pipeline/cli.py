@@ -118,7 +118,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def _sample_parser(sub: argparse._SubParsersAction) -> None:
-    from transforms.sample_slides import SAMPLES
+    from transforms.samples.slides import SAMPLES
 
     sample = sub.add_parser(
         "sample",
@@ -183,7 +183,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from models.path_foundation import ModelAccessError
     from pipeline import dag, summary
     from transforms.errors import SlideError
-    from transforms.slides import validate_uuid
+    from transforms.sources.dicom_files import validate_uuid
 
     cfg = config_from_args(args)
     if "://" not in cfg.output_root:  # record absolute local paths in metadata and tables
@@ -231,7 +231,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     if cfg.tables.sink == "bigquery":  # per-run staging tables, merged when the run is done
         from apache_beam.options.pipeline_options import GoogleCloudOptions
 
-        from transforms import bigquery_sink
+        from transforms.outputs import bigquery_sink
 
         project = options.view_as(GoogleCloudOptions).project
         bigquery_sink.prepare_run(cfg.tables, run_id, project)
@@ -239,10 +239,10 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         result = pipeline.run()
         result.wait_until_finish()
     except Exception:
-        from transforms import breaker
+        from transforms import failures
 
         threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
-        if not breaker.tripped(run_id, *threshold):
+        if not failures.tripped(run_id, *threshold):
             raise
         _LOG.error("run %s stopped: too many slides failed (see the error above)", run_id)
         return FAILED_SHARE_EXIT
@@ -252,7 +252,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def sample_command(args: argparse.Namespace, _: list[str]) -> int:
-    from transforms.sample_slides import write_samples
+    from transforms.samples.slides import write_samples
 
     names = [n.strip() for n in args.which.split(",") if n.strip()]
     for name, paths in write_samples(args.out, names).items():

@@ -117,14 +117,14 @@ class RunConfig:
     # instance hash (null = off; "auto" = {output_root}/tables/resource).
     resource_table: str | None = None
     # Stop the run (exit status 3) when more than this share of the slides tried failed
-    # (null = never), once at least failure_check_min_slides were tried (transforms/breaker.py).
+    # (null = never), once at least failure_check_min_slides were tried (transforms/failures.py).
     max_failed_fraction: float | None = 0.5
     failure_check_min_slides: int = 20
 
 
 @dataclass(frozen=True)
 class TablesConfig:
-    """Where the resource, search and failures tables go (transforms/sinks.py WriteTable)."""
+    """Where the resource, search and failures tables go (transforms/outputs/sinks.py WriteTable)."""
 
     sink: str = "parquet"  # parquet | bigquery
     bigquery_dataset: str | None = None  # project.dataset

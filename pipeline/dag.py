@@ -3,7 +3,7 @@
 Enumerate -> SkipDone -> PlanSlide -> Reshuffle -> Embed (ReadPatches -> RunInference, the only
 step with a GPU hint) -> GroupBySlide -> ClusterSlide -> WriteArtifacts -> tables (Parquet or
 BigQuery, tables.sink); every stage's dead letters -> failures (through a breaker that stops the
-run when most slides fail: transforms/breaker.py).
+run when most slides fail: transforms/failures.py).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import apache_beam as beam
 
 from pipeline.config import DATASET_VERSION, PIPELINE_VERSION, PipelineConfig, parameter_hash
-from transforms import breaker, stages
+from transforms import failures, stages
 from transforms.embed import EmbedChunks
-from transforms.sinks import WriteTable
-from transforms.sources import EnumerateSlides, SkipDoneOrUnrequested
+from transforms.outputs.sinks import WriteTable
+from transforms.sources.enumeration import EnumerateSlides, SkipDoneOrUnrequested
 
 
 def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
@@ -60,20 +60,20 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
     written.search | "WriteSearchTable" >> WriteTable("search", tables, root, run_id)
     # Each branch passes the breaker where its failures arise (fused with the failing stage).
     threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
-    failures = [
+    failure_rows = [
         found.failed
         | "EnumerateFailures" >> beam.Map(stages.folder_failure_row, run_id)
-        | "EnumerateBreaker" >> beam.Map(breaker.check_failure_row, run_id, *threshold)
+        | "EnumerateBreaker" >> beam.Map(failures.check_failure_row, run_id, *threshold)
     ]
     for stage, bad in [("plan", planned.bad), ("read", embedded["bad"]),
                        ("cluster", clustered.bad), ("write", written.bad)]:  # fmt: skip
-        failures.append(
+        failure_rows.append(
             bad
             | f"{stage.title()}Failures" >> beam.Map(stages.dead_letter_row, stage, run_id)
-            | f"{stage.title()}Breaker" >> beam.Map(breaker.check_failure_row, run_id, *threshold)
+            | f"{stage.title()}Breaker" >> beam.Map(failures.check_failure_row, run_id, *threshold)
         )
     (
-        failures
+        failure_rows
         | "AllFailures" >> beam.Flatten()
         | "WriteFailuresTable" >> WriteTable("failures", tables, root, run_id)
     )

@@ -280,7 +280,7 @@ def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
     import secrets
 
     from models.path_foundation import ModelAccessError
-    from transforms.bigquery_sink import merge_run, prepare_run
+    from transforms.outputs.bigquery_sink import merge_run, prepare_run
 
     cfg = config_from_launch_args(args)
     if args.merge_only:

@@ -41,7 +41,7 @@ def add_rerun_parser(sub: argparse._SubParsersAction) -> None:
 
 def rerun_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipeline.cli import run_command
-    from transforms.reruns import failed_slides
+    from transforms.outputs.reruns import failed_slides
 
     if args.uuids or args.uuids_file:
         raise SystemExit("rerun takes its slides from --failures; drop --uuids / --uuids-file")
@@ -73,7 +73,7 @@ def add_failures_parser(sub: argparse._SubParsersAction) -> None:
 def failures_command(args: argparse.Namespace, _: list[str]) -> int:
     from collections import Counter
 
-    from transforms.reruns import local_failure_rows
+    from transforms.outputs.reruns import local_failure_rows
 
     try:
         rows = local_failure_rows(args.table, args.run_id, args.reason)

@@ -1,7 +1,7 @@
 """`pathembed search | index | lookup | fetch | show`: finding and reading slides after a run.
 
-Subcommand parsers and handlers only: the search itself is in transforms/search.py, slide and
-table access in transforms/access.py, the QC picture in transforms/qc.py. pipeline/cli.py
+Subcommand parsers and handlers only: the search itself is in transforms/ranking.py, slide and
+table access in transforms/archive.py, the QC picture in transforms/search/qc.py. pipeline/cli.py
 registers the `add_*_parser` functions (SUBCOMMANDS).
 """
 
@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from transforms import access, qc, search
 from transforms.errors import SlideError
+from transforms.outputs import archive
+from transforms.search import qc, ranking
 
 # faiss logs at INFO which CPU build it loads, on every approximate search.
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -62,7 +63,7 @@ def _add_bigquery_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     group = parser.add_argument_group("BigQuery")
     group.add_argument(
         "--bq-resource-table",
-        default=access.PUBLISHED_RESOURCE_TABLE,
+        default=archive.PUBLISHED_RESOURCE_TABLE,
         help="resource table, project.dataset.table (default: the published one)",
     )
     group.add_argument("--bq-project", help="project billed for queries (default: gcloud's)")
@@ -111,7 +112,7 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--output-root",
         help="the archive: where `pathembed run` wrote (exact/approximate); for bigquery, "
-        f"where artifacts (thumbnails) are (default {access.PUBLIC_OUTPUT_ROOT})",
+        f"where artifacts (thumbnails) are (default {archive.PUBLIC_OUTPUT_ROOT})",
     )
     parser.add_argument(
         "--backend",
@@ -123,7 +124,7 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=100, help="slides returned (100)")
     parser.add_argument(
         "--aggregate",
-        choices=search.AGGREGATES,
+        choices=ranking.AGGREGATES,
         default="sum",
         help="per slide: sum of similarities (default, broad match) or max (one close match)",
     )
@@ -158,12 +159,12 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     bigquery = _add_bigquery_args(parser)
     bigquery.add_argument(
         "--bq-search-table",
-        default=search.PUBLISHED_SEARCH_TABLE,
+        default=ranking.PUBLISHED_SEARCH_TABLE,
         help="search table, project.dataset.table (default: the published one)",
     )
     bigquery.add_argument(
         "--bq-idc-table",
-        default=search.IDC_METADATA_TABLE,
+        default=ranking.IDC_METADATA_TABLE,
         help="IDC table giving collection_name and ClinicalTrialProtocolName",
     )
     parser.set_defaults(handler=search_command)
@@ -173,7 +174,7 @@ def search_command(args: argparse.Namespace, _: list[str]) -> int:
     if (args.dicom is None) == (args.uuid is None and args.study is None):
         raise SystemExit("search by one slide: a UUID, --study and --series, or --dicom FOLDER")
     with _user_errors("search"), contextlib.ExitStack() as cleanup:
-        params = search.SearchParams(
+        params = ranking.SearchParams(
             top_k=args.top_k,
             limit=args.limit,
             aggregate=args.aggregate,
@@ -193,31 +194,31 @@ def search_command(args: argparse.Namespace, _: list[str]) -> int:
                     "model; BigQuery's tables hold Path Foundation embeddings: give --model "
                     "with Path Foundation (see `pathembed run --help`)"
                 )
-            root = args.output_root or access.PUBLIC_OUTPUT_ROOT
+            root = args.output_root or archive.PUBLIC_OUTPUT_ROOT
             client = _bigquery_client(args.bq_project)
-            tables = search.BigQueryTables(
+            tables = ranking.BigQueryTables(
                 args.bq_search_table, args.bq_resource_table, args.bq_idc_table
             )
             if query is None:
                 query = _bigquery_archive_query(client, tables, root, _named_slide(args))
             fraction = args.fraction_lists_to_search or 0.005
-            matches = search.bigquery_search(client, query, params, tables, fraction, root)
+            matches = ranking.bigquery_search(client, query, params, tables, fraction, root)
         else:
             root = _local_root(args, "search")
-            resources = access.newest_resources(root)
+            resources = archive.newest_resources(root)
             if query is None:
-                query = search.archive_query(root, resources, **_named_slide(args))
+                query = ranking.archive_query(root, resources, **_named_slide(args))
             else:
                 model = (embedded["model_name"], embedded["model_version"])
-                search.check_same_model(model, resources, root)
+                ranking.check_same_model(model, resources, root)
             if args.backend == "approximate":
-                index = search.SearchIndex.load(root)
-                print(search.describe_index(index.info), file=sys.stderr)
-                matches = search.approximate_search(
+                index = ranking.SearchIndex.load(root)
+                print(ranking.describe_index(index.info), file=sys.stderr)
+                matches = ranking.approximate_search(
                     index, query, params, args.fraction_lists_to_search
                 )
             else:
-                matches = search.exact_search(
+                matches = ranking.exact_search(
                     root, query, params, resources=resources, block_rows=args.block_rows
                 )
         _print_matches(args, query, params, matches)
@@ -231,11 +232,11 @@ def search_command(args: argparse.Namespace, _: list[str]) -> int:
 
 def _embed_new_slide(
     args: argparse.Namespace, query_root: str
-) -> tuple[search.SlideQuery, dict[str, Any]]:
+) -> tuple[ranking.SlideQuery, dict[str, Any]]:
     """Runs the pipeline on the --dicom folder: the query (its one slide's centroids) and the
     slide's resource row."""
     from pipeline.cli import main
-    from transforms.slides import enumerate_dicom_folder
+    from transforms.sources.dicom_files import enumerate_dicom_folder
 
     found = list(enumerate_dicom_folder(args.dicom))
     if len(found) != 1:
@@ -253,38 +254,38 @@ def _embed_new_slide(
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the results (--json)
         main(run)
     # The slide is found by its series: its instance UUID depends on the level the run chose.
-    resources = access.newest_resources(query_root)
+    resources = archive.newest_resources(query_root)
     series = found[0].series_instance_uid
     rows = [r for r in resources.to_pylist() if r["SeriesInstanceUID"] == series]
     if not rows:
         raise SystemExit(
             f"the pipeline could not embed {args.dicom}; why is in {query_root}/tables/failures"
         )
-    query = search.archive_query(query_root, resources, instance_uuid=rows[0]["instance_uuid"])
+    query = ranking.archive_query(query_root, resources, instance_uuid=rows[0]["instance_uuid"])
     return query, rows[0]
 
 
 def _bigquery_archive_query(
-    client: Any, tables: search.BigQueryTables, root: str, slide: dict[str, str | None]
-) -> search.SlideQuery:
+    client: Any, tables: ranking.BigQueryTables, root: str, slide: dict[str, str | None]
+) -> ranking.SlideQuery:
     """An archive slide as a BigQuery query: its UIDs (BigQuery reads its centroids)."""
-    found = access.bigquery_find_resource(client, tables.resource, **slide)
-    return search.SlideQuery(
+    found = archive.bigquery_find_resource(client, tables.resource, **slide)
+    return ranking.SlideQuery(
         centroids=None,
         instance_uuid=found["instance_uuid"],
         study_instance_uid=found["StudyInstanceUID"],
         series_instance_uid=found["SeriesInstanceUID"],
-        thumbnail_uri=search.thumbnail_uri(root, found["instance_uuid"]),
+        thumbnail_uri=ranking.thumbnail_uri(root, found["instance_uuid"]),
     )
 
 
 def _print_matches(
     args: argparse.Namespace,
-    query: search.SlideQuery,
-    params: search.SearchParams,
-    matches: list[search.SlideMatch],
+    query: ranking.SlideQuery,
+    params: ranking.SearchParams,
+    matches: list[ranking.SlideMatch],
 ) -> None:
-    rows = search.matches_as_rows(matches)
+    rows = ranking.matches_as_rows(matches)
     for row in rows:  # DICOM's column names, as in the tables
         row["StudyInstanceUID"] = row.pop("study_instance_uid")
         row["SeriesInstanceUID"] = row.pop("series_instance_uid")
@@ -312,7 +313,7 @@ def _print_matches(
 
 
 def _results_table(
-    query: dict[str, Any], backend: str, params: search.SearchParams, rows: list[dict]
+    query: dict[str, Any], backend: str, params: ranking.SearchParams, rows: list[dict]
 ) -> str:
     centroids = "" if query["centroids"] is None else f", {query['centroids']} centroids"
     excluded = query["excluded_study"]
@@ -352,19 +353,19 @@ def _image_src(uri: str | None) -> str | None:
     return Path(uri).resolve().as_uri()
 
 
-def _thumbnail_src(query: search.SlideQuery, anonymous: bool) -> str | None:
+def _thumbnail_src(query: ranking.SlideQuery, anonymous: bool) -> str | None:
     """The query thumbnail inlined (a --dicom query's outputs may be temporary)."""
     if not query.thumbnail_uri:
         return None
     try:
-        jpeg = access.read_bytes(query.thumbnail_uri, anonymous)
+        jpeg = archive.read_bytes(query.thumbnail_uri, anonymous)
     except OSError:
         return _image_src(query.thumbnail_uri)
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
 def results_page(
-    query: search.SlideQuery, matches: list[search.SlideMatch], query_src: str | None
+    query: ranking.SlideQuery, matches: list[ranking.SlideMatch], query_src: str | None
 ) -> str:
     """An HTML page: the query thumbnail beside the thumbnails of the slides found."""
     e = html.escape
@@ -438,7 +439,7 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 
 def index_command(args: argparse.Namespace, _: list[str]) -> int:
     with _user_errors("index"):
-        index = search.build_index(
+        index = ranking.build_index(
             args.output_root,
             nlist=args.nlist,
             fraction_lists_to_search=args.fraction_lists_to_search,
@@ -447,7 +448,7 @@ def index_command(args: argparse.Namespace, _: list[str]) -> int:
             block_rows=args.block_rows,
         )
         uri = index.save(args.output_root)
-    print(search.describe_index(index.info))
+    print(ranking.describe_index(index.info))
     print(f"saved {uri}")
     return 0
 
@@ -472,9 +473,9 @@ def lookup_command(args: argparse.Namespace, _: list[str]) -> int:
     with _user_errors("lookup"):
         if args.bigquery:
             client = _bigquery_client(args.bq_project)
-            row = access.bigquery_find_resource(client, args.bq_resource_table, **slide)
+            row = archive.bigquery_find_resource(client, args.bq_resource_table, **slide)
         else:
-            row = access.find_resource(_local_root(args, "lookup"), **slide)
+            row = archive.find_resource(_local_root(args, "lookup"), **slide)
     keys = ["instance_uuid", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
             "collection", "metadata_uri", "thumbnail_uri", "embedding_count",
             "number_of_centroids", "model_name", "run_id", "created_time"]  # fmt: skip
@@ -495,7 +496,7 @@ def add_fetch_parser(sub: argparse._SubParsersAction) -> None:
         description="Copies metadata.json and every artifact it names from "
         "{output-root}/{uuid}/path_foundation/v1/ to {out}/{uuid}/.",
         epilog="example (the public dataset): pathembed fetch UUID --output-root "
-        f"{access.PUBLIC_OUTPUT_ROOT} --anonymous --out slides/",
+        f"{archive.PUBLIC_OUTPUT_ROOT} --anonymous --out slides/",
     )
     parser.add_argument("uuid", help="instance UUID of the slide")
     parser.add_argument("--output-root", required=True, help="local folder or gs:// prefix")
@@ -506,11 +507,11 @@ def add_fetch_parser(sub: argparse._SubParsersAction) -> None:
 
 def fetch_command(args: argparse.Namespace, _: list[str]) -> int:
     with _user_errors("fetch"):
-        slide = access.SlideArtifacts.open(args.output_root, args.uuid, anonymous=args.anonymous)
+        slide = archive.SlideArtifacts.open(args.output_root, args.uuid, anonymous=args.anonymous)
         target = args.out / slide.instance_uuid
         target.mkdir(parents=True, exist_ok=True)
         for name, uri in slide.files().items():
-            (target / name).write_bytes(access.read_bytes(uri, args.anonymous))
+            (target / name).write_bytes(archive.read_bytes(uri, args.anonymous))
             print(target / name)
     return 0
 
@@ -539,7 +540,7 @@ def add_show_parser(sub: argparse._SubParsersAction) -> None:
 
 def show_command(args: argparse.Namespace, _: list[str]) -> int:
     with _user_errors("show"):
-        slide = access.SlideArtifacts.open(args.output_root, args.uuid, anonymous=args.anonymous)
+        slide = archive.SlideArtifacts.open(args.output_root, args.uuid, anonymous=args.anonymous)
         thumbnail = slide.thumbnail()
         patch_size, level_size = slide.patch_size, slide.level_size
         scale = qc.upscale_for_patches(

@@ -52,8 +52,8 @@ from pydicom.encaps import generate_frames  # noqa: E402
 from scripts import bench_slides  # noqa: E402
 from transforms import clustering, patches, tissue  # noqa: E402
 from transforms.plan import PlanParams, plan_slide  # noqa: E402
-from transforms.sample_slides import write_samples  # noqa: E402
-from transforms.slides import SlideRecord, enumerate_dicom_folder  # noqa: E402
+from transforms.samples.slides import write_samples  # noqa: E402
+from transforms.sources.dicom_files import SlideRecord, enumerate_dicom_folder  # noqa: E402
 
 GIB = 1024**3
 PARTS = ("mask", "assembly", "model", "clustering", "e2e", "memory")

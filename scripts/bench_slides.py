@@ -1,6 +1,6 @@
 """A large synthetic DICOM WSI for the benchmark, written in seconds from already-encoded frames.
 
-`transforms.sample_slides` renders every frame, which for a 100k-patch slide would take most of
+`transforms.samples.slides` renders every frame, which for a 100k-patch slide would take most of
 an hour on 2 cores. Here the 20x level is tiled with JPEG frames taken from a rendered sample
 slide (its tissue frames, in a fixed order: patches straddle different frame pairs, so their
 content varies), and the ~5 um mask level is one tissue-coloured frame repeated, so every grid
@@ -18,8 +18,8 @@ import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
 
-from transforms import sample_slides
-from transforms.sample_slides import FRAME_SIZE, SampleSpec
+from transforms.samples import slides as sample_slides
+from transforms.samples.slides import FRAME_SIZE, SampleSpec
 
 PATCH = 224
 MASK_DOWNSAMPLE = 10  # 0.5 um -> 5 um, the mask level the pipeline looks for

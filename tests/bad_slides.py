@@ -1,6 +1,6 @@
 """Slides made to fail, one way each, for the bad-input tests.
 
-Each is a tiny synthetic pyramid (transforms/sample_slides.py, a 20x level of 1904 x 1456 px)
+Each is a tiny synthetic pyramid (transforms/samples/slides.py, a 20x level of 1904 x 1456 px)
 copied with one defect: a header attribute changed, a level left out, frames replaced. Every
 copy gets its own series and instance UIDs, so each is a slide of its own.
 """
@@ -16,7 +16,7 @@ import pydicom
 from pydicom.encaps import encapsulate, generate_fragmented_frames
 from pydicom.uid import generate_uid
 
-from transforms.sample_slides import FRAME_SIZE, SampleSpec, write_slide
+from transforms.samples.slides import FRAME_SIZE, SampleSpec, write_slide
 
 TINY = SampleSpec(
     name="tiny-20x",

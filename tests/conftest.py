@@ -15,7 +15,7 @@ REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real"
 @pytest.fixture(scope="session")
 def sample_slides(tmp_path_factory) -> Path:
     """Both sample slides, written once per test session (read-only for the tests)."""
-    from transforms.sample_slides import write_samples
+    from transforms.samples.slides import write_samples
 
     root = tmp_path_factory.mktemp("samples")
     write_samples(root, ["small-40x", "medium-20x"])

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from transforms import access, artifacts
 from transforms.errors import SlideError
-from transforms.tables import TABLES, arrow_schema
+from transforms.outputs import archive, artifacts
+from transforms.outputs.tables import TABLES, arrow_schema
 
 RUN_1, RUN_2 = "20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb"
 LEVEL = (2240, 1344)  # patch-source frame: a 10 x 6 grid of 224 px patches
@@ -121,53 +121,53 @@ def outputs(tmp_path) -> dict:
 
 
 def test_the_newest_resource_row_of_each_slide_wins(outputs):
-    rows = access.newest_resources(outputs["root"]).to_pylist()
+    rows = archive.newest_resources(outputs["root"]).to_pylist()
     assert [(r["instance_uuid"], r["run_id"]) for r in rows] == sorted(
         [(_uuid("a"), RUN_2), (_uuid("b"), RUN_1)]
     )
 
 
 def test_find_a_slide_by_uuid_or_by_study_and_series(outputs):
-    row = access.find_resource(outputs["root"], instance_uuid=_uuid("a"))
+    row = archive.find_resource(outputs["root"], instance_uuid=_uuid("a"))
     assert row["run_id"] == RUN_2 and row["StudyInstanceUID"] == _uid("a", "study")
-    by_uids = access.find_resource(
+    by_uids = archive.find_resource(
         outputs["root"], study_instance_uid=_uid("b", "study"),
         series_instance_uid=_uid("b", "series"),
     )  # fmt: skip
     assert by_uids["instance_uuid"] == _uuid("b")
-    with pytest.raises(access.SlideNotFoundError, match=r"resource table at .*pathembed run"):
-        access.find_resource(outputs["root"], instance_uuid=_uuid("nowhere"))
-    with pytest.raises(access.SlideNotFoundError, match="no resource table at"):
-        access.find_resource(outputs["root"] + "-missing", instance_uuid=_uuid("a"))
+    with pytest.raises(archive.SlideNotFoundError, match=r"resource table at .*pathembed run"):
+        archive.find_resource(outputs["root"], instance_uuid=_uuid("nowhere"))
+    with pytest.raises(archive.SlideNotFoundError, match="no resource table at"):
+        archive.find_resource(outputs["root"] + "-missing", instance_uuid=_uuid("a"))
 
 
 def test_names_are_validated_before_any_path_or_query(tmp_path):
     missing = str(tmp_path / "never-read")
     with pytest.raises(SlideError, match="not a UUID"):
-        access.find_resource(missing, instance_uuid="../../etc/passwd")
+        archive.find_resource(missing, instance_uuid="../../etc/passwd")
     with pytest.raises(ValueError, match="not a DICOM UID"):
-        access.find_resource(missing, study_instance_uid="1.2'--", series_instance_uid="1.2")
+        archive.find_resource(missing, study_instance_uid="1.2'--", series_instance_uid="1.2")
     with pytest.raises(ValueError, match="by instance UUID, or by both"):
-        access.find_resource(missing, study_instance_uid="1.2")
+        archive.find_resource(missing, study_instance_uid="1.2")
     with pytest.raises(SlideError, match="not a UUID"):
-        access.SlideArtifacts.open(missing, "a/../b")
+        archive.SlideArtifacts.open(missing, "a/../b")
 
 
 def test_search_rows_come_from_each_slides_newest_run_in_bounded_blocks(outputs):
-    resources = access.newest_resources(outputs["root"])
-    batches = list(access.search_table_batches(outputs["root"], resources, block_rows=3))
+    resources = archive.newest_resources(outputs["root"])
+    batches = list(archive.search_table_batches(outputs["root"], resources, block_rows=3))
     assert all(batch.num_rows <= 3 for batch in batches)
     rows = pa.Table.from_batches(batches).to_pylist()
     expected = outputs["a"]["search"] + outputs["b"]["search"]
     key = lambda r: (r["instance_uuid"], r["centroid_index"])  # noqa: E731
     assert sorted(rows, key=key) == sorted(
-        [{k: r[k] for k in access.SEARCH_COLUMNS} for r in expected], key=key
+        [{k: r[k] for k in archive.SEARCH_COLUMNS} for r in expected], key=key
     )
 
 
 def test_slide_centroids_are_the_newest_runs_in_centroid_order(outputs):
-    row = access.find_resource(outputs["root"], instance_uuid=_uuid("a"))
-    centroids = access.slide_centroids(outputs["root"], row, block_rows=2)
+    row = archive.find_resource(outputs["root"], instance_uuid=_uuid("a"))
+    centroids = archive.slide_centroids(outputs["root"], row, block_rows=2)
     np.testing.assert_array_equal(centroids, outputs["a"]["arrays"]["centroids"])
 
 
@@ -175,7 +175,7 @@ def test_artifacts_read_back_from_a_copied_output_root(outputs, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(outputs["root"], moved)
     shutil.rmtree(outputs["root"])  # metadata.json still names the old root
-    slide = access.SlideArtifacts.open(str(moved), _uuid("a"))
+    slide = archive.SlideArtifacts.open(str(moved), _uuid("a"))
     for name, expected in outputs["a"]["arrays"].items():
         np.testing.assert_array_equal(getattr(slide, name)(), expected)
     assert slide.thumbnail_jpeg() == outputs["a"]["thumbnail"]
@@ -190,16 +190,16 @@ def test_artifacts_read_back_from_a_copied_output_root(outputs, tmp_path):
     ])  # fmt: skip
     assert all(Path(uri).parent == moved / _uuid("a") / "path_foundation" / "v1"
                for uri in files.values())  # fmt: skip
-    with pytest.raises(access.SlideNotFoundError, match=r"no metadata.json at .*pathembed run"):
-        access.SlideArtifacts.open(str(moved), _uuid("nowhere"))
+    with pytest.raises(archive.SlideNotFoundError, match=r"no metadata.json at .*pathembed run"):
+        archive.SlideArtifacts.open(str(moved), _uuid("nowhere"))
 
 
 def test_embedding_matrix_needs_one_length():
     ragged = pa.array([[1.0, 2.0], [3.0]], pa.list_(pa.float64()))
     with pytest.raises(ValueError, match="different lengths"):
-        access.embedding_matrix(ragged)
+        archive.embedding_matrix(ragged)
     square = pa.chunked_array([pa.array([[1.0, 2.0]]), pa.array([[3.0, 4.0]])])
-    np.testing.assert_array_equal(access.embedding_matrix(square), [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(archive.embedding_matrix(square), [[1, 2], [3, 4]])
 
 
 @pytest.mark.parametrize(
@@ -208,7 +208,7 @@ def test_embedding_matrix_needs_one_length():
      "bigquery-public-data.idc_current.dicom_all", "example.com:my-project.d_1.t-2"],
 )  # fmt: skip
 def test_published_table_ids_are_valid(table_id):
-    assert access.validate_table_id(table_id) == table_id
+    assert archive.validate_table_id(table_id) == table_id
 
 
 @pytest.mark.parametrize(
@@ -218,15 +218,15 @@ def test_published_table_ids_are_valid(table_id):
 )  # fmt: skip
 def test_anything_else_is_refused_as_a_table_id(table_id):
     with pytest.raises(ValueError, match="not a BigQuery table id"):
-        access.validate_table_id(table_id)
+        archive.validate_table_id(table_id)
 
 
 def test_bigquery_lookup_job_passes_values_as_parameters():
     study, series = "1.2.840.1", "1.2.840.2"
-    sql, config = access.bigquery_lookup_job(
-        access.PUBLISHED_RESOURCE_TABLE, study_instance_uid=study, series_instance_uid=series
+    sql, config = archive.bigquery_lookup_job(
+        archive.PUBLISHED_RESOURCE_TABLE, study_instance_uid=study, series_instance_uid=series
     )
-    assert f"FROM `{access.PUBLISHED_RESOURCE_TABLE}`" in sql
+    assert f"FROM `{archive.PUBLISHED_RESOURCE_TABLE}`" in sql
     assert study not in sql and series not in sql and "${" not in sql
     values = {p.name: (p.type_, p.value) for p in config.query_parameters}
     assert values == {
@@ -234,10 +234,10 @@ def test_bigquery_lookup_job_passes_values_as_parameters():
         "study_instance_uid": ("STRING", study),
         "series_instance_uid": ("STRING", series),
     }
-    sql, config = access.bigquery_lookup_job("p-roj1.d.t", instance_uuid=_uuid("a"))
+    sql, config = archive.bigquery_lookup_job("p-roj1.d.t", instance_uuid=_uuid("a"))
     assert {p.name: p.value for p in config.query_parameters}["instance_uuid"] == _uuid("a")
     with pytest.raises(ValueError, match="not a BigQuery table id"):
-        access.bigquery_lookup_job("p.d.t` --", instance_uuid=_uuid("a"))
+        archive.bigquery_lookup_job("p.d.t` --", instance_uuid=_uuid("a"))
 
 
 def test_cli_lookup_and_fetch(outputs, tmp_path, capsys):

@@ -16,9 +16,10 @@ import pytest
 
 from pipeline.cli import FAILED_SHARE_EXIT, main
 from tests import bad_slides as bad
-from transforms import manifest, patches
-from transforms.artifacts import COMPLETE_MARKER
-from transforms.slides import enumerate_dicom_folder, local_instance_uuid
+from transforms import patches
+from transforms.outputs.artifacts import COMPLETE_MARKER
+from transforms.sources import manifest
+from transforms.sources.dicom_files import enumerate_dicom_folder, local_instance_uuid
 
 pytestmark = pytest.mark.e2e
 

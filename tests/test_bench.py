@@ -16,7 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from scripts import bench, bench_slides
 from transforms import patches
 from transforms.plan import PlanParams, plan_slide
-from transforms.slides import enumerate_dicom_folder
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 
 def test_large_slide_is_a_wsi_the_pipeline_reads(sample_slides, tmp_path):

@@ -1,5 +1,5 @@
 """The BigQuery sink without BigQuery: schemas derived from the one definition in
-transforms/tables.py, the row checks both sinks apply, the checked-in DDL, and the per-run
+transforms/outputs/tables.py, the row checks both sinks apply, the checked-in DDL, and the per-run
 staging merge, whose SQL is executed on SQLite (stdlib; it reads BigQuery's backtick-quoted
 ids and this script's DELETE / INSERT ... SELECT / transaction statements as they are) to
 check that reruns replace rows instead of duplicating them."""
@@ -18,8 +18,8 @@ from apache_beam.io.gcp import bigquery_tools
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from pipeline.config import TablesConfig, load_config
-from transforms.access import render_sql
-from transforms.bigquery_sink import (
+from transforms.outputs.archive import render_sql
+from transforms.outputs.bigquery_sink import (
     RunTables,
     bigquery_row,
     ddl_file_text,
@@ -27,8 +27,8 @@ from transforms.bigquery_sink import (
     prepare_sql,
     tables_ddl,
 )
-from transforms.sinks import WriteTable
-from transforms.tables import TABLES, arrow_schema, bigquery_schema, row_errors
+from transforms.outputs.sinks import WriteTable
+from transforms.outputs.tables import TABLES, arrow_schema, bigquery_schema, row_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 SQL = ROOT / "scripts" / "bigquery"
@@ -115,7 +115,7 @@ def test_a_row_that_does_not_fit_fails_the_parquet_sink_too(tmp_path):
 def test_the_checked_in_ddl_is_generated_from_the_schemas():
     text = (SQL / "tables.sql").read_text()
     assert text == ddl_file_text(), (
-        "stale: rewrite it from transforms.bigquery_sink.ddl_file_text()"
+        "stale: rewrite it from transforms.outputs.bigquery_sink.ddl_file_text()"
     )
     rendered = render_sql(
         "tables.sql",

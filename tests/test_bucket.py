@@ -1,4 +1,4 @@
-"""The byte-range DICOM reader (transforms/bucket.py): on local files against ez-wsi's own
+"""The byte-range DICOM reader (transforms/byte_ranges.py): on local files against ez-wsi's own
 LocalDicomSlide, for every frame index kind and codec; then against gcp-storage-emulator with
 IDC's bucket layout, reading a slide the way the pipeline does."""
 
@@ -14,14 +14,16 @@ from ez_wsi_dicomweb import dicom_frame_decoder, dicom_slide
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 
 from tests import servers
-from transforms import bucket, idc, patches
+from transforms import patches
+from transforms.dicom_io import byte_ranges
 from transforms.plan import PlanParams, plan_slide
-from transforms.slides import enumerate_dicom_folder
+from transforms.sources import idc
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 
 def _pairs(files: list[str]):
     """(RangeDicomSlide, LocalDicomSlide) levels, matched by SOPInstanceUID."""
-    ranged, local = bucket.RangeDicomSlide(files), dicom_slide.LocalDicomSlide(files)
+    ranged, local = byte_ranges.RangeDicomSlide(files), dicom_slide.LocalDicomSlide(files)
     by_uid = {lv.get_level_sop_instance_uids()[0]: lv for lv in local.levels}
     return (
         ranged,
@@ -30,7 +32,7 @@ def _pairs(files: list[str]):
     )
 
 
-def _same_pixels(files: list[str], regions=None) -> bucket.RangeDicomSlide:
+def _same_pixels(files: list[str], regions=None) -> byte_ranges.RangeDicomSlide:
     ranged, local, levels = _pairs(files)
     for lv, llv in levels:
         for x, y, w, h in regions or [(0, 0, lv.width, lv.height)]:
@@ -84,7 +86,7 @@ def _rewrite(src: Path, out: Path, how: str) -> Path:
 def test_every_frame_index_kind_reads_the_same_pixels(sample_slides, tmp_path, how):
     path = _rewrite(sample_slides / "small-40x" / "level-1.dcm", tmp_path, how)
     ranged = _same_pixels([str(path)], [(0, 0, 910, 630), (300, 200, 400, 300)])
-    assert ranged.io.bytes <= path.stat().st_size + bucket.HEADER_BLOCK
+    assert ranged.io.bytes <= path.stat().st_size + byte_ranges.HEADER_BLOCK
 
 
 def test_real_jpeg_and_jpeg2000_slides_decode_like_ez_wsi(real_slides):
@@ -147,7 +149,7 @@ def test_pipeline_reads_from_the_bucket_only_the_frames_it_needs(idc_like_bucket
     for chunk in chunks:
         patches.read_patches(slide, level, chunk.coords, remote.levels.downsample)
     # A third of the slide is tissue: far less than the whole instance is read.
-    assert isinstance(slide, bucket.RangeDicomSlide)
+    assert isinstance(slide, byte_ranges.RangeDicomSlide)
     assert slide.io.bytes < 0.8 * slide.instance_bytes
     assert slide.io.frames / slide.io.requests > 4  # frames per request
     patches.open_slide.cache_clear()
@@ -180,7 +182,7 @@ def test_the_idc_index_source_resolves_series_in_beam(idc_like_bucket, sample_sl
     from apache_beam.testing.util import assert_that, equal_to
 
     from pipeline.config import SourceConfig
-    from transforms.sources import EnumerateSlides
+    from transforms.sources.enumeration import EnumerateSlides
 
     series_uuid, uuids = idc_like_bucket
     (local,) = enumerate_dicom_folder(sample_slides / "small-40x")

@@ -23,9 +23,9 @@ from google.cloud import storage
 from pipeline.cli import main
 from tests import servers
 from tests.test_end_to_end import _make_low_resolution_only_slide
-from transforms.artifacts import COMPLETE_MARKER
-from transforms.bigquery_sink import bigquery_row
-from transforms.tables import EMBEDDING_DIMENSION, TABLES, row_errors
+from transforms.outputs.artifacts import COMPLETE_MARKER
+from transforms.outputs.bigquery_sink import bigquery_row
+from transforms.outputs.tables import EMBEDDING_DIMENSION, TABLES, row_errors
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ from PIL import Image, ImageCms
 from pipeline.config import load_config, parameter_hash
 from transforms import patches, stages
 from transforms.plan import PlanParams, plan_slide
-from transforms.slides import enumerate_dicom_folder
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +79,12 @@ def test_the_option_is_validated_and_part_of_the_parameter_hash():
 
 def test_srgb_over_dicomweb_equals_the_local_file_conversion(adobe_slide, tmp_path):
     from tests import servers
-    from transforms import sources
+    from transforms.sources import enumeration
 
     with servers.orthanc(tmp_path / "orthanc") as url:
         servers.stow(url, sorted(adobe_slide.glob("*.dcm")))
-        [series] = list(sources._dicomweb_series(url, "none", None))
-        [record] = list(sources._dicomweb_record(series, url, "none", (0.0005, 0.15, 0.005)))
+        [series] = list(enumeration._dicomweb_series(url, "none", None))
+        [record] = list(enumeration._dicomweb_record(series, url, "none", (0.0005, 0.15, 0.005)))
         patches.open_slide.cache_clear()
         patches.srgb_transform.cache_clear()
         _, chunks = plan_slide(record, PlanParams())
@@ -97,9 +97,9 @@ def test_srgb_over_dicomweb_equals_the_local_file_conversion(adobe_slide, tmp_pa
 
 
 def test_the_byte_range_reader_finds_the_profile_too(adobe_slide):
-    from transforms import bucket
+    from transforms.dicom_io import byte_ranges
 
     files = sorted(str(p) for p in adobe_slide.glob("*.dcm"))
-    slide = bucket.RangeDicomSlide(files)  # the reader of gs://, s3:// and http(s) files
+    slide = byte_ranges.RangeDicomSlide(files)  # the reader of gs://, s3:// and http(s) files
     assert slide.get_icc_profile_bytes() == dicom_slide.get_adobergb_icc_profile_bytes()
     assert slide.create_icc_profile_transformation(dicom_slide.get_srgb_icc_profile()) is not None

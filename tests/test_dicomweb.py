@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from tests import servers
-from transforms import dicomweb, patches, sources
+from transforms import patches
+from transforms.dicom_io import dicomweb
 from transforms.plan import PlanParams, plan_slide
-from transforms.slides import SlideRecord, enumerate_dicom_folder
+from transforms.sources import enumeration
+from transforms.sources.dicom_files import SlideRecord, enumerate_dicom_folder
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,8 @@ def _enumerate(url: str) -> list:
     levels = (0.0005, 0.15, 0.005)
     return [
         item
-        for series in sources._dicomweb_series(url, "none", None)
-        for item in sources._dicomweb_record(series, url, "none", levels)
+        for series in enumeration._dicomweb_series(url, "none", None)
+        for item in enumeration._dicomweb_record(series, url, "none", levels)
     ]
 
 
@@ -99,16 +101,16 @@ def test_pixel_reads_authenticate_as_the_source_says(store, local_record, monkey
     `google` makes the reader ask Application Default Credentials (here pointed at a missing
     file, so it fails saying so), `none` reads without credentials."""
     (record,) = _enumerate(store)
-    [tagged] = sources._tagged(record, frozenset(), "google")
+    [tagged] = enumeration._tagged(record, frozenset(), "google")
     assert tagged.dicomweb_auth == "google" and tagged.files == record.files
-    [local] = sources._tagged(local_record, frozenset(), "google")
+    [local] = enumeration._tagged(local_record, frozenset(), "google")
     assert local.dicomweb_auth == "auto"  # local files: no DICOMweb
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
     patches.open_slide.cache_clear()
     with pytest.raises(Exception, match=r"no-such-key\.json"):
         plan_slide(tagged, PlanParams())
     patches.open_slide.cache_clear()
-    [anonymous] = sources._tagged(record, frozenset(), "none")
+    [anonymous] = enumeration._tagged(record, frozenset(), "none")
     plan, _ = plan_slide(anonymous, PlanParams())
     assert len(plan.coords) > 0
     patches.open_slide.cache_clear()

@@ -92,7 +92,7 @@ def first_run(slides_dir, model_cache, tmp_path_factory) -> Path:
 
 def slide_dirs(output: Path) -> dict[str, Path]:
     """{sample name: artifact dir}, identified through metadata.json's series UID."""
-    from transforms.sample_slides import sample_uids
+    from transforms.samples.slides import sample_uids
 
     by_series = {sample_uids(name)[1]: name for name in ("small-40x", "medium-20x")}
     found = {}

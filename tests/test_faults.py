@@ -25,10 +25,12 @@ import requests
 from pipeline.cli import main
 from tests import servers
 from tests.bad_slides import tiny_slide
-from transforms import manifest, patches, retry, stages
-from transforms.artifacts import COMPLETE_MARKER
-from transforms.dicomweb import instance_url
-from transforms.slides import enumerate_dicom_folder
+from transforms import patches, stages
+from transforms.dicom_io import retry
+from transforms.dicom_io.dicomweb import instance_url
+from transforms.outputs.artifacts import COMPLETE_MARKER
+from transforms.sources import manifest
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 pytestmark = pytest.mark.e2e
 

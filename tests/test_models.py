@@ -308,7 +308,7 @@ def slide_patches(sample_slides: pathlib.Path) -> np.ndarray:
     """24 tissue patches of the medium sample slide, read as the pipeline reads them."""
     from transforms import patches as patch_io
     from transforms.plan import PlanParams, plan_slide
-    from transforms.slides import enumerate_dicom_folder
+    from transforms.sources.dicom_files import enumerate_dicom_folder
 
     (record,) = list(enumerate_dicom_folder(sample_slides / "medium-20x"))
     _, chunks = plan_slide(record, PlanParams())

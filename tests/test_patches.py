@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from ez_wsi_dicomweb import dicom_slide
 
-from transforms import bucket, patches
+from transforms import patches
+from transforms.dicom_io import byte_ranges
 from transforms.plan import PlanParams, plan_slide
-from transforms.slides import enumerate_dicom_folder
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 PATCH = 224
 
@@ -31,13 +32,13 @@ def decodes(monkeypatch) -> list[int]:
     """Counts every frame the slide reader decodes (local slides are byte-range slides: their
     one decoding method, wrapped)."""
     calls = [0]
-    decode = bucket.RangeDicomFiles.get_decoded_frame_image
+    decode = byte_ranges.RangeDicomFiles.get_decoded_frame_image
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return decode(*args, **kwargs)
 
-    monkeypatch.setattr(bucket.RangeDicomFiles, "get_decoded_frame_image", counting)
+    monkeypatch.setattr(byte_ranges.RangeDicomFiles, "get_decoded_frame_image", counting)
     return calls
 
 

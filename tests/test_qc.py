@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from transforms import artifacts, qc
+from transforms.outputs import artifacts
+from transforms.search import qc
 
 PATCH = 224
 

@@ -20,11 +20,18 @@ import requests
 from pipeline.cli import main
 from pipeline.summary import failure_threshold_exceeded
 from tests import bad_slides
-from transforms import manifest, patches, retry
-from transforms.bucket import HttpSource
+from transforms import patches
+from transforms.dicom_io import retry
+from transforms.dicom_io.byte_ranges import HttpSource
 from transforms.errors import SlideError
-from transforms.reruns import failed_slides, is_bigquery_table, is_unchanged, known_instances
-from transforms.slides import enumerate_dicom_folder
+from transforms.outputs.reruns import (
+    failed_slides,
+    is_bigquery_table,
+    is_unchanged,
+    known_instances,
+)
+from transforms.sources import manifest
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 A = "6fa459ea-ee8a-3ca4-894e-db77e160355e"
 B = "0d8e4f4c-9c1e-4b53-8a7e-2f0c5b0d9e11"
@@ -237,7 +244,7 @@ def test_only_new_processes_new_and_changed_slides(tmp_path):
 def test_gcs_errors_after_retries_are_transient_or_permanent():
     from google.api_core import exceptions
 
-    from transforms.bucket import _gcs_error
+    from transforms.dicom_io.byte_ranges import _gcs_error
 
     transient = _gcs_error("gs://b/o", exceptions.ServiceUnavailable("down"))
     assert isinstance(transient, SlideError) and transient.reason == "transient_http"
@@ -247,7 +254,7 @@ def test_gcs_errors_after_retries_are_transient_or_permanent():
 
 
 def test_a_stale_temporary_of_a_killed_run_is_removed(tmp_path):
-    from transforms import artifacts
+    from transforms.outputs import artifacts
 
     paths = artifacts.ArtifactPaths.for_slide(str(tmp_path), A, "v1", 500)
     Path(paths.directory).mkdir(parents=True)
@@ -261,7 +268,7 @@ def test_a_stale_temporary_of_a_killed_run_is_removed(tmp_path):
 def test_credentials_are_sent_but_never_written_to_messages_or_logs(flaky, monkeypatch, caplog):
     from ez_wsi_dicomweb import credential_factory
 
-    from transforms import dicomweb
+    from transforms.dicom_io import dicomweb
 
     secret = "ya29.SECRET-TOKEN"
     monkeypatch.setattr(

@@ -1,4 +1,4 @@
-"""Tests of transforms.sample_slides: valid, deterministic synthetic DICOM WSI pyramids."""
+"""Tests of transforms.samples.slides: valid, deterministic synthetic DICOM WSI pyramids."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from ez_wsi_dicomweb import dicom_slide, pixel_spacing
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID
 
-from transforms import sample_slides
-from transforms.sample_slides import (
+from transforms.samples import slides as sample_slides
+from transforms.samples.slides import (
     SAMPLES,
     SampleSpec,
     sample_uids,

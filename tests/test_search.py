@@ -26,9 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from transforms import access, qc, search
-from transforms.sample_slides import write_samples
-from transforms.tables import TABLES, arrow_schema
+from transforms.outputs import archive as archive_io
+from transforms.outputs.tables import TABLES, arrow_schema
+from transforms.samples.slides import write_samples
+from transforms.search import qc, ranking
 
 OLD_RUN = "20000101T000000Z-old000"
 NEW_RUN = "20000102T000000Z-new000"
@@ -116,7 +117,7 @@ def archive(tmp_path_factory) -> dict:
     }  # fmt: skip
 
 
-def brute_force(rows, centroids, params: search.SearchParams, excluded_study: str | None):
+def brute_force(rows, centroids, params: ranking.SearchParams, excluded_study: str | None):
     """The seed's search, written out: per query embedding its top k rows (ties by UUID, then
     centroid index), summed or maxed per (study, series), best first (ties by UIDs)."""
     rows = [r for r in rows if r["StudyInstanceUID"] != excluded_study]
@@ -140,8 +141,8 @@ def brute_force(rows, centroids, params: search.SearchParams, excluded_study: st
     return results[: params.limit]
 
 
-def _query(archive) -> search.SlideQuery:
-    return search.archive_query(archive["root"], instance_uuid=archive["real"]["instance_uuid"])
+def _query(archive) -> ranking.SlideQuery:
+    return ranking.archive_query(archive["root"], instance_uuid=archive["real"]["instance_uuid"])
 
 
 def names(archive, matches) -> list[str]:
@@ -151,7 +152,7 @@ def names(archive, matches) -> list[str]:
 def test_copies_then_near_copies_rank_first_and_the_own_study_is_left_out(archive):
     query = _query(archive)
     assert np.array_equal(query.centroids, archive["centroids"])
-    matches = search.exact_search(archive["root"], query, search.SearchParams())
+    matches = ranking.exact_search(archive["root"], query, ranking.SearchParams())
     found = names(archive, matches)
     # Rows of the two copies tie; a tie for a query's last slot goes to the smaller UUID.
     assert found[:4] == [*sorted(COPIES, key=_instance_uuid), "near-1", "near-2"]
@@ -169,9 +170,9 @@ def test_copies_then_near_copies_rank_first_and_the_own_study_is_left_out(archiv
 @pytest.mark.parametrize("aggregate", ["sum", "max"])
 @pytest.mark.parametrize("include_own_study", [False, True])
 def test_exact_search_equals_brute_force(archive, aggregate, include_own_study):
-    params = search.SearchParams(aggregate=aggregate, include_own_study=include_own_study)
+    params = ranking.SearchParams(aggregate=aggregate, include_own_study=include_own_study)
     query = _query(archive)
-    matches = search.exact_search(archive["root"], query, params, block_rows=500)
+    matches = ranking.exact_search(archive["root"], query, params, block_rows=500)
     expected = brute_force(
         archive["current"], archive["centroids"], params, query.excluded_study(params)
     )
@@ -186,10 +187,10 @@ def test_exact_search_equals_brute_force(archive, aggregate, include_own_study):
 
 
 def test_block_size_does_not_change_results(archive):
-    query, params = _query(archive), search.SearchParams(limit=5)
-    whole = search.exact_search(archive["root"], query, params, block_rows=100_000)
-    assert search.exact_search(archive["root"], query, params, block_rows=61) == whole
-    assert search.exact_search(archive["root"], query, params, block_rows=1000) == whole
+    query, params = _query(archive), ranking.SearchParams(limit=5)
+    whole = ranking.exact_search(archive["root"], query, params, block_rows=100_000)
+    assert ranking.exact_search(archive["root"], query, params, block_rows=61) == whole
+    assert ranking.exact_search(archive["root"], query, params, block_rows=1000) == whole
 
 
 def test_approximate_index_measures_recall_and_finds_the_copies(archive, tmp_path, capsys):
@@ -198,27 +199,27 @@ def test_approximate_index_measures_recall_and_finds_the_copies(archive, tmp_pat
     assert main(["index", "--output-root", str(root), "--nlist", "16",
                  "--fraction-lists-to-search", "0.125"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    index = search.SearchIndex.load(str(root))
+    index = ranking.SearchIndex.load(str(root))
     recall = index.info["recall"]
     assert f"recall@20 vs exact = {recall['recall']:.3f}" in printed
     assert recall["slides"] == 3 and recall["nprobe"] == 2 and 0 < recall["recall"] <= 1
-    query, params = _query(archive), search.SearchParams()
-    exact = search.exact_search(archive["root"], query, params)
+    query, params = _query(archive), ranking.SearchParams()
+    exact = ranking.exact_search(archive["root"], query, params)
     # Probing every list makes IVF exact (up to float32 and the order of tied copies).
-    everything = search.approximate_search(index, query, params, fraction_lists_to_search=1.0)
+    everything = ranking.approximate_search(index, query, params, fraction_lists_to_search=1.0)
     assert set(names(archive, everything)[:4]) == set(names(archive, exact)[:4])
     index.info["nprobe"] = 16
-    assert search.measure_recall(index, str(root), 3)["recall"] == pytest.approx(1.0)
-    fast = search.approximate_search(index, query, params)
+    assert ranking.measure_recall(index, str(root), 3)["recall"] == pytest.approx(1.0)
+    fast = ranking.approximate_search(index, query, params)
     assert names(archive, fast)[:2] == names(archive, exact)[:2]  # copies: every probe finds them
     _write(root, "resource", "20990101T000000Z-later0", [])
     with pytest.raises(ValueError, match="rebuild it with `pathembed index"):
-        search.SearchIndex.load(str(root))
+        ranking.SearchIndex.load(str(root))
 
 
 def test_cli_search_prints_table_json_csv_and_writes_html(archive, tmp_path, capsys):
     uuid_ = archive["real"]["instance_uuid"]
-    expected = search.exact_search(archive["root"], _query(archive), search.SearchParams())
+    expected = ranking.exact_search(archive["root"], _query(archive), ranking.SearchParams())
     rows = [(m.instance_uuid, round(m.score, 6)) for m in expected]
 
     assert main(["search", uuid_, "--output-root", archive["root"], "--json"]) == 0
@@ -262,7 +263,7 @@ def test_cli_search_with_a_new_dicom_folder_embeds_it_first(archive, tmp_path, c
                  "--set", f"model.cache_dir={archive['cache']}", "--json"]) == 0  # fmt: skip
     document = json.loads(capsys.readouterr().out)  # stdout holds only the results
     assert document["query"]["instance_uuid"] == real
-    expected = search.exact_search(archive["root"], _query(archive), search.SearchParams())
+    expected = ranking.exact_search(archive["root"], _query(archive), ranking.SearchParams())
     assert [r["instance_uuid"] for r in document["results"]] == [m.instance_uuid for m in expected]
     # The published BigQuery tables hold Path Foundation embeddings: a stand-in query is refused.
     with pytest.raises(SystemExit, match="stand-in model; BigQuery's tables hold Path Foundation"):
@@ -288,9 +289,9 @@ def test_cli_errors_say_what_to_do(archive, tmp_path):
     with pytest.raises(SystemExit, match="build it with `pathembed index"):
         main(["search", archive["real"]["instance_uuid"], "--output-root", archive["root"],
               "--backend", "approximate"])  # fmt: skip
-    resources = access.newest_resources(archive["root"])
+    resources = archive_io.newest_resources(archive["root"])
     with pytest.raises(ValueError, match="rerun the query with --model stub-tiny"):
-        search.check_same_model(("path-foundation", "v1"), resources, archive["root"])
+        ranking.check_same_model(("path-foundation", "v1"), resources, archive["root"])
 
 
 @pytest.mark.parametrize("command", ["search", "index", "lookup", "fetch", "show"])
@@ -310,7 +311,7 @@ def test_show_draws_the_real_slides_patches_in_label_colours(archive, tmp_path):
     uuid_ = archive["real"]["instance_uuid"]
     assert main(["show", uuid_, "--output-root", archive["root"], "--out", str(png)]) == 0
     picture = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB)
-    slide = access.SlideArtifacts.open(archive["root"], uuid_)
+    slide = archive_io.SlideArtifacts.open(archive["root"], uuid_)
     thumbnail, labels = slide.thumbnail(), slide.labels()
     height, width = thumbnail.shape[:2]
     assert picture.shape == (height, 2 * width + qc.GAP_PX, 3)
@@ -328,10 +329,10 @@ def test_show_draws_the_real_slides_patches_in_label_colours(archive, tmp_path):
 
 def test_bigquery_job_for_an_archive_slide(archive):
     real = archive["real"]
-    query = search.SlideQuery(
+    query = ranking.SlideQuery(
         None, real["instance_uuid"], real["StudyInstanceUID"], real["SeriesInstanceUID"]
     )
-    sql, config = search.bigquery_search_job(query, search.SearchParams(aggregate="max"))
+    sql, config = ranking.bigquery_search_job(query, ranking.SearchParams(aggregate="max"))
     params = {p.name: p for p in config.query_parameters}
     values = {name: getattr(p, "value", None) for name, p in params.items()}
     assert values == {
@@ -349,9 +350,9 @@ def test_bigquery_job_for_an_archive_slide(archive):
     assert {p.type_ for n, p in params.items() if n != "query_embeddings"} == {"STRING", "INT64"}
     # Values travel only as parameters; the SQL names tables and the one literal option.
     assert real["StudyInstanceUID"] not in sql and "${" not in sql
-    assert f"`{search.PUBLISHED_SEARCH_TABLE}`" in sql
-    assert f"`{access.PUBLISHED_RESOURCE_TABLE}`" in sql
-    assert f"`{search.IDC_METADATA_TABLE}`" in sql
+    assert f"`{ranking.PUBLISHED_SEARCH_TABLE}`" in sql
+    assert f"`{archive_io.PUBLISHED_RESOURCE_TABLE}`" in sql
+    assert f"`{ranking.IDC_METADATA_TABLE}`" in sql
     assert """options => '{"fraction_lists_to_search": 0.005}'""" in sql
     code = "\n".join(line.split("--")[0] for line in sql.splitlines())  # without comments
     assert "1 - distance AS similarity" in code
@@ -368,10 +369,10 @@ def test_bigquery_job_for_an_archive_slide(archive):
 
 def test_bigquery_job_for_new_embeddings(archive):
     centroids = archive["centroids"][:3]
-    query = search.SlideQuery(centroids, None, "2.25.1", "2.25.2")
-    params = search.SearchParams(top_k=5, limit=7, include_own_study=True)
-    tables = search.BigQueryTables("my-project.my_dataset.search", "my-project.my_dataset.res")
-    sql, config = search.bigquery_search_job(query, params, tables, 0.05)
+    query = ranking.SlideQuery(centroids, None, "2.25.1", "2.25.2")
+    params = ranking.SearchParams(top_k=5, limit=7, include_own_study=True)
+    tables = ranking.BigQueryTables("my-project.my_dataset.search", "my-project.my_dataset.res")
+    sql, config = ranking.bigquery_search_job(query, params, tables, 0.05)
     params_ = {p.name: p for p in config.query_parameters}
     assert params_["query_embeddings"].values == centroids.ravel().tolist()
     assert params_["dimension"].value == centroids.shape[1]
@@ -382,6 +383,6 @@ def test_bigquery_job_for_new_embeddings(archive):
     assert """'{"fraction_lists_to_search": 0.05}'""" in sql
     for bad in ["p.d.t` WHERE TRUE --", "my-project.my_dataset", "`p.d.t`", "p.d.t; DROP x"]:
         with pytest.raises(ValueError, match="not a BigQuery table id"):
-            search.bigquery_search_job(query, params, search.BigQueryTables(search=bad))
+            ranking.bigquery_search_job(query, params, ranking.BigQueryTables(search=bad))
     with pytest.raises(ValueError, match="fraction_lists_to_search"):
-        search.bigquery_search_job(query, params, tables, 1.0)
+        ranking.bigquery_search_job(query, params, tables, 1.0)

@@ -14,8 +14,9 @@ import pytest
 
 from pipeline.cli import main
 from tests import servers
-from transforms import manifest, patches
-from transforms.slides import enumerate_dicom_folder
+from transforms import patches
+from transforms.sources import manifest
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 pytestmark = pytest.mark.e2e
 

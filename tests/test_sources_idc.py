@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from transforms import idc
 from transforms.errors import SlideError
-from transforms.slides import FolderFailure, SlideRecord, validate_uid, validate_uuid
+from transforms.sources import idc
+from transforms.sources.dicom_files import FolderFailure, SlideRecord, validate_uid, validate_uuid
 
 # -- BigQuery: rendering ----------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Manifests (transforms/manifest.py) and the source flags of `pathembed run`."""
+"""Manifests (transforms/sources/manifest.py) and the source flags of `pathembed run`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from pipeline.cli import config_from_args, main
-from transforms import manifest
-from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder
+from transforms.sources import manifest
+from transforms.sources.dicom_files import FolderFailure, SlideRecord, enumerate_dicom_folder
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """Reading a slide's pixels through ez-wsi-dicomweb: the mask-level image and 224 px patches.
 
 Slides are ez-wsi slide objects: local files and gs://, s3://, http(s) files are read by byte
-ranges (`transforms.bucket`: a frame offset index, only the frames asked for, so a worker never
+ranges (`transforms.dicom_io.byte_ranges`: a frame offset index, only the frames asked for, so a worker never
 holds a whole instance, which for a 100k-patch 20x level is ~2 GB compressed), WADO-RS URLs
-through DICOMweb (`transforms.pixels`).
+through DICOMweb (`transforms.dicom_io.remote`).
 
 Patches are assembled from decoded DICOM frames in numpy: each patch copies the parts of the
 1-4 frames it overlaps (4-9 at 40x) into place, and a finer-than-20x level is downsampled per
@@ -38,7 +38,7 @@ import numpy as np
 from ez_wsi_dicomweb import dicom_slide, ez_wsi_errors, image_util, slide_level_map
 from PIL import ImageCms
 
-from transforms import bucket
+from transforms.dicom_io import byte_ranges
 from transforms.errors import ReasonCode, SlideError
 
 # Open slides kept per worker process (each keeps a bounded cache of compressed frames).
@@ -83,13 +83,13 @@ def open_slide(
     """The slide of these (SOPInstanceUID, URI) files, opened once per worker process: local
     paths with the byte-range reader (ez-wsi's LocalDicomSlide would load whole files: 1.8 GB
     of memory for a 100k-patch level); gs://, s3://, http(s) and DICOMweb URIs through
-    transforms/pixels.py (DICOMweb with `dicomweb_auth`: auto, google or none)."""
+    transforms/dicom_io/remote.py (DICOMweb with `dicomweb_auth`: auto, google or none)."""
     with slide_errors("opening slide"):
         if any("://" in uri for _, uri in files):
-            from transforms.pixels import open_remote_slide
+            from transforms.dicom_io.remote import open_remote_slide
 
             return open_remote_slide(files, dicomweb_auth)
-        return bucket.open_range_slide([path for _, path in files])
+        return byte_ranges.open_range_slide([path for _, path in files])
 
 
 def level_of(slide: dicom_slide.LocalDicomSlide, sop_instance_uid: str) -> slide_level_map.Level:

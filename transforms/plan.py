@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from transforms import bucket, patches, tissue
+from transforms import patches, tissue
+from transforms.dicom_io import byte_ranges
 from transforms.errors import ReasonCode, SlideError
-from transforms.slides import SlideRecord
+from transforms.sources.dicom_files import SlideRecord
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def instance_hashes(path: str) -> tuple[str, str]:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_BLOCK), b""):
             md5.update(block)
-    value_at, value_length = bucket.DicomInstanceReader(path).pixel_data_value()
+    value_at, value_length = byte_ranges.DicomInstanceReader(path).pixel_data_value()
     sha512 = hashlib.sha512()
     with open(path, "rb") as handle:
         handle.seek(value_at)

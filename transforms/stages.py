@@ -18,10 +18,11 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms import artifacts, clustering, patches
+from transforms import clustering, patches
 from transforms.errors import ReasonCode, SlideError
+from transforms.outputs import artifacts
 from transforms.plan import PatchChunk, PlanParams, SlidePlan, plan_slide
-from transforms.slides import FolderFailure, SlideRecord
+from transforms.sources.dicom_files import FolderFailure, SlideRecord
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "pathembed"

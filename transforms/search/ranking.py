@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.access import (
+from transforms.outputs.archive import (
     PUBLIC_OUTPUT_ROOT,
     PUBLISHED_RESOURCE_TABLE,
     embedding_matrix,
@@ -45,8 +45,8 @@ from transforms.access import (
     slide_centroids,
     table_files,
 )
-from transforms.artifacts import ArtifactPaths
-from transforms.sinks import table_dir
+from transforms.outputs.artifacts import ArtifactPaths
+from transforms.outputs.sinks import table_dir
 
 _LOG = logging.getLogger(__name__)
 

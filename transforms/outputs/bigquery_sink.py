@@ -9,7 +9,7 @@ and the failure rows of that run, and drops the staging tables. `prepare_run` cr
 staging tables, with an expiration of STAGING_DAYS, before the job starts: a run that dies
 before the merge leaves the final tables untouched and its staging tables expire.
 
-Schemas come from transforms/tables.py (the same definition as the Parquet sink); so do the
+Schemas come from transforms/outputs/tables.py (the same definition as the Parquet sink); so do the
 CREATE TABLE statements (`tables_ddl`, checked in as scripts/bigquery/tables.sql). Not for
 local runs: FILE_LOADS needs a gs:// temp location and BigQuery credentials.
 """
@@ -23,7 +23,13 @@ from typing import Any
 
 import apache_beam as beam
 
-from transforms.tables import TABLES, Column, bigquery_ddl_columns, bigquery_schema, row_errors
+from transforms.outputs.tables import (
+    TABLES,
+    Column,
+    bigquery_ddl_columns,
+    bigquery_schema,
+    row_errors,
+)
 
 TABLE_KINDS = ("resource", "search", "failures")
 STAGING_DAYS = 7
@@ -31,8 +37,8 @@ _RUN_TOKEN = re.compile(r"[^A-Za-z0-9_]")
 
 
 def _validate_table_id(table_id: str) -> str:
-    # Imported here: transforms.access imports transforms.sinks, which imports this module.
-    from transforms.access import validate_table_id
+    # Imported here: transforms.outputs.archive imports transforms.outputs.sinks, which imports this module.
+    from transforms.outputs.archive import validate_table_id
 
     return validate_table_id(table_id)
 
@@ -118,7 +124,7 @@ def _create_tables(names: dict[str, str], options: str = "") -> str:
 
 
 def tables_ddl(tables: dict[str, str], staging_days: int | None = None) -> str:
-    """CREATE TABLE IF NOT EXISTS for {kind: table id}, columns from transforms/tables.py.
+    """CREATE TABLE IF NOT EXISTS for {kind: table id}, columns from transforms/outputs/tables.py.
 
     `staging_days`: the tables expire that many days after creation (staging tables).
     """
@@ -134,19 +140,19 @@ def tables_ddl(tables: dict[str, str], staging_days: int | None = None) -> str:
 def ddl_file_text() -> str:
     """scripts/bigquery/tables.sql: the final tables' DDL with ${...} table placeholders."""
     header = (
-        "-- pathembed's three tables (DESIGN.md §5), generated from transforms/tables.py by\n"
-        "-- transforms.bigquery_sink.ddl_file_text(); tests/test_bigquery_sink.py checks that\n"
-        "-- this file is current. Render with transforms.access.render_sql('tables.sql', ...):\n"
+        "-- pathembed's three tables (DESIGN.md §5), generated from transforms/outputs/tables.py by\n"
+        "-- transforms.outputs.bigquery_sink.ddl_file_text(); tests/test_bigquery_sink.py checks that\n"
+        "-- this file is current. Render with transforms.outputs.archive.render_sql('tables.sql', ...):\n"
         "-- ${resource_table}, ${search_table} and ${failures_table} are validated table ids.\n"
         "-- `embedding` holds 384 FLOAT64 per row: BigQuery cannot declare an array's length,\n"
-        "-- so both sinks check it (transforms/tables.py row_errors).\n\n"
+        "-- so both sinks check it (transforms/outputs/tables.py row_errors).\n\n"
     )
     return header + _create_tables({kind: f"${{{kind}_table}}" for kind in TABLE_KINDS})
 
 
 def merge_sql(run: RunTables) -> str:
     """scripts/bigquery/merge_run.sql rendered for one run (validated table ids only)."""
-    from transforms.access import render_sql
+    from transforms.outputs.archive import render_sql
 
     tables = {f"{kind}_table": table for kind, table in run.final.items()}
     tables |= {f"staging_{kind}": table for kind, table in run.staging.items()}

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.slides import validate_uuid
+from transforms.sources.dicom_files import validate_uuid
 
 MODEL_DIR = "path_foundation"
 COMPLETE_MARKER = "_COMPLETE.json"

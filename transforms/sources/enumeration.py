@@ -4,7 +4,7 @@
 
 - dicom_folder: WSI files under a folder, gs:// or s3:// prefix (headers by range reads);
   pixels from the same files.
-- manifest: the slide records of a JSONL/CSV manifest (transforms/manifest.py).
+- manifest: the slide records of a JSONL/CSV manifest (transforms/sources/manifest.py).
 - idc_index: SM series of the offline idc-index-data index, resolved by reading their headers
   from the IDC bucket; pixels from the bucket or a DICOMweb store.
 - bigquery: scripts/bigquery/idc_slides.sql over `dicom_all` of a pinned release; pixels from
@@ -26,8 +26,8 @@ from collections.abc import Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import artifacts
-from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder
+from transforms.outputs import artifacts
+from transforms.sources.dicom_files import FolderFailure, SlideRecord, enumerate_dicom_folder
 
 _LOG = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _tagged(item, uuids: frozenset[str], dicomweb_auth: str) -> Iterator[object]
 
 
 def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tuple[str, str]]:
-    from transforms.dicomweb import DicomWebClient, series_of
+    from transforms.dicom_io.dicomweb import DicomWebClient, series_of
 
     for n, row in enumerate(DicomWebClient(base_url, auth).search_series("SM")):
         if limit is not None and n >= limit:
@@ -58,7 +58,7 @@ def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tu
 def _series_failure(series_uid: str, exc: Exception) -> FolderFailure:
     """A series whose headers could not be read: a failure row, and the run goes on."""
     from transforms.errors import ReasonCode, SlideError
-    from transforms.slides import local_instance_uuid
+    from transforms.sources.dicom_files import local_instance_uuid
 
     try:
         fallback = local_instance_uuid(series_uid)
@@ -72,8 +72,8 @@ def _series_failure(series_uid: str, exc: Exception) -> FolderFailure:
 
 
 def _dicomweb_record(series: tuple[str, str], base_url: str, auth: str, levels: tuple):
-    from transforms.dicomweb import DicomWebClient, instance_url, metadata_dataset
-    from transforms.slides import VL_WSI_SOP_CLASS, record_from_headers
+    from transforms.dicom_io.dicomweb import DicomWebClient, instance_url, metadata_dataset
+    from transforms.sources.dicom_files import VL_WSI_SOP_CLASS, record_from_headers
 
     study, series_uid = series
     instances = []
@@ -92,7 +92,7 @@ def _dicomweb_record(series: tuple[str, str], base_url: str, auth: str, levels: 
 
 
 def _idc_record(series, bucket: str, version: str | None, levels: tuple):
-    from transforms import idc
+    from transforms.sources import idc
 
     try:
         return idc.resolve_series(series, bucket, version, *levels)
@@ -119,7 +119,7 @@ class EnumerateSlides(beam.PTransform):
         self._uuids = uuids
         self._idc_version = idc_version
         if source.kind == "bigquery":  # render (and validate) in the driver
-            from transforms.idc import render_slides_query
+            from transforms.sources.idc import render_slides_query
 
             self._query = render_slides_query(
                 source.bigquery_table, source.collections, sorted(uuids), source.limit
@@ -137,7 +137,7 @@ class EnumerateSlides(beam.PTransform):
                 )
             )  # fmt: skip
         elif src.kind == "manifest":
-            from transforms.manifest import parse_manifest
+            from transforms.sources.enumeration.manifest import parse_manifest
 
             found = (
                 pbegin
@@ -147,7 +147,7 @@ class EnumerateSlides(beam.PTransform):
                 )
             )  # fmt: skip
         elif src.kind == "idc_index":
-            from transforms import idc
+            from transforms.sources import idc
 
             series = idc.sm_series(src.collections, src.limit, src.sample)
             _LOG.info(
@@ -162,7 +162,7 @@ class EnumerateSlides(beam.PTransform):
                 | "ReadSeriesHeaders" >> beam.Map(_idc_record, bucket, version, levels)
             )  # fmt: skip
         elif src.kind == "bigquery":
-            from transforms import idc
+            from transforms.sources import idc
 
             query, project = self._query, src.bigquery_project
             version = self._idc_version or idc.idc_version_of_table(src.bigquery_table)
@@ -184,7 +184,7 @@ class EnumerateSlides(beam.PTransform):
                 | "SeriesMetadata" >> beam.FlatMap(_dicomweb_record, url, auth, levels)
             )
         if src.kind == "idc_index" and src.read_from == "dicomweb":
-            from transforms.idc import with_dicomweb
+            from transforms.sources.idc import with_dicomweb
 
             url = src.dicomweb_url
             found = found | "ReadThroughDicomWeb" >> beam.Map(
@@ -194,7 +194,7 @@ class EnumerateSlides(beam.PTransform):
             _tagged, self._uuids, src.dicomweb_auth
         ).with_outputs("failed", main="slides")
         if src.manifest_out:
-            from transforms.manifest import format_rows
+            from transforms.sources.enumeration.manifest import format_rows
 
             csv_format = src.manifest_out.lower().endswith(".csv")
             out = src.manifest_out
@@ -260,7 +260,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
 
     def setup(self) -> None:
         if self._resource_table:
-            from transforms.reruns import known_instances
+            from transforms.outputs.reruns import known_instances
 
             self._known = known_instances(self._resource_table)
             _LOG.info("%d slides already in %s", len(self._known), self._resource_table)
@@ -274,7 +274,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         if self._uuids and record.instance_uuid not in self._uuids:
             return
         if self._resource_table:
-            from transforms.reruns import is_unchanged
+            from transforms.outputs.reruns import is_unchanged
 
             if is_unchanged(self._known, record.instance_uuid, record.instance_hash):
                 self._skipped.inc()
@@ -297,7 +297,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
                 return
         self._to_process.inc()
         if self._run_id:
-            from transforms import breaker
+            from transforms import failures
 
-            breaker.note_tried(self._run_id)
+            failures.note_tried(self._run_id)
         yield record

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from transforms import bucket, dicomweb
+from transforms.dicom_io import byte_ranges, dicomweb
 from transforms.errors import ReasonCode, SlideError
 
 
 def open_remote_slide(files: Sequence[tuple[str, str]], dicomweb_auth: str = "auto"):
     """The ez-wsi slide of these (SOPInstanceUID, URI) levels; DICOMweb reads authenticate
-    as `dicomweb_auth` says (transforms.dicomweb.credentials_for)."""
+    as `dicomweb_auth` says (transforms.dicom_io.dicomweb.credentials_for)."""
     uris = [uri for _, uri in files]
     web = [dicomweb.is_instance_url(u) for u in uris]
     if all(web):
@@ -30,4 +30,4 @@ def open_remote_slide(files: Sequence[tuple[str, str]], dicomweb_auth: str = "au
             raise SlideError(ReasonCode.READ_ERROR, f"DICOMweb slide: {exc}") from exc
     if any(web):
         raise SlideError(ReasonCode.READ_ERROR, "a slide mixes DICOMweb URLs and file URIs")
-    return bucket.open_range_slide(uris)
+    return byte_ranges.open_range_slide(uris)

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transforms.errors import SlideError
-from transforms.idc import RenderedQuery, run_slides_query, validate_table
-from transforms.slides import validate_uuid
+from transforms.sources.dicom_files import validate_uuid
+from transforms.sources.idc import RenderedQuery, run_slides_query, validate_table
 
 _LOG = logging.getLogger(__name__)
 

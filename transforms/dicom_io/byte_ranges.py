@@ -44,7 +44,7 @@ from ez_wsi_dicomweb import (
 )
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
-from transforms import retry
+from transforms.dicom_io import retry
 from transforms.errors import ReasonCode, SlideError
 
 _LOG = logging.getLogger(__name__)

@@ -33,9 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.artifacts import MODEL_DIR
-from transforms.sinks import table_dir
-from transforms.slides import validate_uid, validate_uuid
+from transforms.outputs.artifacts import MODEL_DIR
+from transforms.outputs.sinks import table_dir
+from transforms.sources.dicom_files import validate_uid, validate_uuid
 
 _LOG = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from transforms.levels import LevelInfo, PixelSpacing
-from transforms.slides import (
+from transforms.sources.dicom_files import (
     FolderFailure,
     SlideRecord,
     build_record,
@@ -127,7 +127,7 @@ def records_from_rows(
     `read_from`: `gcs` (gcs_url), `aws` (aws_url) or `dicomweb` (WADO-RS URLs under
     `dicomweb_url`, e.g. IDC's Google Healthcare DICOM store).
     """
-    from transforms.dicomweb import instance_url
+    from transforms.dicom_io.dicomweb import instance_url
 
     if read_from == "dicomweb" and not dicomweb_url:
         raise ValueError("read_from=dicomweb needs a DICOMweb base URL")
@@ -282,9 +282,9 @@ def resolve_series(
     IDC names each instance `{crdc_series_uuid}/{crdc_instance_uuid}.dcm`, so the instance
     UUIDs come from the object names (validated).
     """
-    from transforms.bucket import list_uris, read_header
+    from transforms.dicom_io.byte_ranges import list_uris, read_header
     from transforms.errors import ReasonCode, SlideError
-    from transforms.slides import local_instance_uuid
+    from transforms.sources.dicom_files import local_instance_uuid
 
     instances, uuids = [], {}
     for uri in list_uris(series_prefix(series, bucket)):
@@ -316,7 +316,7 @@ def resolve_series(
 
 def with_dicomweb(record: SlideRecord, base_url: str) -> SlideRecord:
     """The same record read through a DICOMweb store (e.g. IDC's) instead of its files."""
-    from transforms.dicomweb import instance_url
+    from transforms.dicom_io.dicomweb import instance_url
 
     files = tuple(
         (
@@ -329,7 +329,7 @@ def with_dicomweb(record: SlideRecord, base_url: str) -> SlideRecord:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m transforms.idc [--collections a,b] [--sample N]`: plan from the offline index."""
+    """`python -m transforms.sources.idc [--collections a,b] [--sample N]`: plan from the offline index."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -907,7 +907,7 @@ def write_samples(
 
 def _main(argv: Sequence[str]) -> int:
     if not argv:
-        print(f"usage: python -m transforms.sample_slides OUT_DIR [{'|'.join(SAMPLES)} ...]")
+        print(f"usage: python -m transforms.samples.slides OUT_DIR [{'|'.join(SAMPLES)} ...]")
         return 2
     written = write_samples(pathlib.Path(argv[0]), list(argv[1:]) or None)
     for name, paths in written.items():

@@ -10,9 +10,9 @@ SeriesInstanceUID (one series = one slide) and chooses the levels from the heade
 
 Where to read a level: `files` pairs each level's SOPInstanceUID with a URI, one of
 - a local path (read with ez-wsi's LocalDicomSlide),
-- gs://bucket/object, s3://bucket/key, http(s):// file (byte-range reads, transforms/bucket.py),
+- gs://bucket/object, s3://bucket/key, http(s):// file (byte-range reads, transforms/dicom_io/byte_ranges.py),
 - a WADO-RS instance URL `{base}/studies/{s}/series/{se}/instances/{sop}` (DICOMweb through
-  ez-wsi, transforms/dicomweb.py); `dicomweb_url` then holds `{base}`.
+  ez-wsi, transforms/dicom_io/dicomweb.py); `dicomweb_url` then holds `{base}`.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def _read_header(uri: str) -> pydicom.Dataset | None:
     """The header of a DICOM file (local or by range reads), or None if it is not DICOM."""
     try:
         if "://" in uri:
-            from transforms.bucket import read_header
+            from transforms.dicom_io.byte_ranges import read_header
 
             return read_header(uri)[0]
         return pydicom.dcmread(uri, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
@@ -324,7 +324,7 @@ def enumerate_dicom_folder(
 ) -> Iterator[SlideRecord | FolderFailure]:
     """Yields one SlideRecord (or FolderFailure) per WSI series found under `folder`: a local
     folder (scanned recursively) or a gs:// / s3:// prefix (headers read by byte ranges)."""
-    from transforms.bucket import list_uris
+    from transforms.dicom_io.byte_ranges import list_uris
 
     where = str(folder)
     if "://" not in where and not Path(where).is_dir():

@@ -2,8 +2,8 @@
 
 parquet (local runs): one Parquet file per table and run under {output_root}/tables/.
 bigquery (the full archive): this run's staging tables, merged afterwards
-(transforms/bigquery_sink.py). Both check every row against the one schema in
-transforms/tables.py before writing it.
+(transforms/outputs/bigquery_sink.py). Both check every row against the one schema in
+transforms/outputs/tables.py before writing it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.bigquery_sink import WriteBigQueryTable, checked_row
-from transforms.tables import TABLES, arrow_schema
+from transforms.outputs.bigquery_sink import WriteBigQueryTable, checked_row
+from transforms.outputs.tables import TABLES, arrow_schema
 
 
 def table_dir(output_root: str, table: str) -> str:

@@ -39,8 +39,12 @@ from ez_wsi_dicomweb import (
 from ez_wsi_dicomweb.ml_toolkit import dicom_path
 from requests_toolbelt.multipart import decoder
 
-from transforms import retry
-from transforms.bucket import level_frames_by_instance, log_fetch, region_frame_numbers
+from transforms.dicom_io import retry
+from transforms.dicom_io.byte_ranges import (
+    level_frames_by_instance,
+    log_fetch,
+    region_frame_numbers,
+)
 from transforms.errors import SlideError
 
 _LOG = logging.getLogger(__name__)
