@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models import stubs
+from models import signature, stubs
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
 PATH_FOUNDATION_REPO = "google/path-foundation"
 DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/pathembed/models")
-PATCH_SHAPE = (stubs.PATCH_SIZE, stubs.PATCH_SIZE, 3)
+PATCH_SHAPE = (signature.PATCH_SIZE, signature.PATCH_SIZE, 3)
 
 _LOG = logging.getLogger(__name__)
 # precision -> TensorFlow's graph rewrite (grappler) that implements it
@@ -264,9 +264,9 @@ class Embedder:
         if tuple(spec.shape[1:]) != PATCH_SHAPE or spec.dtype != tf.float32:
             raise ValueError(f"{model_dir}: input {spec} is not float32 [batch, 224, 224, 3]")
         outputs = self._fn.structured_outputs
-        self.output_key = stubs.OUTPUT_KEY if stubs.OUTPUT_KEY in outputs else None
+        self.output_key = signature.OUTPUT_KEY if signature.OUTPUT_KEY in outputs else None
         if self.output_key is None:
-            raise ValueError(f"{model_dir}: signature has no {stubs.OUTPUT_KEY!r} output")
+            raise ValueError(f"{model_dir}: signature has no {signature.OUTPUT_KEY!r} output")
         self.embedding_dim = int(outputs[self.output_key].shape[-1])
         self._embed = self._traced_embed(tf)
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from models.stubs import EMBEDDING_DIM, INPUT_NAME, OUTPUT_KEY, PATCH_SIZE
+from models.signature import EMBEDDING_DIM, INPUT_NAME, OUTPUT_KEY, PATCH_SIZE
 
 _INPUT_SPEC = tf.TensorSpec([None, PATCH_SIZE, PATCH_SIZE, 3], tf.float32, name=INPUT_NAME)
 

@@ -25,11 +25,6 @@ import pathlib
 import shutil
 import tempfile
 
-PATCH_SIZE = 224
-EMBEDDING_DIM = 384
-INPUT_NAME = "inputs"
-OUTPUT_KEY = "output_0"
-
 STUB_MODELS: dict[str, str] = {
     "stub-tiny": "small conv net with fixed random weights; fast on CPU; NOT Path Foundation",
     "stub-vit-s16": (

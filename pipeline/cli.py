@@ -183,7 +183,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from models.path_foundation import ModelAccessError
     from pipeline import dag, summary
     from transforms.errors import SlideError
-    from transforms.sources.dicom_files import validate_uuid
+    from transforms.records import validate_uuid
 
     cfg = config_from_args(args)
     if "://" not in cfg.output_root:  # record absolute local paths in metadata and tables

@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 
 from transforms.clustering import KMeansParams
+from transforms.outputs.layout import DATASET_VERSION
 from transforms.patches import ICC_PROFILES
 from transforms.plan import PlanParams
 
 PIPELINE_VERSION = "0.1.0"
-DATASET_VERSION = "v1"  # the published layout: {uuid}/path_foundation/v1/
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TablesConfig:
-    """Where the resource, search and failures tables go (transforms/outputs/sinks.py WriteTable)."""
+    """Where the resource, search and failures tables go (transforms/outputs/sinks.py)."""
 
     sink: str = "parquet"  # parquet | bigquery
     bigquery_dataset: str | None = None  # project.dataset

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from pipeline.config import DATASET_VERSION, PIPELINE_VERSION, PipelineConfig, parameter_hash
+from pipeline.config import PIPELINE_VERSION, PipelineConfig, parameter_hash
 from transforms import failures, stages
 from transforms.embed import EmbedChunks
+from transforms.outputs.layout import DATASET_VERSION
 from transforms.outputs.sinks import WriteTable
 from transforms.sources.enumeration import EnumerateSlides, SkipDoneOrUnrequested
 

@@ -9,6 +9,9 @@ from typing import Any
 
 from apache_beam.metrics.metric import MetricsFilter
 
+from transforms.outputs.layout import run_summary_uri
+from transforms.urls import is_remote
+
 _LOG = logging.getLogger("pathembed")
 FAILED_SHARE_EXIT = 3  # more than run.max_failed_fraction of the slides failed
 
@@ -134,8 +137,8 @@ def write_run_summary(output_root: str, run_id: str, collected: dict[str, Any]) 
     """Writes {output_root}/runs/{run_id}.json (local path or gs://) and returns its path."""
     from apache_beam.io.filesystems import FileSystems
 
-    path = FileSystems.join(output_root.rstrip("/"), "runs", f"{run_id}.json")
-    if "://" not in output_root:
+    path = run_summary_uri(output_root, run_id)
+    if not is_remote(output_root):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     with FileSystems.create(path) as handle:
         handle.write(json.dumps({"run_id": run_id, **collected}, indent=1).encode())

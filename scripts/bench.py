@@ -52,8 +52,9 @@ from pydicom.encaps import generate_frames  # noqa: E402
 from scripts import bench_slides  # noqa: E402
 from transforms import clustering, patches, tissue  # noqa: E402
 from transforms.plan import PlanParams, plan_slide  # noqa: E402
+from transforms.records import SlideRecord  # noqa: E402
 from transforms.samples.slides import write_samples  # noqa: E402
-from transforms.sources.dicom_files import SlideRecord, enumerate_dicom_folder  # noqa: E402
+from transforms.sources.dicom_files import enumerate_dicom_folder  # noqa: E402
 
 GIB = 1024**3
 PARTS = ("mask", "assembly", "model", "clustering", "e2e", "memory")
@@ -562,7 +563,7 @@ def pooling_model(directory: pathlib.Path) -> pathlib.Path:
     of patches/s on CPU), labelled as a stand-in: the memory run's model."""
     import tensorflow as tf
 
-    from models import stubs
+    from models import signature, stubs
 
     if (directory / "saved_model.pb").exists():
         return directory
@@ -574,12 +575,12 @@ def pooling_model(directory: pathlib.Path) -> pathlib.Path:
 
         @tf.function(
             input_signature=[
-                tf.TensorSpec([None, PATCH, PATCH, 3], tf.float32, name=stubs.INPUT_NAME)
+                tf.TensorSpec([None, PATCH, PATCH, 3], tf.float32, name=signature.INPUT_NAME)
             ]
         )
         def serve(self, inputs: tf.Tensor) -> dict:
             pixels = inputs[:, ::16, ::16, :]
-            return {stubs.OUTPUT_KEY: tf.reshape(pixels, [-1, 14 * 14 * 3]) @ self.w}
+            return {signature.OUTPUT_KEY: tf.reshape(pixels, [-1, 14 * 14 * 3]) @ self.w}
 
     module = Pool()
     tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})

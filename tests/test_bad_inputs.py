@@ -18,8 +18,9 @@ from pipeline.cli import FAILED_SHARE_EXIT, main
 from tests import bad_slides as bad
 from transforms import patches
 from transforms.outputs.artifacts import COMPLETE_MARKER
+from transforms.records import local_instance_uuid
 from transforms.sources import manifest
-from transforms.sources.dicom_files import enumerate_dicom_folder, local_instance_uuid
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 pytestmark = pytest.mark.e2e
 

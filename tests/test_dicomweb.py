@@ -11,8 +11,9 @@ from tests import servers
 from transforms import patches
 from transforms.dicom_io import dicomweb
 from transforms.plan import PlanParams, plan_slide
+from transforms.records import SlideRecord
 from transforms.sources import enumeration
-from transforms.sources.dicom_files import SlideRecord, enumerate_dicom_folder
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def test_the_production_graph_reads_bigquery_and_writes_gcs_and_bigquery(product
     names = [t.unique_name for depth, t in launch.walk_transforms(proto) if depth == 0]
     assert names == TOP_LEVEL
     every = {t.unique_name for _, t in launch.walk_transforms(proto)}
-    assert "Enumerate/RunQuery" in every  # the BigQuery source (scripts/bigquery/idc_slides.sql)
+    assert "Enumerate/RunQuery" in every  # the BigQuery source (transforms/sql/idc_slides.sql)
     for table in ("WriteResourceTable", "WriteSearchTable", "WriteFailuresTable"):
         assert f"{table}/CheckSchema" in every
         assert f"{table}/WriteBigQueryTable/Load" in every

@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from transforms.errors import SlideError
+from transforms.records import FolderFailure, SlideRecord, validate_uid, validate_uuid
 from transforms.sources import idc
-from transforms.sources.dicom_files import FolderFailure, SlideRecord, validate_uid, validate_uuid
 
 # -- BigQuery: rendering ----------------------------------------------------------------------
 

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from pipeline.cli import config_from_args, main
+from transforms.records import FolderFailure, SlideRecord
 from transforms.sources import manifest
-from transforms.sources.dicom_files import FolderFailure, SlideRecord, enumerate_dicom_folder
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,22 @@ class PixelSpacing:
 
 
 @dataclass(frozen=True)
+class LevelRule:
+    """The level rule's numbers, in mm/px like every spacing here (the config says them in µm).
+
+    The embedding level is the coarsest level at most `target_spacing_mm * (1 + tolerance)`;
+    the mask level is the level nearest `mask_spacing_mm` (~2X) in log space.
+    """
+
+    target_spacing_mm: float = 0.0005  # ~20x
+    tolerance: float = 0.15
+    mask_spacing_mm: float = 0.005  # ~2X
+
+
+DEFAULT_RULE = LevelRule()
+
+
+@dataclass(frozen=True)
 class LevelInfo:
     """One pyramid level: its size in pixels, spacing and the instance(s) holding it."""
 
@@ -99,13 +115,9 @@ def validate_spacing(level: LevelInfo) -> PixelSpacing:
     return spacing
 
 
-def choose_levels(
-    levels: Sequence[LevelInfo],
-    target_spacing_mm: float = 0.0005,
-    tolerance: float = 0.15,
-    mask_spacing_mm: float = 0.005,
-) -> LevelChoice:
+def choose_levels(levels: Sequence[LevelInfo], rule: LevelRule = DEFAULT_RULE) -> LevelChoice:
     """Chooses the embedding and mask levels of a pyramid by the DESIGN.md §3 rule."""
+    target_spacing_mm, tolerance = rule.target_spacing_mm, rule.tolerance
     if not levels:
         raise SlideError(ReasonCode.NO_PYRAMID, "the series has no pyramid (VOLUME) levels")
     spacings = {level.sop_instance_uid: validate_spacing(level).mm for level in levels}
@@ -124,6 +136,6 @@ def choose_levels(
     downsample = target_spacing_mm / native if native < target_spacing_mm / (1 + tolerance) else 1.0
     # Nearest ~2X in log space: 2.5 and 10 µm are equally far from 5 µm.
     mask = min(
-        levels, key=lambda lv: abs(math.log(spacings[lv.sop_instance_uid] / mask_spacing_mm))
+        levels, key=lambda lv: abs(math.log(spacings[lv.sop_instance_uid] / rule.mask_spacing_mm))
     )
     return LevelChoice(embedding=embedding, mask=mask, downsample=downsample)

@@ -1,9 +1,9 @@
 """Reading a slide's pixels through ez-wsi-dicomweb: the mask-level image and 224 px patches.
 
 Slides are ez-wsi slide objects: local files and gs://, s3://, http(s) files are read by byte
-ranges (`transforms.dicom_io.byte_ranges`: a frame offset index, only the frames asked for, so a worker never
-holds a whole instance, which for a 100k-patch 20x level is ~2 GB compressed), WADO-RS URLs
-through DICOMweb (`transforms.dicom_io.remote`).
+ranges (`transforms.dicom_io.byte_ranges`: a frame offset index, only the frames asked for, so
+a worker never holds a whole instance, which for a 100k-patch 20x level is ~2 GB compressed),
+WADO-RS URLs through DICOMweb (`transforms.dicom_io.dicomweb`).
 
 Patches are assembled from decoded DICOM frames in numpy: each patch copies the parts of the
 1-4 frames it overlaps (4-9 at 40x) into place, and a finer-than-20x level is downsampled per

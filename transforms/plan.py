@@ -16,7 +16,7 @@ import numpy as np
 from transforms import patches, tissue
 from transforms.dicom_io import byte_ranges
 from transforms.errors import ReasonCode, SlideError
-from transforms.sources.dicom_files import SlideRecord
+from transforms.records import SlideRecord
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from transforms import clustering, patches
 from transforms.errors import ReasonCode, SlideError
 from transforms.outputs import artifacts
 from transforms.plan import PatchChunk, PlanParams, SlidePlan, plan_slide
-from transforms.sources.dicom_files import FolderFailure, SlideRecord
+from transforms.records import FolderFailure, SlideRecord
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "pathembed"

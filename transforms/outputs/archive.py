@@ -13,17 +13,12 @@ artifacts.py and sinks.py own the layout on the way out.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import logging
-import math
 import posixpath
-import re
-import string
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -33,21 +28,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.outputs.artifacts import MODEL_DIR
-from transforms.outputs.sinks import table_dir
-from transforms.sources.dicom_files import validate_uid, validate_uuid
+from transforms import bigquery
+from transforms.dicom_io.byte_ranges import gcs_client
+from transforms.outputs.layout import DATASET_VERSION, slide_directory, table_dir, table_file
+from transforms.records import validate_uid, validate_uuid
 
 _LOG = logging.getLogger(__name__)
 
 PUBLIC_OUTPUT_ROOT = "gs://healthai-us/encoded-data/idc/pathology"
 PUBLISHED_RESOURCE_TABLE = "hai-cd3-foundations.idc_metadata.pathology_embeddings_metadata"
-BIGQUERY_SQL_DIR = Path(__file__).resolve().parents[1] / "scripts" / "bigquery"
-
-# project (optionally domain-scoped) . dataset . table, as BigQuery spells them; nothing else
-# (no backticks, spaces, wildcards or partitions) may reach the SQL text.
-_TABLE_ID = re.compile(
-    r"^(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,28}[a-z0-9]\.[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_-]{1,1024}$"
-)
 # The search table's columns that search reads.
 SEARCH_COLUMNS = [
     "instance_uuid",
@@ -62,38 +51,6 @@ class SlideNotFoundError(LookupError):
     """The slide is not in the resource table (or its artifacts are not where they should be)."""
 
 
-def validate_table_id(table_id: str) -> str:
-    """A fully qualified BigQuery table id `project.dataset.table`, or ValueError."""
-    if not (isinstance(table_id, str) and _TABLE_ID.match(table_id)):
-        raise ValueError(
-            f"{table_id!r} is not a BigQuery table id of the form project.dataset.table"
-        )
-    return table_id
-
-
-def render_sql(
-    name: str, tables: Mapping[str, str], numbers: Mapping[str, float] | None = None
-) -> str:
-    """scripts/bigquery/{name} with its ${...} placeholders filled.
-
-    Only validated table ids and finite numbers are ever rendered into the SQL text (where
-    BigQuery needs a literal); every other value goes in as a query parameter.
-    """
-    values = {key: validate_table_id(table_id) for key, table_id in tables.items()}
-    for key, number in (numbers or {}).items():
-        if not math.isfinite(float(number)):
-            raise ValueError(f"{key} must be a finite number, got {number!r}")
-        values[key] = repr(float(number))
-    return string.Template((BIGQUERY_SQL_DIR / name).read_text()).substitute(values)
-
-
-@functools.cache
-def _anonymous_gcs_client():
-    from google.cloud import storage
-
-    return storage.Client.create_anonymous_client()
-
-
 def read_bytes(uri: str, anonymous: bool = False) -> bytes:
     """The bytes at a local path or gs:// URI; `anonymous`: a public bucket, no credentials."""
     if anonymous and uri.startswith("gs://"):
@@ -101,7 +58,7 @@ def read_bytes(uri: str, anonymous: bool = False) -> bytes:
 
         bucket, _, name = uri[len("gs://") :].partition("/")
         try:
-            return _anonymous_gcs_client().bucket(bucket).blob(name).download_as_bytes()
+            return gcs_client().bucket(bucket).blob(name).download_as_bytes()
         except NotFound:
             raise FileNotFoundError(uri) from None
     with FileSystems.open(uri) as handle:
@@ -193,22 +150,16 @@ def bigquery_lookup_job(
     series_instance_uid: str | None = None,
 ) -> tuple[str, Any]:
     """(SQL, QueryJobConfig) finding a slide in a BigQuery resource table; values are parameters."""
-    from google.cloud import bigquery
-
     where = _slide_condition(instance_uuid, study_instance_uid, series_instance_uid)
-    sql = render_sql("lookup.sql", {"resource_table": resource_table})
-    config = bigquery.QueryJobConfig(
-        query_parameters=[
-            bigquery.ScalarQueryParameter("instance_uuid", "STRING", where.get("instance_uuid")),
-            bigquery.ScalarQueryParameter(
-                "study_instance_uid", "STRING", where.get("StudyInstanceUID")
-            ),
-            bigquery.ScalarQueryParameter(
-                "series_instance_uid", "STRING", where.get("SeriesInstanceUID")
-            ),
-        ]
+    query = bigquery.Query(
+        bigquery.render_sql("lookup.sql", {"resource_table": resource_table}),
+        (
+            ("instance_uuid", "STRING", where.get("instance_uuid")),
+            ("study_instance_uid", "STRING", where.get("StudyInstanceUID")),
+            ("series_instance_uid", "STRING", where.get("SeriesInstanceUID")),
+        ),
     )
-    return sql, config
+    return query.sql, query.job_config()
 
 
 def bigquery_find_resource(client: Any, resource_table: str, **slide: str | None) -> dict:
@@ -253,7 +204,7 @@ def slide_centroids(
     output_root: str, resource: Mapping[str, Any], block_rows: int = 8192
 ) -> np.ndarray:
     """A slide's centroids [K, D] in centroid order, as its newest run wrote the search table."""
-    uri = FileSystems.join(table_dir(output_root, "search"), f"{resource['run_id']}.parquet")
+    uri = table_file(output_root, "search", resource["run_id"])
     columns = ["instance_uuid", "centroid_index", "embedding"]
     parts = []
     with contextlib.suppress(FileNotFoundError), FileSystems.open(uri) as handle:
@@ -299,11 +250,14 @@ class SlideArtifacts:
 
     @classmethod
     def open(
-        cls, output_root: str, instance_uuid: str, *, version: str = "v1", anonymous: bool = False
+        cls,
+        output_root: str,
+        instance_uuid: str,
+        *,
+        version: str = DATASET_VERSION,
+        anonymous: bool = False,
     ) -> SlideArtifacts:
-        directory = FileSystems.join(
-            output_root.rstrip("/"), validate_uuid(instance_uuid), MODEL_DIR, version
-        )
+        directory = slide_directory(output_root, instance_uuid, version)
         uri = FileSystems.join(directory, "metadata.json")
         try:
             metadata = json.loads(read_bytes(uri, anonymous))

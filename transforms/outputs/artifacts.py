@@ -16,54 +16,12 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.sources.dicom_files import validate_uuid
-
-MODEL_DIR = "path_foundation"
-COMPLETE_MARKER = "_COMPLETE.json"
-
-
-@dataclass(frozen=True)
-class ArtifactPaths:
-    """URIs of one slide's artifacts."""
-
-    directory: str
-    metadata: str
-    thumbnail: str
-    thumbnail_mask: str
-    embeddings: str
-    coordinates: str
-    centroids: str
-    labels: str
-    complete_marker: str
-
-    @classmethod
-    def for_slide(
-        cls, output_root: str, instance_uuid: str, version: str, n_clusters: int
-    ) -> ArtifactPaths:
-        directory = FileSystems.join(
-            output_root.rstrip("/"), validate_uuid(instance_uuid), MODEL_DIR, version
-        )
-
-        def at(name: str) -> str:
-            return FileSystems.join(directory, name)
-
-        return cls(
-            directory=directory,
-            metadata=at("metadata.json"),
-            thumbnail=at("slide_thumbnail.jpeg"),
-            thumbnail_mask=at("slide_thumbnail_mask.jpeg"),
-            embeddings=at("slide_embedding.npy"),
-            coordinates=at("slide_embedding_coord.npy"),
-            centroids=at(f"embeddings_{n_clusters}_cluster_centroid.npy"),
-            labels=at(f"embeddings_{n_clusters}_labels.npy"),
-            complete_marker=at(COMPLETE_MARKER),
-        )
+from transforms.outputs.layout import ArtifactPaths, run_summary_uri
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -166,10 +124,4 @@ def run_committed(output_root: str, run_id: str | None) -> bool:
     """True when run `run_id` finished and wrote its tables (its run summary exists)."""
     if not run_id:
         return False
-    return FileSystems.exists(FileSystems.join(output_root.rstrip("/"), "runs", f"{run_id}.json"))
-
-
-def completed_parameter_hash(paths: ArtifactPaths) -> str | None:
-    """The parameter hash of a completed slide, or None when it is not complete."""
-    marker = completion_marker(paths)
-    return None if marker is None else marker.get("parameter_hash")
+    return FileSystems.exists(run_summary_uri(output_root, run_id))

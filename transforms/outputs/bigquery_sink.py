@@ -4,13 +4,13 @@ Why staging: a rerun (with --force, new parameters, or after a failed job) write
 slides that already have rows. Each run therefore loads its rows with `WriteToBigQuery`
 (method FILE_LOADS: load jobs, no streaming buffer, so DML can follow at once) into its own
 tables `{table}_staging_{run}`, and `merge_run` then replaces, in one transaction
-(scripts/bigquery/merge_run.sql), the resource and search rows of every slide the run wrote
+(transforms/sql/merge_run.sql), the resource and search rows of every slide the run wrote
 and the failure rows of that run, and drops the staging tables. `prepare_run` creates the
 staging tables, with an expiration of STAGING_DAYS, before the job starts: a run that dies
 before the merge leaves the final tables untouched and its staging tables expire.
 
 Schemas come from transforms/outputs/tables.py (the same definition as the Parquet sink); so do the
-CREATE TABLE statements (`tables_ddl`, checked in as scripts/bigquery/tables.sql). Not for
+CREATE TABLE statements (`tables_ddl`, checked in as transforms/sql/tables.sql). Not for
 local runs: FILE_LOADS needs a gs:// temp location and BigQuery credentials.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 
 import apache_beam as beam
 
+from transforms.bigquery import render_sql, run_script, validate_table_id
 from transforms.outputs.tables import (
     TABLES,
     Column,
@@ -34,13 +35,6 @@ from transforms.outputs.tables import (
 TABLE_KINDS = ("resource", "search", "failures")
 STAGING_DAYS = 7
 _RUN_TOKEN = re.compile(r"[^A-Za-z0-9_]")
-
-
-def _validate_table_id(table_id: str) -> str:
-    # Imported here: transforms.outputs.archive imports transforms.outputs.sinks, which imports this module.
-    from transforms.outputs.archive import validate_table_id
-
-    return validate_table_id(table_id)
 
 
 class RowSchemaError(ValueError):
@@ -83,7 +77,7 @@ class RunTables:
         final = {kind: f"{dataset}.{getattr(tables_cfg, kind)}" for kind in TABLE_KINDS}
         staging = {kind: f"{table}_staging_{token}" for kind, table in final.items()}
         for table_id in [*final.values(), *staging.values()]:
-            _validate_table_id(table_id)
+            validate_table_id(table_id)
         return cls(final, staging)
 
 
@@ -134,15 +128,16 @@ def tables_ddl(tables: dict[str, str], staging_days: int | None = None) -> str:
             "\nOPTIONS (expiration_timestamp = "
             f"TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {int(staging_days)} DAY))"
         )
-    return _create_tables({k: _validate_table_id(t) for k, t in tables.items()}, options)
+    return _create_tables({k: validate_table_id(t) for k, t in tables.items()}, options)
 
 
 def ddl_file_text() -> str:
-    """scripts/bigquery/tables.sql: the final tables' DDL with ${...} table placeholders."""
+    """transforms/sql/tables.sql: the final tables' DDL with ${...} table placeholders."""
     header = (
-        "-- pathembed's three tables (DESIGN.md §5), generated from transforms/outputs/tables.py by\n"
-        "-- transforms.outputs.bigquery_sink.ddl_file_text(); tests/test_bigquery_sink.py checks that\n"
-        "-- this file is current. Render with transforms.outputs.archive.render_sql('tables.sql', ...):\n"
+        "-- pathembed's three tables (DESIGN.md §5), generated from\n"
+        "-- transforms/outputs/tables.py by transforms.outputs.bigquery_sink.ddl_file_text();\n"
+        "-- tests/test_bigquery_sink.py checks that this file is current.\n"
+        "-- Render with transforms.bigquery.render_sql('tables.sql', ...):\n"
         "-- ${resource_table}, ${search_table} and ${failures_table} are validated table ids.\n"
         "-- `embedding` holds 384 FLOAT64 per row: BigQuery cannot declare an array's length,\n"
         "-- so both sinks check it (transforms/outputs/tables.py row_errors).\n\n"
@@ -151,9 +146,7 @@ def ddl_file_text() -> str:
 
 
 def merge_sql(run: RunTables) -> str:
-    """scripts/bigquery/merge_run.sql rendered for one run (validated table ids only)."""
-    from transforms.outputs.archive import render_sql
-
+    """transforms/sql/merge_run.sql rendered for one run (validated table ids only)."""
     tables = {f"{kind}_table": table for kind, table in run.final.items()}
     tables |= {f"staging_{kind}": table for kind, table in run.staging.items()}
     return render_sql("merge_run.sql", tables)
@@ -164,16 +157,10 @@ def prepare_sql(run: RunTables) -> str:
     return "\n".join([tables_ddl(run.final), tables_ddl(run.staging, STAGING_DAYS)])
 
 
-def _run_script(sql: str, project: str | None) -> None:
-    from google.cloud import bigquery
-
-    bigquery.Client(project=project).query(sql).result()
-
-
 def prepare_run(tables_cfg: Any, run_id: str, project: str | None = None) -> str:
     """Before the job: creates the tables it loads into (needs BigQuery credentials)."""
     sql = prepare_sql(RunTables.of(tables_cfg, run_id))
-    _run_script(sql, project)
+    run_script(sql, project)
     return sql
 
 
@@ -186,5 +173,5 @@ def merge_run(tables_cfg: Any, run_id: str, project: str | None = None) -> str:
     """
     run = RunTables.of(tables_cfg, run_id)
     sql = "\n".join([prepare_sql(run), merge_sql(run)])
-    _run_script(sql, project)
+    run_script(sql, project)
     return sql

@@ -14,28 +14,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from transforms import bigquery
 from transforms.errors import SlideError
-from transforms.sources.dicom_files import validate_uuid
-from transforms.sources.idc import RenderedQuery, run_slides_query, validate_table
+from transforms.records import validate_uuid
 
 _LOG = logging.getLogger(__name__)
 
-_FAILED_SQL = """SELECT DISTINCT instance_uuid FROM `{table}`
-WHERE instance_uuid IS NOT NULL
-  AND (@run_id IS NULL OR run_id = @run_id)
-  AND (ARRAY_LENGTH(@reasons) = 0 OR reason_code IN UNNEST(@reasons))"""
-_KNOWN_SQL = "SELECT instance_uuid, instance_hash FROM `{table}`"
 
 
 def is_bigquery_table(spec: str) -> bool:
     """True when `spec` names a BigQuery table rather than a local file or folder."""
     if os.path.exists(spec) or "/" in spec or os.sep in spec:
         return False
-    try:
-        validate_table(spec)
-    except ValueError:
-        return False
-    return True
+    return bigquery.is_table_id(spec)
 
 
 def _local_rows(path: str, columns: Sequence[str]) -> list[dict]:
@@ -80,14 +71,11 @@ def failed_slides(
 ) -> FailedSlides:
     """The slides of a failures table (all runs, or one `run_id`; all or some reason codes)."""
     if is_bigquery_table(spec):
-        query = RenderedQuery(
-            sql=_FAILED_SQL.format(table=validate_table(spec)),
-            parameters=(
-                ("run_id", "STRING", run_id),
-                ("reasons", "ARRAY<STRING>", tuple(reasons)),
-            ),
+        query = bigquery.Query(
+            bigquery.render_sql("failed_slides.sql", {"failures_table": spec}),
+            (("run_id", "STRING", run_id), ("reasons", "ARRAY<STRING>", tuple(reasons))),
         )
-        values = [row["instance_uuid"] for row in run_slides_query(query, project)]
+        values = [row["instance_uuid"] for row in bigquery.query_rows(query, project)]
     else:
         rows = _local_rows(spec, ["instance_uuid", "run_id", "reason_code"])
         values = [
@@ -112,8 +100,8 @@ def failed_slides(
 def known_instances(spec: str, project: str | None = None) -> dict[str, str | None]:
     """{instance_uuid: instance_hash} of a resource table: the slides already embedded."""
     if is_bigquery_table(spec):
-        query = RenderedQuery(sql=_KNOWN_SQL.format(table=validate_table(spec)), parameters=())
-        rows = list(run_slides_query(query, project))
+        query = bigquery.Query(bigquery.render_sql("known_instances.sql", {"resource_table": spec}))
+        rows = list(bigquery.query_rows(query, project))
     else:
         rows = _local_rows(spec, ["instance_uuid", "instance_hash"])
     known: dict[str, str | None] = {}

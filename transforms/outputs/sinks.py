@@ -14,11 +14,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.outputs.bigquery_sink import WriteBigQueryTable, checked_row
+from transforms.outputs.layout import table_dir
 from transforms.outputs.tables import TABLES, arrow_schema
-
-
-def table_dir(output_root: str, table: str) -> str:
-    return FileSystems.join(output_root.rstrip("/"), "tables", table)
 
 
 class WriteParquetTable(beam.PTransform):

@@ -1,7 +1,7 @@
 """Table schemas (defined once) and the rows a run produces: resource, search, failures.
 
 Each schema is a list of `Column`s from which both the Parquet (pyarrow) schema and the
-BigQuery schema (WriteToBigQuery's TableSchema and scripts/bigquery/tables.sql) are derived.
+BigQuery schema (WriteToBigQuery's TableSchema and transforms/sql/tables.sql) are derived.
 Rows are plain dicts; `row_errors` checks one against a schema the way BigQuery would.
 """
 
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+
+from models.signature import EMBEDDING_DIM
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,6 @@ _ARROW = {
     "TIMESTAMP": pa.timestamp("us", tz="UTC"),
 }
 
-EMBEDDING_DIMENSION = 384  # Path Foundation (and its stand-ins) output_0
 
 _UIDS = [
     Column("instance_uuid", "STRING", nullable=False),
@@ -75,7 +76,7 @@ SEARCH = [
     *_UIDS,
     Column("centroid_index", "INT64", nullable=False),
     Column("cluster_size", "INT64", nullable=False),
-    Column("embedding", "FLOAT64", nullable=False, repeated=True, length=EMBEDDING_DIMENSION),
+    Column("embedding", "FLOAT64", nullable=False, repeated=True, length=EMBEDDING_DIM),
 ]
 
 FAILURES = [

@@ -12,7 +12,7 @@ Backends:
   block), each slide's newest run only (access.search_table_batches);
 - approximate: a faiss IVF index over the same rows, for large local tables; its recall@k
   against exact search is measured when it is built and kept with it;
-- BigQuery: VECTOR_SEARCH through scripts/bigquery/search.sql, built here as SQL plus query
+- BigQuery: VECTOR_SEARCH through transforms/sql/search.sql, built here as SQL plus query
   parameters (bigquery_search_job) so it can be checked without credentials.
 """
 
@@ -34,19 +34,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import bigquery
 from transforms.outputs.archive import (
     PUBLIC_OUTPUT_ROOT,
     PUBLISHED_RESOURCE_TABLE,
     embedding_matrix,
     find_resource,
     newest_resources,
-    render_sql,
     search_table_batches,
     slide_centroids,
     table_files,
 )
-from transforms.outputs.artifacts import ArtifactPaths
-from transforms.outputs.sinks import table_dir
+from transforms.outputs.layout import ArtifactPaths, table_dir
 
 _LOG = logging.getLogger(__name__)
 
@@ -568,14 +567,12 @@ def bigquery_search_job(
     tables: BigQueryTables = BigQueryTables(),
     fraction_lists_to_search: float = 0.005,
 ) -> tuple[str, Any]:
-    """(SQL, QueryJobConfig) for scripts/bigquery/search.sql; checkable without credentials.
+    """(SQL, QueryJobConfig) for transforms/sql/search.sql; checkable without credentials.
 
     A query with centroids sends them as a flat ARRAY<FLOAT64> parameter; a query without
     (a slide already in the search table) names its Study + Series UIDs and BigQuery reads
     its centroids there.
     """
-    from google.cloud import bigquery
-
     if not 0 < fraction_lists_to_search < 1:
         raise ValueError("BigQuery's fraction_lists_to_search must be in (0, 1), exclusive")
     if query.centroids is None:
@@ -587,26 +584,22 @@ def bigquery_search_job(
         centroids = np.asarray(query.centroids, np.float64)
         flat, dimension = centroids.ravel().tolist(), centroids.shape[1]
         study = series = None
-    sql = render_sql(
+    sql = bigquery.render_sql(
         "search.sql",
         {"search_table": tables.search, "resource_table": tables.resource, "idc_table": tables.idc},
         {"fraction_lists_to_search": fraction_lists_to_search},
     )
-    config = bigquery.QueryJobConfig(
-        query_parameters=[
-            bigquery.ScalarQueryParameter("query_study_uid", "STRING", study),
-            bigquery.ScalarQueryParameter("query_series_uid", "STRING", series),
-            bigquery.ArrayQueryParameter("query_embeddings", "FLOAT64", flat),
-            bigquery.ScalarQueryParameter("dimension", "INT64", dimension),
-            bigquery.ScalarQueryParameter(
-                "exclude_study_uid", "STRING", query.excluded_study(params)
-            ),
-            bigquery.ScalarQueryParameter("top_k", "INT64", params.top_k),
-            bigquery.ScalarQueryParameter("result_limit", "INT64", params.limit),
-            bigquery.ScalarQueryParameter("aggregate", "STRING", params.aggregate),
-        ]
+    parameters = (
+        ("query_study_uid", "STRING", study),
+        ("query_series_uid", "STRING", series),
+        ("query_embeddings", "ARRAY<FLOAT64>", flat),
+        ("dimension", "INT64", dimension),
+        ("exclude_study_uid", "STRING", query.excluded_study(params)),
+        ("top_k", "INT64", params.top_k),
+        ("result_limit", "INT64", params.limit),
+        ("aggregate", "STRING", params.aggregate),
     )
-    return sql, config
+    return sql, bigquery.Query(sql, parameters).job_config()
 
 
 def bigquery_search(
@@ -640,7 +633,7 @@ def bigquery_search(
 
 def thumbnail_uri(output_root: str, instance_uuid: str) -> str:
     """Where the published layout puts a slide's thumbnail."""
-    return ArtifactPaths.for_slide(output_root, instance_uuid, "v1", 500).thumbnail
+    return ArtifactPaths.for_slide(output_root, instance_uuid).thumbnail
 
 
 def matches_as_rows(matches: Iterable[SlideMatch]) -> list[dict[str, Any]]:

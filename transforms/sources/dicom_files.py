@@ -1,39 +1,37 @@
-"""Slide records and the DICOM-folder slide source.
+"""The DICOM-folder slide source, and the header rules every source shares.
 
-A `SlideRecord` is what every source yields and what every later stage keys on: the
-instance UUID, the DICOM UIDs, the chosen levels and where to read them. Every source (DICOM
-folder or bucket prefix, manifest, idc-index, BigQuery, DICOMweb) builds it with
-`build_record` / `record_from_headers`, so the level rule (transforms/levels.py) is applied
-the same way everywhere. The folder source groups VL Whole Slide Microscopy files by
+Every source (DICOM folder or bucket prefix, manifest, idc-index, BigQuery, DICOMweb) builds
+its records with `build_record` / `record_from_headers`, so the level rule (transforms/levels.py)
+is applied the same way everywhere. The folder source groups VL Whole Slide Microscopy files by
 SeriesInstanceUID (one series = one slide) and chooses the levels from the headers alone
 (range reads for gs:// and s3:// prefixes), so slides can be filtered before any pixel is read.
-
-Where to read a level: `files` pairs each level's SOPInstanceUID with a URI, one of
-- a local path (read with ez-wsi's LocalDicomSlide),
-- gs://bucket/object, s3://bucket/key, http(s):// file (byte-range reads, transforms/dicom_io/byte_ranges.py),
-- a WADO-RS instance URL `{base}/studies/{s}/series/{se}/instances/{sop}` (DICOMweb through
-  ez-wsi, transforms/dicom_io/dicomweb.py); `dicomweb_url` then holds `{base}`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 
+from transforms.dicom_io.byte_ranges import list_uris, read_header
 from transforms.errors import ReasonCode, SlideError
-from transforms.levels import LevelChoice, LevelInfo, PixelSpacing, choose_levels
+from transforms.levels import DEFAULT_RULE, LevelInfo, LevelRule, PixelSpacing, choose_levels
+from transforms.records import (
+    FolderFailure,
+    SlideRecord,
+    failure_uuid,
+    local_instance_uuid,
+    validate_uid,
+    validate_uuid,
+)
+from transforms.urls import is_remote
 
 _LOG = logging.getLogger(__name__)
 
 VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _HEADER_TAGS = [
     "SOPClassUID",
     "StudyInstanceUID",
@@ -52,82 +50,12 @@ _HEADER_TAGS = [
 ]
 
 
-def validate_uuid(value: str) -> str:
-    """The canonical lowercase form of a UUID, or SlideError(invalid_uuid) before any path use."""
-    try:
-        parsed = uuid.UUID(str(value))
-    except ValueError:
-        raise SlideError(ReasonCode.INVALID_UUID, f"{value!r} is not a UUID") from None
-    if str(parsed) != str(value).lower():
-        raise SlideError(ReasonCode.INVALID_UUID, f"{value!r} is not a canonical UUID")
-    return str(parsed)
-
-
-def validate_uid(value: str) -> str:
-    """A DICOM UID (digits and dots, at most 64 characters), or ValueError."""
-    if not (isinstance(value, str) and len(value) <= 64 and _UID_RE.match(value)):
-        raise ValueError(f"{value!r} is not a DICOM UID")
-    return value
-
-
-def local_instance_uuid(sop_instance_uid: str) -> str:
-    """Stable UUID for a slide from outside IDC: uuid5 in the OID namespace of its SOP UID."""
-    return str(uuid.uuid5(uuid.NAMESPACE_OID, validate_uid(sop_instance_uid)))
-
-
-@dataclass(frozen=True)
-class SlideRecord:
-    """One slide to embed: identity, chosen levels, and where each pyramid level is read."""
-
-    instance_uuid: str  # of the embedding-level instance (IDC crdc_instance_uuid or uuid5)
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str  # the embedding-level instance
-    levels: LevelChoice
-    files: tuple[tuple[str, str], ...]  # (SOPInstanceUID, URI) of every pyramid level
-    collection: str | None = None
-    idc_version: str | None = None
-    instance_hash: str | None = None  # IDC's MD5 of the instance, when the source knows it
-    dicomweb_url: str | None = None  # DICOMweb base URL when `files` are WADO-RS URLs
-    # How WADO-RS reads authenticate (source.dicomweb_auth: auto, google, none); a mode,
-    # never a credential: credentials come from ADC on the worker that reads.
-    dicomweb_auth: str = "auto"
-
-    def __repr__(self) -> str:
-        return f"SlideRecord({self.instance_uuid}, series={self.series_instance_uid})"
-
-    @property
-    def embedding_file(self) -> str:
-        return dict(self.files)[self.sop_instance_uid]
-
-    @property
-    def is_local(self) -> bool:
-        """True when every level is a local file (hashes are computed only then)."""
-        return not any("://" in uri for _, uri in self.files)
-
-
 def spacing_of(ds: pydicom.Dataset) -> PixelSpacing | None:
     try:
         row, col = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
         return PixelSpacing(float(row), float(col))
     except (AttributeError, IndexError, TypeError, ValueError, KeyError):
         return None
-
-
-_spacing = spacing_of  # the folder source's old name
-
-
-@dataclass(frozen=True)
-class FolderFailure:
-    """A series found by a source that cannot become a SlideRecord (UUID and series UID are
-    None when the source did not give valid ones, e.g. a malformed manifest row)."""
-
-    instance_uuid: str | None
-    series_instance_uid: str | None
-    error: SlideError
-
-
-SourceFailure = FolderFailure
 
 
 def is_volume(ds: pydicom.Dataset) -> bool:
@@ -200,9 +128,7 @@ def build_record(
     series_uid: str,
     levels: Sequence[LevelInfo],
     files: Sequence[tuple[str, str]],
-    target_spacing_mm: float = 0.0005,
-    tolerance: float = 0.15,
-    mask_spacing_mm: float = 0.005,
+    rule: LevelRule = DEFAULT_RULE,
     instance_uuids: Mapping[str, str] | None = None,
     instance_hashes: Mapping[str, str] | None = None,
     collection: str | None = None,
@@ -222,8 +148,8 @@ def build_record(
     finest = max(levels, key=lambda lv: lv.width * lv.height, default=None)
     fallback_sop = finest.sop_instance_uid if finest else (files[0][0] if files else None)
     try:
-        fallback_uuid = uuid_of(fallback_sop) if fallback_sop else local_instance_uuid("0")
-        choice = choose_levels(levels, target_spacing_mm, tolerance, mask_spacing_mm)
+        fallback_uuid = uuid_of(fallback_sop) if fallback_sop else failure_uuid(None)
+        choice = choose_levels(levels, rule)
         sop = choice.embedding.sop_instance_uid
         where = dict(files)
         missing = {lv.sop_instance_uid for lv in levels} - set(where)
@@ -252,27 +178,19 @@ def build_record(
 def record_from_headers(
     series_uid: str,
     instances: Sequence[tuple[str, pydicom.Dataset]],
-    target_spacing_mm: float = 0.0005,
-    tolerance: float = 0.15,
-    mask_spacing_mm: float = 0.005,
+    rule: LevelRule = DEFAULT_RULE,
     **extra,
 ) -> SlideRecord | FolderFailure:
     """The record of one series from its instances' (URI, header) pairs; non-VOLUME
     instances (label, overview, thumbnail) are ignored."""
     known_uuids = extra.get("instance_uuids") or {}
 
-    def failure_uuid(sop: str) -> str:
-        """The UUID a failure row of this series carries: the source's (IDC) or uuid5."""
-        if sop in known_uuids:
-            return validate_uuid(known_uuids[sop])
-        return local_instance_uuid(sop) if _UID_RE.match(sop) else local_instance_uuid("0")
-
     volume = [(uri, ds) for uri, ds in instances if is_volume(ds)]
     try:
         levels = [level_info(ds) for _, ds in volume]
     except (AttributeError, TypeError, ValueError) as exc:
         return FolderFailure(
-            failure_uuid(str(instances[0][1].get("SOPInstanceUID", "0"))),
+            failure_uuid(str(instances[0][1].get("SOPInstanceUID", "0")), known_uuids),
             series_uid,
             SlideError(ReasonCode.READ_ERROR, f"incomplete WSI header: {exc}"),
         )
@@ -280,7 +198,7 @@ def record_from_headers(
     if not levels:
         kinds = sorted({"/".join(map(str, ds.get("ImageType", []))) for _, ds in instances})
         return FolderFailure(
-            failure_uuid(str(instances[0][1].SOPInstanceUID)),
+            failure_uuid(str(instances[0][1].SOPInstanceUID), known_uuids),
             series_uid,
             SlideError(
                 ReasonCode.NO_PYRAMID,
@@ -291,15 +209,13 @@ def record_from_headers(
     unsupported = _unsupported([ds for _, ds in volume])
     if unsupported is not None:
         finest = max(levels, key=lambda lv: lv.width * lv.height).sop_instance_uid
-        return FolderFailure(failure_uuid(finest), series_uid, unsupported)
+        return FolderFailure(failure_uuid(finest, known_uuids), series_uid, unsupported)
     return build_record(
         study_uid=study_uid,
         series_uid=series_uid,
         levels=levels,
         files=[(str(ds.SOPInstanceUID), uri) for uri, ds in volume],
-        target_spacing_mm=target_spacing_mm,
-        tolerance=tolerance,
-        mask_spacing_mm=mask_spacing_mm,
+        rule=rule,
         **extra,
     )
 
@@ -307,9 +223,7 @@ def record_from_headers(
 def _read_header(uri: str) -> pydicom.Dataset | None:
     """The header of a DICOM file (local or by range reads), or None if it is not DICOM."""
     try:
-        if "://" in uri:
-            from transforms.dicom_io.byte_ranges import read_header
-
+        if is_remote(uri):
             return read_header(uri)[0]
         return pydicom.dcmread(uri, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
     except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError):
@@ -318,16 +232,12 @@ def _read_header(uri: str) -> pydicom.Dataset | None:
 
 def enumerate_dicom_folder(
     folder: str | Path,
-    target_spacing_mm: float = 0.0005,
-    tolerance: float = 0.15,
-    mask_spacing_mm: float = 0.005,
+    rule: LevelRule = DEFAULT_RULE,
 ) -> Iterator[SlideRecord | FolderFailure]:
     """Yields one SlideRecord (or FolderFailure) per WSI series found under `folder`: a local
     folder (scanned recursively) or a gs:// / s3:// prefix (headers read by byte ranges)."""
-    from transforms.dicom_io.byte_ranges import list_uris
-
     where = str(folder)
-    if "://" not in where and not Path(where).is_dir():
+    if not is_remote(where) and not Path(where).is_dir():
         raise FileNotFoundError(f"input folder {folder} does not exist")
     series: dict[str, list[tuple[str, pydicom.Dataset]]] = defaultdict(list)
     for uri in list_uris(where):
@@ -337,6 +247,4 @@ def enumerate_dicom_folder(
         series[str(ds.SeriesInstanceUID)].append((uri, ds))
     _LOG.info("found %d slide series under %s", len(series), folder)
     for series_uid, instances in sorted(series.items()):
-        yield record_from_headers(
-            series_uid, instances, target_spacing_mm, tolerance, mask_spacing_mm
-        )
+        yield record_from_headers(series_uid, instances, rule)

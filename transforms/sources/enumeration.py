@@ -7,7 +7,7 @@
 - manifest: the slide records of a JSONL/CSV manifest (transforms/sources/manifest.py).
 - idc_index: SM series of the offline idc-index-data index, resolved by reading their headers
   from the IDC bucket; pixels from the bucket or a DICOMweb store.
-- bigquery: scripts/bigquery/idc_slides.sql over `dicom_all` of a pinned release; pixels from
+- bigquery: transforms/sql/idc_slides.sql over `dicom_all` of a pinned release; pixels from
   gcs_url, aws_url or a DICOMweb store.
 - dicomweb: QIDO-RS series with Modality SM, levels from WADO-RS series metadata; pixels from
   the same store.
@@ -27,7 +27,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.outputs import artifacts
-from transforms.sources.dicom_files import FolderFailure, SlideRecord, enumerate_dicom_folder
+from transforms.records import FolderFailure, SlideRecord
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 _LOG = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tu
 def _series_failure(series_uid: str, exc: Exception) -> FolderFailure:
     """A series whose headers could not be read: a failure row, and the run goes on."""
     from transforms.errors import ReasonCode, SlideError
-    from transforms.sources.dicom_files import local_instance_uuid
+    from transforms.records import local_instance_uuid
 
     try:
         fallback = local_instance_uuid(series_uid)

@@ -1,6 +1,6 @@
 """IDC as a slide source: the BigQuery `dicom_all` table, and the offline idc-index-data index.
 
-BigQuery (production): one parameterised standard-SQL query, scripts/bigquery/idc_slides.sql,
+BigQuery (production): one parameterised standard-SQL query, transforms/sql/idc_slides.sql,
 over a pinned release (`bigquery-public-data.idc_v20.dicom_all` by default). The table id is a
 validated identifier; collections, UUIDs and the limit are query parameters. It returns one row
 per slide with all its VOLUME levels; `records_from_rows` chooses the levels with
@@ -21,28 +21,20 @@ import dataclasses
 import functools
 import random
 import re
-import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from transforms.levels import LevelInfo, PixelSpacing
-from transforms.sources.dicom_files import (
-    FolderFailure,
-    SlideRecord,
-    build_record,
-    record_from_headers,
-    validate_uuid,
-)
+from transforms import bigquery
+from transforms.dicom_io.byte_ranges import list_uris, read_header
+from transforms.dicom_io.dicomweb import instance_url
+from transforms.errors import ReasonCode, SlideError
+from transforms.levels import DEFAULT_RULE, LevelInfo, LevelRule, PixelSpacing
+from transforms.records import FolderFailure, SlideRecord, failure_uuid, validate_uuid
+from transforms.sources.dicom_files import build_record, record_from_headers
 
 DEFAULT_TABLE = "bigquery-public-data.idc_v20.dicom_all"
 DEFAULT_BUCKET = "s3://idc-open-data"
-SQL_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bigquery" / "idc_slides.sql"
-# project.dataset.table: GCP project ids (letters, digits, hyphens), dataset/table names.
-_TABLE_RE = re.compile(
-    r"^[a-z][a-z0-9-]{4,61}[a-z0-9]\.[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
-)
 _RELEASE_RE = re.compile(r"\bidc_(v\d+)\b")
 MAX_SLIDES = 2**62  # "no limit" for @max_slides
 
@@ -52,36 +44,10 @@ MAX_SLIDES = 2**62  # "no limit" for @max_slides
 # ---------------------------------------------------------------------------------------------
 
 
-def validate_table(table: str) -> str:
-    """A `project.dataset.table` identifier, or ValueError: the only text put into the SQL."""
-    if not isinstance(table, str) or not _TABLE_RE.match(table):
-        raise ValueError(f"{table!r} is not a BigQuery table id (project.dataset.table)")
-    return table
-
-
 def idc_version_of_table(table: str) -> str | None:
     """'v20' for bigquery-public-data.idc_v20.dicom_all; None when the name does not say."""
     match = _RELEASE_RE.search(table)
     return match.group(1) if match else None
-
-
-@dataclass(frozen=True)
-class RenderedQuery:
-    """SQL text and its parameters as (name, type, value), convertible to a QueryJobConfig."""
-
-    sql: str
-    parameters: tuple[tuple[str, str, Any], ...]
-
-    def job_config(self):
-        from google.cloud import bigquery
-
-        params = []
-        for name, kind, value in self.parameters:
-            if kind.startswith("ARRAY<"):
-                params.append(bigquery.ArrayQueryParameter(name, kind[6:-1], list(value)))
-            else:
-                params.append(bigquery.ScalarQueryParameter(name, kind, value))
-        return bigquery.QueryJobConfig(query_parameters=params, use_legacy_sql=False)
 
 
 def render_slides_query(
@@ -89,13 +55,12 @@ def render_slides_query(
     collections: Sequence[str] = (),
     uuids: Sequence[str] = (),
     limit: int | None = None,
-) -> RenderedQuery:
+) -> bigquery.Query:
     """The slides query for a release table, filtered by collections / instance UUIDs."""
-    template = string.Template(SQL_PATH.read_text())
-    sql = template.substitute(dicom_all=validate_table(table))
+    sql = bigquery.render_sql("idc_slides.sql", {"dicom_all": table})
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
-    return RenderedQuery(
+    return bigquery.Query(
         sql=sql,
         parameters=(
             ("collections", "ARRAY<STRING>", tuple(str(c) for c in collections)),
@@ -118,17 +83,13 @@ def records_from_rows(
     idc_version: str | None,
     read_from: str = "gcs",
     dicomweb_url: str | None = None,
-    target_spacing_mm: float = 0.0005,
-    tolerance: float = 0.15,
-    mask_spacing_mm: float = 0.005,
+    rule: LevelRule = DEFAULT_RULE,
 ) -> Iterator[SlideRecord | FolderFailure]:
     """Query rows (one per slide, `levels` = every VOLUME level) -> records or failures.
 
     `read_from`: `gcs` (gcs_url), `aws` (aws_url) or `dicomweb` (WADO-RS URLs under
     `dicomweb_url`, e.g. IDC's Google Healthcare DICOM store).
     """
-    from transforms.dicom_io.dicomweb import instance_url
-
     if read_from == "dicomweb" and not dicomweb_url:
         raise ValueError("read_from=dicomweb needs a DICOMweb base URL")
     for row in rows:
@@ -162,24 +123,13 @@ def records_from_rows(
             series_uid=series,
             levels=levels,
             files=files,
-            target_spacing_mm=target_spacing_mm,
-            tolerance=tolerance,
-            mask_spacing_mm=mask_spacing_mm,
+            rule=rule,
             instance_uuids=uuids,
             instance_hashes=hashes,
             collection=row.get("collection_id"),
             idc_version=idc_version,
             dicomweb_url=dicomweb_url if read_from == "dicomweb" else None,
         )
-
-
-def run_slides_query(query: RenderedQuery, project: str | None = None) -> Iterator[dict]:
-    """Rows of the rendered query (needs BigQuery credentials)."""
-    from google.cloud import bigquery
-
-    client = bigquery.Client(project=project)
-    for row in client.query(query.sql, job_config=query.job_config()).result():
-        yield dict(row.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,19 +223,13 @@ def resolve_series(
     series: IdcSeries,
     bucket: str = DEFAULT_BUCKET,
     idc_version: str | None = None,
-    target_spacing_mm: float = 0.0005,
-    tolerance: float = 0.15,
-    mask_spacing_mm: float = 0.005,
+    rule: LevelRule = DEFAULT_RULE,
 ) -> SlideRecord | FolderFailure:
     """A series' record from its instances' headers in the bucket (range reads only).
 
     IDC names each instance `{crdc_series_uuid}/{crdc_instance_uuid}.dcm`, so the instance
     UUIDs come from the object names (validated).
     """
-    from transforms.dicom_io.byte_ranges import list_uris, read_header
-    from transforms.errors import ReasonCode, SlideError
-    from transforms.sources.dicom_files import local_instance_uuid
-
     instances, uuids = [], {}
     for uri in list_uris(series_prefix(series, bucket)):
         if not uri.endswith(".dcm"):
@@ -296,7 +240,7 @@ def resolve_series(
         instances.append((uri, header))
     if not instances:
         return FolderFailure(
-            local_instance_uuid(series.series_instance_uid),
+            failure_uuid(series.series_instance_uid),
             series.series_instance_uid,
             SlideError(
                 ReasonCode.READ_ERROR, f"no instances under {series_prefix(series, bucket)}"
@@ -305,9 +249,7 @@ def resolve_series(
     return record_from_headers(
         series.series_instance_uid,
         instances,
-        target_spacing_mm,
-        tolerance,
-        mask_spacing_mm,
+        rule,
         instance_uuids=uuids,
         collection=series.collection_id,
         idc_version=idc_version or index_version(),
@@ -316,8 +258,6 @@ def resolve_series(
 
 def with_dicomweb(record: SlideRecord, base_url: str) -> SlideRecord:
     """The same record read through a DICOMweb store (e.g. IDC's) instead of its files."""
-    from transforms.dicom_io.dicomweb import instance_url
-
     files = tuple(
         (
             sop,
@@ -326,28 +266,3 @@ def with_dicomweb(record: SlideRecord, base_url: str) -> SlideRecord:
         for sop, _ in record.files
     )
     return dataclasses.replace(record, files=files, dicomweb_url=base_url.rstrip("/"))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m transforms.sources.idc [--collections a,b] [--sample N]`: plan from the offline index."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--collections", default="")
-    parser.add_argument("--sample", type=int)
-    parser.add_argument("--limit", type=int)
-    args = parser.parse_args(argv)
-    collections = [c for c in args.collections.split(",") if c]
-    series = sm_series(collections, limit=args.limit, sample=args.sample)
-    total = summarize(series)
-    print(f"idc-index-data {index_version()}: {len(series)} SM series")
-    for name, entry in sorted(total.items()):
-        print(
-            f"  {name}: {int(entry['series'])} series, {int(entry['instances'])} instances, "
-            f"{entry['size_gb']:.1f} GB"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,7 +21,7 @@ from typing import Any
 
 from transforms.errors import ReasonCode, SlideError
 from transforms.levels import LevelChoice, LevelInfo, PixelSpacing
-from transforms.sources.dicom_files import FolderFailure, SlideRecord, validate_uid, validate_uuid
+from transforms.records import FolderFailure, SlideRecord, validate_uid, validate_uuid
 
 _LEVEL_FIELDS = (
     "sop_instance_uid",

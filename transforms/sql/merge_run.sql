@@ -8,7 +8,7 @@
 --                     the old ones); other slides' rows are untouched;
 --   failures          the run's failure rows replace any earlier merge of the same run;
 -- all in one transaction (readers see the tables before or after, never between), then drops
--- the staging tables. Rendered by transforms.access.render_sql: each placeholder is a validated
+-- the staging tables. Rendered by transforms.bigquery.render_sql: each placeholder is a validated
 -- table id (project.dataset.table).
 BEGIN TRANSACTION;
 

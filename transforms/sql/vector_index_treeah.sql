@@ -1,5 +1,5 @@
 -- The search table's vector index, TreeAH (ScaNN) variant of vector_index_ivf.sql: create one
--- or the other (a column holds one vector index). Rendered by transforms.access.render_sql:
+-- or the other (a column holds one vector index). Rendered by transforms.bigquery.render_sql:
 -- ${search_table} is a validated table id.
 --
 -- When to prefer it: BigQuery recommends IVF for small query batches and TreeAH for large

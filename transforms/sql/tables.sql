@@ -1,9 +1,10 @@
--- pathembed's three tables (DESIGN.md §5), generated from transforms/tables.py by
--- transforms.bigquery_sink.ddl_file_text(); tests/test_bigquery_sink.py checks that
--- this file is current. Render with transforms.access.render_sql('tables.sql', ...):
+-- pathembed's three tables (DESIGN.md §5), generated from
+-- transforms/outputs/tables.py by transforms.outputs.bigquery_sink.ddl_file_text();
+-- tests/test_bigquery_sink.py checks that this file is current.
+-- Render with transforms.bigquery.render_sql('tables.sql', ...):
 -- ${resource_table}, ${search_table} and ${failures_table} are validated table ids.
 -- `embedding` holds 384 FLOAT64 per row: BigQuery cannot declare an array's length,
--- so both sinks check it (transforms/tables.py row_errors).
+-- so both sinks check it (transforms/outputs/tables.py row_errors).
 
 CREATE TABLE IF NOT EXISTS `${resource_table}` (
   instance_uuid STRING NOT NULL,

@@ -1,0 +1,89 @@
+"""Every path a run writes, in one place: the published per-slide layout, the tables and the
+run summaries.
+
+{output_root}/
+  {instance_uuid}/path_foundation/v1/   the published files of one slide (ArtifactPaths),
+                                        plus _COMPLETE.json, written last
+  tables/{resource,search,failures}/    one Parquet file per run: {run_id}.parquet
+  runs/{run_id}.json                    the summary of a finished run; it commits the run's
+                                        table rows (transforms/outputs/artifacts.py)
+
+`output_root` is a local path or gs://bucket/prefix; paths are joined with Beam's FileSystems.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.records import validate_uuid
+
+MODEL_DIR = "path_foundation"
+DATASET_VERSION = "v1"  # the published layout: {uuid}/path_foundation/v1/
+DEFAULT_N_CLUSTERS = 500  # the published k-means files: embeddings_500_*.npy
+COMPLETE_MARKER = "_COMPLETE.json"
+TABLES_DIR = "tables"
+RUNS_DIR = "runs"
+
+
+def slide_directory(output_root: str, instance_uuid: str, version: str = DATASET_VERSION) -> str:
+    """{output_root}/{instance_uuid}/path_foundation/{version}, the UUID validated first."""
+    return FileSystems.join(
+        output_root.rstrip("/"), validate_uuid(instance_uuid), MODEL_DIR, version
+    )
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    """URIs of one slide's artifacts."""
+
+    directory: str
+    metadata: str
+    thumbnail: str
+    thumbnail_mask: str
+    embeddings: str
+    coordinates: str
+    centroids: str
+    labels: str
+    complete_marker: str
+
+    @classmethod
+    def for_slide(
+        cls,
+        output_root: str,
+        instance_uuid: str,
+        version: str = DATASET_VERSION,
+        n_clusters: int = DEFAULT_N_CLUSTERS,
+    ) -> ArtifactPaths:
+        directory = slide_directory(output_root, instance_uuid, version)
+
+        def at(name: str) -> str:
+            return FileSystems.join(directory, name)
+
+        return cls(
+            directory=directory,
+            metadata=at("metadata.json"),
+            thumbnail=at("slide_thumbnail.jpeg"),
+            thumbnail_mask=at("slide_thumbnail_mask.jpeg"),
+            embeddings=at("slide_embedding.npy"),
+            coordinates=at("slide_embedding_coord.npy"),
+            centroids=at(f"embeddings_{n_clusters}_cluster_centroid.npy"),
+            labels=at(f"embeddings_{n_clusters}_labels.npy"),
+            complete_marker=at(COMPLETE_MARKER),
+        )
+
+
+def table_dir(output_root: str, table: str) -> str:
+    """The folder of one local table (resource, search or failures)."""
+    return FileSystems.join(output_root.rstrip("/"), TABLES_DIR, table)
+
+
+def table_file(output_root: str, table: str, run_id: str) -> str:
+    """The Parquet file run `run_id` wrote for `table`."""
+    return FileSystems.join(table_dir(output_root, table), f"{run_id}.parquet")
+
+
+def run_summary_uri(output_root: str, run_id: str) -> str:
+    """{output_root}/runs/{run_id}.json: written when the run finished."""
+    return FileSystems.join(output_root.rstrip("/"), RUNS_DIR, f"{run_id}.json")

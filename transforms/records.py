@@ -1,0 +1,98 @@
+"""What travels the DAG before planning: slide records, source failures, and the identifiers
+they carry (UID and UUID validation, and the one rule for the UUID of a failure row).
+
+A `SlideRecord` is what every source yields and what every later stage keys on: the instance
+UUID, the DICOM UIDs, the chosen levels and where to read them. `files` pairs each level's
+SOPInstanceUID with a URI, one of
+- a local path,
+- gs://bucket/object, s3://bucket/key, http(s):// file (byte-range reads, transforms/dicom_io/),
+- a WADO-RS instance URL `{base}/studies/{s}/series/{se}/instances/{sop}` (DICOMweb);
+  `dicomweb_url` then holds `{base}`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from transforms.errors import ReasonCode, SlideError
+from transforms.levels import LevelChoice
+from transforms.urls import is_remote
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def validate_uuid(value: str) -> str:
+    """The canonical lowercase form of a UUID, or SlideError(invalid_uuid) before any path use."""
+    try:
+        parsed = uuid.UUID(str(value))
+    except ValueError:
+        raise SlideError(ReasonCode.INVALID_UUID, f"{value!r} is not a UUID") from None
+    if str(parsed) != str(value).lower():
+        raise SlideError(ReasonCode.INVALID_UUID, f"{value!r} is not a canonical UUID")
+    return str(parsed)
+
+
+def validate_uid(value: str) -> str:
+    """A DICOM UID (digits and dots, at most 64 characters), or ValueError."""
+    if not (isinstance(value, str) and len(value) <= 64 and _UID_RE.match(value)):
+        raise ValueError(f"{value!r} is not a DICOM UID")
+    return value
+
+
+def local_instance_uuid(sop_instance_uid: str) -> str:
+    """Stable UUID for a slide from outside IDC: uuid5 in the OID namespace of its SOP UID."""
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, validate_uid(sop_instance_uid)))
+
+
+def failure_uuid(uid: str | None, known_uuids: Mapping[str, str] | None = None) -> str:
+    """The UUID a failure row carries for the instance (or series) `uid`: the source's own
+    UUID for it when it has one (IDC's crdc_instance_uuid), else uuid5 of the UID, as its
+    record would have had; a UID that is not valid gets uuid5 of "0"."""
+    if uid is not None and known_uuids and uid in known_uuids:
+        return validate_uuid(known_uuids[uid])
+    valid = isinstance(uid, str) and len(uid) <= 64 and _UID_RE.match(uid)
+    return local_instance_uuid(uid if valid else "0")
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """One slide to embed: identity, chosen levels, and where each pyramid level is read."""
+
+    instance_uuid: str  # of the embedding-level instance (IDC crdc_instance_uuid or uuid5)
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str  # the embedding-level instance
+    levels: LevelChoice
+    files: tuple[tuple[str, str], ...]  # (SOPInstanceUID, URI) of every pyramid level
+    collection: str | None = None
+    idc_version: str | None = None
+    instance_hash: str | None = None  # IDC's MD5 of the instance, when the source knows it
+    dicomweb_url: str | None = None  # DICOMweb base URL when `files` are WADO-RS URLs
+    # How WADO-RS reads authenticate (source.dicomweb_auth: auto, google, none); a mode,
+    # never a credential: credentials come from ADC on the worker that reads.
+    dicomweb_auth: str = "auto"
+
+    def __repr__(self) -> str:
+        return f"SlideRecord({self.instance_uuid}, series={self.series_instance_uid})"
+
+    @property
+    def embedding_file(self) -> str:
+        return dict(self.files)[self.sop_instance_uid]
+
+    @property
+    def is_local(self) -> bool:
+        """True when every level is a local file (hashes are computed only then)."""
+        return not any(is_remote(uri) for _, uri in self.files)
+
+
+@dataclass(frozen=True)
+class FolderFailure:
+    """A series found by a source that cannot become a SlideRecord (UUID and series UID are
+    None when the source did not give valid ones, e.g. a malformed manifest row)."""
+
+    instance_uuid: str | None
+    series_instance_uid: str | None
+    error: SlideError
