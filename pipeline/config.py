@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from transforms.clustering import KMeansParams
+from transforms.levels import LevelRule
 from transforms.outputs.layout import DATASET_VERSION
 from transforms.patches import ICC_PROFILES
 from transforms.plan import PlanParams
@@ -75,9 +76,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LevelsConfig:
+    """The level rule as the config says it, in µm/px; `rule()` is the same rule in mm/px."""
+
     target_spacing_um: float = 0.5
     tolerance: float = 0.15
     mask_spacing_um: float = 5.0
+
+    def rule(self) -> LevelRule:
+        return LevelRule(self.target_spacing_um / 1000, self.tolerance, self.mask_spacing_um / 1000)
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,16 @@ def set_overrides(items: list[str]) -> dict[str, Any]:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
     return overrides
+
+
+def config_from_flags(
+    path: str | Path | None, set_items: list[str], flags: dict[str, Any]
+) -> PipelineConfig:
+    """The YAML config at `path` (None: the built-in defaults), then the `--set KEY=VALUE`
+    items, then the command's named flags as {config key: value} (None: flag not given)."""
+    overrides = set_overrides(set_items)
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    return load_config(path, overrides)
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -12,10 +12,10 @@ import apache_beam as beam
 
 from pipeline.config import PIPELINE_VERSION, PipelineConfig, parameter_hash
 from transforms import failures, stages
-from transforms.embed import EmbedChunks
+from transforms.outputs.artifacts import RunContext
 from transforms.outputs.layout import DATASET_VERSION
 from transforms.outputs.sinks import WriteTable
-from transforms.sources.enumeration import EnumerateSlides, SkipDoneOrUnrequested
+from transforms.sources.enumeration import EnumerateSlides
 
 
 def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
@@ -23,29 +23,28 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
     model = handler.model_info()
     params = cfg.output_params(model.name, model.version)
     p_hash = parameter_hash(params)
-    root, lv = cfg.output_root, cfg.levels
+    root, uuids = cfg.output_root, frozenset(cfg.run.uuids)
     enumerate_slides = EnumerateSlides(
-        cfg.source, lv.target_spacing_um / 1000, lv.tolerance, lv.mask_spacing_um / 1000,
-        uuids=frozenset(cfg.run.uuids), idc_version=cfg.run.idc_version,
-    )  # fmt: skip
-    skip_done = SkipDoneOrUnrequested(
+        cfg.source, cfg.levels.rule(), uuids=uuids, idc_version=cfg.run.idc_version
+    )
+    skip_done = stages.SkipDoneOrUnrequested(
         output_root=root, dataset_version=DATASET_VERSION, n_clusters=cfg.kmeans.n_clusters,
-        parameter_hash=p_hash, uuids=frozenset(cfg.run.uuids), force=cfg.run.force,
+        parameter_hash=p_hash, uuids=uuids, force=cfg.run.force,
         resource_table=cfg.run.resource_table, run_id=run_id,
     )  # fmt: skip
-    write_artifacts = stages.WriteArtifactsFn(
+    write_artifacts = stages.WriteArtifactsFn(RunContext(
         output_root=root, model=model, parameter_hash=p_hash, params=params,
         dataset_version=DATASET_VERSION, pipeline_version=PIPELINE_VERSION, run_id=run_id,
-    )  # fmt: skip
+    ))  # fmt: skip
 
     found = p | "Enumerate" >> enumerate_slides
     todo = found.slides | "SkipDone" >> beam.ParDo(skip_done)
     planned = todo | "PlanSlide" >> beam.ParDo(stages.PlanSlideFn(cfg.plan_params())).with_outputs(
         "plan", main="chunks"
     ).with_exception_handling()  # fmt: skip
-    embed = EmbedChunks(handler, cfg.grid.patch_size, cfg.color.icc_profile).with_resource_hints(
-        **cfg.dataflow.embed_resource_hints()
-    )  # fmt: skip
+    embed = stages.EmbedChunks(
+        handler, cfg.grid.patch_size, cfg.color.icc_profile
+    ).with_resource_hints(**cfg.dataflow.embed_resource_hints())
     embedded = planned.chunks | "Reshuffle" >> beam.Reshuffle() | "Embed" >> embed
     clustered = (
         {"plan": planned.plan, "patches": embedded["embedded"]}
@@ -63,14 +62,14 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
     threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
     failure_rows = [
         found.failed
-        | "EnumerateFailures" >> beam.Map(stages.folder_failure_row, run_id)
+        | "EnumerateFailures" >> beam.Map(failures.source_failure_row, run_id)
         | "EnumerateBreaker" >> beam.Map(failures.check_failure_row, run_id, *threshold)
     ]
     for stage, bad in [("plan", planned.bad), ("read", embedded["bad"]),
                        ("cluster", clustered.bad), ("write", written.bad)]:  # fmt: skip
         failure_rows.append(
             bad
-            | f"{stage.title()}Failures" >> beam.Map(stages.dead_letter_row, stage, run_id)
+            | f"{stage.title()}Failures" >> beam.Map(failures.dead_letter_row, stage, run_id)
             | f"{stage.title()}Breaker" >> beam.Map(failures.check_failure_row, run_id, *threshold)
         )
     (

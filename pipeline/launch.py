@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
-import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pipeline import summary
-from pipeline.config import PipelineConfig
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
+from apache_beam.portability.api import beam_runner_api_pb2
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "idc.yaml"
+from pipeline.config import PipelineConfig, config_from_flags
+from pipeline.run import checked_model, execute, new_run_id
+from transforms.outputs.bigquery_sink import merge_run
+
+DEFAULT_CONFIG = resources.files("configs").joinpath("idc.yaml")
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
 
 # flag dest -> config key (the flag's help names the key)
@@ -125,14 +131,11 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_launch_args(args: argparse.Namespace) -> PipelineConfig:
-    from pipeline.config import load_config, set_overrides
-
-    overrides = set_overrides(args.set)
-    for dest, key in _CONFIG_FLAGS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            overrides[key] = None if (dest == "gpu_type" and value == "none") else value
-    return load_config(args.config, overrides)
+    flags = {key: getattr(args, dest) for dest, key in _CONFIG_FLAGS.items()}
+    cfg = config_from_flags(args.config, args.set, flags)
+    if args.gpu_type == "none":  # no GPU hint: the embedding step runs on the CPU workers
+        cfg = dataclasses.replace(cfg, dataflow=dataclasses.replace(cfg.dataflow, gpu_type=None))
+    return cfg
 
 
 def check_dataflow_config(cfg: PipelineConfig) -> None:
@@ -241,8 +244,6 @@ def render_graph_dot(proto: Any) -> str:
 def dry_run_job(pipeline: Any) -> Any:
     """The Dataflow job (apiclient.Job) of a pipeline built with --dry_run=True: the runner
     translates it (Docker environments, resource hints) and returns before submitting."""
-    from apache_beam.options.pipeline_options import TestOptions
-
     if not pipeline.options.view_as(TestOptions).dry_run:
         raise ValueError("dry_run_job needs a pipeline built with --dry_run=True")
     return pipeline.run().job
@@ -250,8 +251,6 @@ def dry_run_job(pipeline: Any) -> Any:
 
 def render_environments(proto: Any) -> str:
     """One line per worker environment: its container image and resource hints."""
-    from apache_beam.portability.api import beam_runner_api_pb2
-
     lines = []
     for env_id, env in sorted(proto.components.environments.items()):
         image = beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image
@@ -262,62 +261,43 @@ def render_environments(proto: Any) -> str:
 
 def build_pipeline(cfg: PipelineConfig, beam_args: list[str], run_id: str):
     """The job's Beam pipeline object (built, not run) and its options."""
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from models.handler import PathFoundationModelHandler
     from pipeline import dag
 
     options = PipelineOptions(beam_args)
-    handler = PathFoundationModelHandler.from_config(cfg.model)
+    handler, _ = checked_model(cfg)
     pipeline = beam.Pipeline(options=options)
     dag.build(pipeline, cfg, handler, run_id)
     return pipeline, options
 
 
 def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
-    import datetime
-    import secrets
-
-    from models.path_foundation import ModelAccessError
-    from transforms.outputs.bigquery_sink import merge_run, prepare_run
-
     cfg = config_from_launch_args(args)
     if args.merge_only:
         sql = merge_run(cfg.tables, args.merge_only, project=cfg.dataflow.project)
         print(f"merged run {args.merge_only} into {cfg.tables.bigquery_dataset}:\n{sql}")
         return 0
     check_dataflow_config(cfg)
-    run_id = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+    run_id = new_run_id()
     beam_args = dataflow_options(cfg.dataflow) + list(extra)
-    if args.dry_run:  # Beam's own: the DataflowRunner translates the job, submits nothing
-        beam_args.append("--dry_run=True")
-    try:
-        pipeline, options = build_pipeline(cfg, beam_args, run_id)
-    except (ModelAccessError, ValueError) as exc:
-        raise SystemExit(f"cannot build the job: {exc}") from None
     print(f"run {run_id}: {cfg.source.kind} {cfg.source.bigquery_table} -> {cfg.output_root}")
     print("Dataflow options:")
-    print(json.dumps(options.get_all_options(drop_default=True), indent=1, sort_keys=True))
+    print(json.dumps(PipelineOptions(beam_args).get_all_options(drop_default=True), indent=1,
+                     sort_keys=True))  # fmt: skip
     print("embedding step resource hints:", json.dumps(cfg.dataflow.embed_resource_hints()))
-    if args.dry_run:
-        proto = dry_run_job(pipeline).proto_pipeline
-        print("worker environments:")
-        print(render_environments(proto))
-        print("pipeline graph:")
-        print(render_graph_text(proto))
-        if args.graph_out:
-            args.graph_out.write_text(render_graph_dot(proto))
-            print(f"wrote {args.graph_out}")
-        print("dry run: nothing submitted")
-        return 0
-    if cfg.tables.sink == "bigquery":
-        prepare_run(cfg.tables, run_id, project=cfg.dataflow.project)
-    started = time.perf_counter()
-    result = pipeline.run()
-    print(f"submitted; waiting for the job to finish (run {run_id})")
-    result.wait_until_finish()
-    if cfg.tables.sink == "bigquery":
-        merge_run(cfg.tables, run_id, project=cfg.dataflow.project)
-        print(f"merged run {run_id} into {cfg.tables.bigquery_dataset}")
-    return summary.finish(result, cfg, run_id, time.perf_counter() - started)
+    if not args.dry_run:
+        return execute(cfg, beam_args, run_id=run_id)
+    # Beam's own dry run: the DataflowRunner translates the job and submits nothing.
+    try:
+        pipeline, _ = build_pipeline(cfg, [*beam_args, "--dry_run=True"], run_id)
+    except ValueError as exc:
+        raise SystemExit(f"cannot build the job: {exc}") from None
+    proto = dry_run_job(pipeline).proto_pipeline
+    print("worker environments:")
+    print(render_environments(proto))
+    print("pipeline graph:")
+    print(render_graph_text(proto))
+    if args.graph_out:
+        args.graph_out.write_text(render_graph_dot(proto))
+        print(f"wrote {args.graph_out}")
+    print("dry run: nothing submitted")
+    return 0

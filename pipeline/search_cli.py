@@ -20,9 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import config_from_flags
+from pipeline.run import checked_config, execute, local_runner
+from transforms import bigquery
 from transforms.errors import SlideError
 from transforms.outputs import archive
 from transforms.search import qc, ranking
+from transforms.sources.dicom_files import enumerate_dicom_folder
 
 # faiss logs at INFO which CPU build it loads, on every approximate search.
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -68,12 +72,6 @@ def _add_bigquery_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     )
     group.add_argument("--bq-project", help="project billed for queries (default: gcloud's)")
     return group
-
-
-def _bigquery_client(project: str | None):
-    from google.cloud import bigquery
-
-    return bigquery.Client(project=project)
 
 
 def _local_root(args: argparse.Namespace, command: str) -> str:
@@ -195,7 +193,7 @@ def search_command(args: argparse.Namespace, _: list[str]) -> int:
                     "with Path Foundation (see `pathembed run --help`)"
                 )
             root = args.output_root or archive.PUBLIC_OUTPUT_ROOT
-            client = _bigquery_client(args.bq_project)
+            client = bigquery.client(args.bq_project)
             tables = ranking.BigQueryTables(
                 args.bq_search_table, args.bq_resource_table, args.bq_idc_table
             )
@@ -235,24 +233,16 @@ def _embed_new_slide(
 ) -> tuple[ranking.SlideQuery, dict[str, Any]]:
     """Runs the pipeline on the --dicom folder: the query (its one slide's centroids) and the
     slide's resource row."""
-    from pipeline.cli import main
-    from transforms.sources.dicom_files import enumerate_dicom_folder
-
     found = list(enumerate_dicom_folder(args.dicom))
     if len(found) != 1:
         raise SystemExit(
             f"{args.dicom} holds {len(found)} slide series; search takes one: give a folder "
             "with one slide, or `pathembed run` them all and search by UUID"
         )
-    run = ["run", "--input", args.dicom, "--output-root", query_root]
-    if args.model:
-        run += ["--model", args.model]
-    if args.config:
-        run += ["--config", str(args.config)]
-    for item in args.set:
-        run += ["--set", item]
+    flags = {"source.input": args.dicom, "output_root": query_root, "model.name": args.model}
+    cfg = checked_config(config_from_flags(args.config, args.set, flags))
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the results (--json)
-        main(run)
+        execute(cfg, [], local_runner([]))
     # The slide is found by its series: its instance UUID depends on the level the run chose.
     resources = archive.newest_resources(query_root)
     series = found[0].series_instance_uid
@@ -472,7 +462,7 @@ def lookup_command(args: argparse.Namespace, _: list[str]) -> int:
     slide = _named_slide(args)
     with _user_errors("lookup"):
         if args.bigquery:
-            client = _bigquery_client(args.bq_project)
+            client = bigquery.client(args.bq_project)
             row = archive.bigquery_find_resource(client, args.bq_resource_table, **slide)
         else:
             row = archive.find_resource(_local_root(args, "lookup"), **slide)

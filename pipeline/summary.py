@@ -9,39 +9,20 @@ from typing import Any
 
 from apache_beam.metrics.metric import MetricsFilter
 
+from transforms import failures
 from transforms.outputs.layout import run_summary_uri
 from transforms.urls import is_remote
 
 _LOG = logging.getLogger("pathembed")
 FAILED_SHARE_EXIT = 3  # more than run.max_failed_fraction of the slides failed
 
-COUNTERS = [
-    "pixel_source_requests",
-    "pixel_frames_read",
-    "pixel_source_bytes_read",
-    "slides_found",
-    "enumerate_failures",
-    "slides_skipped_complete",
-    "slides_to_process",
-    "slides_planned",
-    "patches_planned",
-    "slides_written",
-    "patches_embedded",
-    "failures",
-]
-STAGES = {
-    "plan": "plan_ms",
-    "read patches": "read_ms",
-    "cluster": "cluster_ms",
-    "write": "write_ms",
-}
 INFERENCE = "inference_batch_latency_micro_secs"
 
 
 def collect(result: Any) -> dict[str, Any]:
     """Counters and per-stage totals from a finished Beam PipelineResult."""
     metrics = result.metrics().query(MetricsFilter())
-    counters = {name: 0 for name in COUNTERS}
+    counters = {name: 0 for name in metrics.COUNTERS}
     for counter in metrics["counters"]:
         if counter.key.metric.name in counters:
             counters[counter.key.metric.name] += counter.committed or 0
@@ -50,7 +31,7 @@ def collect(result: Any) -> dict[str, Any]:
         name, value = dist.key.metric.name, dist.committed
         if value is None:
             continue
-        for stage, metric in STAGES.items():
+        for stage, metric in metrics.STAGES.items():
             if name == metric:
                 seconds[stage] = seconds.get(stage, 0.0) + value.sum / 1000
         if name.endswith(INFERENCE):
@@ -71,14 +52,11 @@ def failure_threshold_exceeded(
     """A message when more than `max_failed_fraction` of at least `min_slides` tried slides
     failed (a broken credential or store rather than bad slides), else None."""
     failed, tried = failed_slides(counters)
-    if max_failed_fraction is None or tried < max(1, min_slides):
-        return None
-    if failed / tried <= max_failed_fraction:
+    if not failures.exceeds(failed, tried, max_failed_fraction, min_slides):
         return None
     return (
         f"{failed} of {tried} slides failed ({failed / tried:.0%}), more than "
-        f"run.max_failed_fraction = {max_failed_fraction:.0%}: check credentials and the pixel "
-        "source, then rerun the failures (README: Recovering from failures)"
+        f"run.max_failed_fraction = {max_failed_fraction:.0%}: {failures.ADVICE}"
     )
 
 

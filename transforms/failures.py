@@ -1,5 +1,11 @@
-"""Stopping a run whose slides fail wholesale (a broken credential, a store that is down),
-before it turns the whole archive into failure rows.
+"""Failure rows, and stopping a run whose slides fail wholesale (a broken credential, a store
+that is down) before it turns the whole archive into failure rows.
+
+Every stage's dead letters (Beam's `with_exception_handling`) and every source failure become
+one row shape: {instance_uuid, SeriesInstanceUID, stage, reason_code, message, run_id, time}.
+
+The breaker, and the one failed-share rule (`exceeds`) that both it and the end-of-run check
+(pipeline/summary.py) apply:
 
 Each worker process counts, per run, the slides it started (`tried`) and the distinct slides
 that failed in it; once it has tried `min_slides` and more than `max_failed_fraction` of them
@@ -13,8 +19,30 @@ Not for judging single slides: a slide's own failure always becomes a row and th
 
 from __future__ import annotations
 
+import datetime
+import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
+
+from transforms import metrics
+from transforms.errors import ReasonCode, SlideError
+from transforms.plan import PatchChunk, SlidePlan, SlideResult
+from transforms.records import FolderFailure, SlideRecord
+
+_LOG = logging.getLogger(__name__)
+ADVICE = (
+    "check credentials and the pixel source, then rerun the failures "
+    "(README: Recovering from failures)"
+)
+
+
+def exceeds(failed: int, tried: int, max_failed_fraction: float | None, min_slides: int) -> bool:
+    """The failed-share rule: more than `max_failed_fraction` of at least `min_slides` tried
+    slides failed (a broken credential or store rather than bad slides)."""
+    if max_failed_fraction is None or tried < max(1, min_slides):
+        return False
+    return failed / tried > max_failed_fraction
 
 
 class FailedShareExceeded(RuntimeError):
@@ -41,9 +69,7 @@ def note_tried(run_id: str) -> None:
 def _share(counts: _Counts, max_failed_fraction: float | None, min_slides: int):
     """(failed, tried) when the failed share exceeds the threshold, else None."""
     failed, tried = len(counts.failed), max(counts.tried, len(counts.failed))
-    if max_failed_fraction is None or tried < max(1, min_slides):
-        return None
-    return (failed, tried) if failed / tried > max_failed_fraction else None
+    return (failed, tried) if exceeds(failed, tried, max_failed_fraction, min_slides) else None
 
 
 def note_failed(
@@ -60,8 +86,7 @@ def note_failed(
         raise FailedShareExceeded(
             f"run {run_id} stopped: {failed} of the {tried} slides tried in this worker failed "
             f"({failed / tried:.0%}), more than run.max_failed_fraction = "
-            f"{max_failed_fraction:.0%}; check credentials and the pixel source, then rerun "
-            "(README: Recovering from failures)"
+            f"{max_failed_fraction:.0%}; {ADVICE}"
         )
 
 
@@ -80,4 +105,58 @@ def check_failure_row(
     if row.get("stage") == "enumerate":
         note_tried(run_id)
     note_failed(run_id, row.get("instance_uuid"), max_failed_fraction, min_slides)
+    return row
+
+
+def _identity(element: Any) -> tuple[str | None, str | None]:
+    """(instance_uuid, SeriesInstanceUID) of whatever element a stage failed on."""
+    if isinstance(element, SlideRecord | FolderFailure):
+        return element.instance_uuid, element.series_instance_uid
+    if isinstance(element, PatchChunk | SlidePlan):
+        return _identity(element.record)
+    if isinstance(element, SlideResult):
+        return _identity(element.plan.record)
+    if isinstance(element, tuple) and element and isinstance(element[0], str):
+        return element[0], None  # (uuid, grouped) after GroupByKey
+    return None, None
+
+
+def failure_row(element: Any, stage: str, reason: str, message: str, run_id: str) -> dict:
+    instance_uuid, series_uid = _identity(element)
+    return {
+        "instance_uuid": instance_uuid,
+        "SeriesInstanceUID": series_uid,
+        "stage": stage,
+        "reason_code": reason,
+        "message": message,
+        "run_id": run_id,
+        "time": datetime.datetime.now(datetime.UTC),
+    }
+
+
+def dead_letter_row(dead_letter: tuple, stage: str, run_id: str) -> dict:
+    """Beam's (element, (exc_type, repr, traceback)) dead letter -> failure row."""
+    element, (exc_type, exc_repr, trace) = dead_letter
+    if isinstance(exc_type, type) and issubclass(exc_type, SlideError):
+        # SlideError's str() is "reason_code: message"; the exception object is not kept.
+        text = trace[-1].split(": ", 1)[-1].strip()
+        reason, _, message = text.partition(": ")
+    else:
+        reason, message = (
+            ReasonCode.INTERNAL_ERROR.value,
+            f"{exc_repr} at {''.join(trace[-3:-1]).strip()}",
+        )
+    row = failure_row(element, stage, reason, message, run_id)
+    _LOG.warning("slide %s failed at %s: %s: %s", row["instance_uuid"], stage, reason, message)
+    metrics.counter(metrics.FAILURES).inc()
+    return row
+
+
+def source_failure_row(failure: FolderFailure, run_id: str) -> dict:
+    """A source's failure (a series that could not become a record) -> failure row."""
+    row = failure_row(
+        failure, "enumerate", failure.error.reason.value, failure.error.message, run_id
+    )
+    _LOG.warning("slide %s failed at enumerate: %s", failure.instance_uuid, failure.error)
+    metrics.counter(metrics.FAILURES).inc()
     return row

@@ -3,7 +3,7 @@
 Slides are ez-wsi slide objects: local files and gs://, s3://, http(s) files are read by byte
 ranges (`transforms.dicom_io.byte_ranges`: a frame offset index, only the frames asked for, so
 a worker never holds a whole instance, which for a 100k-patch 20x level is ~2 GB compressed),
-WADO-RS URLs through DICOMweb (`transforms.dicom_io.dicomweb`).
+WADO-RS URLs through DICOMweb (`transforms.dicom_io.dicomweb`); `open_slide` picks the reader.
 
 Patches are assembled from decoded DICOM frames in numpy: each patch copies the parts of the
 1-4 frames it overlaps (4-9 at 40x) into place, and a finer-than-20x level is downsampled per
@@ -38,7 +38,7 @@ import numpy as np
 from ez_wsi_dicomweb import dicom_slide, ez_wsi_errors, image_util, slide_level_map
 from PIL import ImageCms
 
-from transforms.dicom_io import byte_ranges
+from transforms.dicom_io import byte_ranges, dicomweb
 from transforms.errors import ReasonCode, SlideError
 
 # Open slides kept per worker process (each keeps a bounded cache of compressed frames).
@@ -80,16 +80,25 @@ def slide_errors(what: str) -> Iterator[None]:
 def open_slide(
     files: tuple[tuple[str, str], ...], dicomweb_auth: str = "auto"
 ) -> dicom_slide.LocalDicomSlide:
-    """The slide of these (SOPInstanceUID, URI) files, opened once per worker process: local
-    paths with the byte-range reader (ez-wsi's LocalDicomSlide would load whole files: 1.8 GB
-    of memory for a 100k-patch level); gs://, s3://, http(s) and DICOMweb URIs through
-    transforms/dicom_io/remote.py (DICOMweb with `dicomweb_auth`: auto, google or none)."""
-    with slide_errors("opening slide"):
-        if any("://" in uri for _, uri in files):
-            from transforms.dicom_io.remote import open_remote_slide
+    """The ez-wsi slide of these (SOPInstanceUID, URI) levels, opened once per worker process.
 
-            return open_remote_slide(files, dicomweb_auth)
-        return byte_ranges.open_range_slide([path for _, path in files])
+    WADO-RS instance URLs are read through DICOMweb (batched frame requests; `dicomweb_auth`:
+    auto, google or none, see dicomweb.credentials_for); local paths and gs://, s3://, http(s)
+    files by the byte-range reader (ez-wsi's LocalDicomSlide would load whole files: 1.8 GB of
+    memory for a 100k-patch level). Both are ez-wsi slides (`levels`, `get_patch(...)`), so
+    everything below works on either unchanged.
+    """
+    uris = [uri for _, uri in files]
+    web = [dicomweb.is_instance_url(u) for u in uris]
+    with slide_errors("opening slide"):
+        if all(web):
+            try:
+                return dicomweb.open_dicomweb_slide(uris, dicomweb_auth)
+            except ValueError as exc:
+                raise SlideError(ReasonCode.READ_ERROR, f"DICOMweb slide: {exc}") from exc
+        if any(web):
+            raise SlideError(ReasonCode.READ_ERROR, "a slide mixes DICOMweb URLs and file URIs")
+        return byte_ranges.open_range_slide(uris)
 
 
 def level_of(slide: dicom_slide.LocalDicomSlide, sop_instance_uid: str) -> slide_level_map.Level:

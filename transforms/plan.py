@@ -1,4 +1,5 @@
-"""Planning a slide: tissue mask at ~2X, the patch grid at ~20x, thumbnails, work chunks.
+"""Planning a slide: tissue mask at ~2X, the patch grid at ~20x, thumbnails, work chunks; and
+the per-slide elements that travel the DAG after planning (SlidePlan, PatchChunk, SlideResult).
 
 `plan_slide` is a plain function of a slide record and an opened ez-wsi slide; the Beam stage
 around it only keys and emits its results. Only coordinates leave this step, never pixels.
@@ -6,15 +7,13 @@ around it only keys and emits its results. Only coordinates leave this step, nev
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from transforms import patches, tissue
-from transforms.dicom_io import byte_ranges
+from transforms import clustering, patches, tissue
+from transforms.dicom_io.hashes import instance_hashes
 from transforms.errors import ReasonCode, SlideError
 from transforms.records import SlideRecord
 
@@ -62,41 +61,16 @@ class PatchChunk:
         return f"PatchChunk({self.record.instance_uuid}#{self.chunk_index}, {len(self.indices)})"
 
 
-_BLOCK = 1 << 22
-_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+@dataclass(frozen=True)
+class SlideResult:
+    """A slide with all its embeddings and their clustering, ready to be written."""
 
+    plan: SlidePlan
+    embeddings: np.ndarray  # float32 [N, D], row k from plan.coords[k]
+    clusters: clustering.Clustering
 
-def instance_hashes(path: str) -> tuple[str, str]:
-    """(MD5 of the instance file, SHA-512 of its PixelData value as stored), both streamed in
-    4 MiB blocks: the value of an encapsulated PixelData is its items, headers included, up to
-    the sequence delimiter (what pydicom returns as `PixelData`)."""
-    md5 = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_BLOCK), b""):
-            md5.update(block)
-    value_at, value_length = byte_ranges.DicomInstanceReader(path).pixel_data_value()
-    sha512 = hashlib.sha512()
-    with open(path, "rb") as handle:
-        handle.seek(value_at)
-        if value_length != 0xFFFFFFFF:  # native pixels: one value of known length
-            _copy(handle, value_length, sha512)
-        else:
-            while len(header := handle.read(8)) == 8:
-                group, element, length = struct.unpack("<HHI", header)
-                if (group, element) == _SEQUENCE_DELIMITER:
-                    break
-                sha512.update(header)
-                _copy(handle, length, sha512)
-    return md5.hexdigest(), sha512.hexdigest()
-
-
-def _copy(handle, length: int, digest) -> None:
-    while length > 0:
-        block = handle.read(min(length, _BLOCK))
-        if not block:
-            raise SlideError(ReasonCode.INCOMPLETE_SLIDE, f"{handle.name}: PixelData truncated")
-        digest.update(block)
-        length -= len(block)
+    def __repr__(self) -> str:
+        return f"SlideResult({self.plan.record.instance_uuid}, {len(self.embeddings)})"
 
 
 def _jpeg(rgb: np.ndarray, quality: int) -> bytes:

@@ -1,56 +1,105 @@
-"""Thin Beam wrappers around the domain functions: one DoFn per DAG stage.
+"""The DAG's steps as thin Beam wrappers: each keys, times and counts; the work is elsewhere.
 
-Each DoFn keys, times and counts; the work itself is in plan.py, patches.py, clustering.py
-and artifacts.py. Failures are not handled here: the DAG wraps every stage with Beam's
-`with_exception_handling`, and `failure_rows` turns its dead letters into failure rows.
+SkipDoneOrUnrequested (outputs/artifacts.py: markers), PlanSlideFn (plan.py), EmbedChunks =
+ReadPatchesFn (patches.py) + RunInference (models/handler.py), ClusterSlideFn (clustering.py),
+WriteArtifactsFn (outputs/artifacts.py). Failures are not handled here: the DAG wraps every
+step with Beam's `with_exception_handling`, and transforms/failures.py turns dead letters into
+failure rows.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from transforms import clustering, patches
+from transforms import clustering, failures, metrics, patches
 from transforms.errors import ReasonCode, SlideError
-from transforms.outputs import artifacts
-from transforms.plan import PatchChunk, PlanParams, SlidePlan, plan_slide
-from transforms.records import FolderFailure, SlideRecord
+from transforms.outputs import artifacts, reruns
+from transforms.outputs.layout import ArtifactPaths
+from transforms.plan import PatchChunk, PlanParams, SlidePlan, SlideResult, plan_slide
+from transforms.records import SlideRecord
 
 _LOG = logging.getLogger(__name__)
-NAMESPACE = "pathembed"
 
 
-def _timed(name: str):
-    distribution = Metrics.distribution(NAMESPACE, f"{name}_ms")
+class SkipDoneOrUnrequested(beam.DoFn):
+    """Keeps slides that were asked for and are not complete with these parameters.
 
-    class _Timer:
-        def __enter__(self):
-            self.start = time.perf_counter()
+    Complete: the completion marker is present, its parameter hash is this run's, its
+    instance hash is the record's (when both are known), and the run that wrote it finished
+    (its tables hold the slide's rows). With `resource_table` (new-release
+    mode) slides in that table with an unchanged instance hash are skipped without looking
+    at their markers; the table is read once per worker, in `setup`.
+    """
 
-        def __exit__(self, *exc):
-            distribution.update(int((time.perf_counter() - self.start) * 1000))
+    def __init__(
+        self,
+        *,
+        output_root: str,
+        dataset_version: str,
+        n_clusters: int,
+        parameter_hash: str,
+        uuids: frozenset[str],
+        force: bool,
+        resource_table: str | None = None,
+        run_id: str | None = None,
+    ):
+        self._root = output_root
+        self._version = dataset_version
+        self._n_clusters = n_clusters
+        self._hash = parameter_hash
+        self._uuids = uuids
+        self._force = force
+        self._resource_table = resource_table
+        self._run_id = run_id
+        self._known: dict[str, str | None] = {}
+        self._committed: dict[str, bool] = {}
+        self._skipped = metrics.counter(metrics.SLIDES_SKIPPED_COMPLETE)
+        self._to_process = metrics.counter(metrics.SLIDES_TO_PROCESS)
 
-    return _Timer()
+    def setup(self) -> None:
+        if self._resource_table:
+            self._known = reruns.known_instances(self._resource_table)
+            _LOG.info("%d slides already in %s", len(self._known), self._resource_table)
 
+    def _run_committed(self, run_id: str | None) -> bool:
+        if run_id not in self._committed:
+            self._committed[run_id] = artifacts.run_committed(self._root, run_id)
+        return self._committed[run_id]
 
-@dataclass(frozen=True)
-class SlideResult:
-    """A slide with all its embeddings and their clustering, ready to be written."""
+    def _complete(self, record: SlideRecord) -> bool:
+        paths = ArtifactPaths.for_slide(
+            self._root, record.instance_uuid, self._version, self._n_clusters
+        )
+        marker = artifacts.completion_marker(paths)
+        return (
+            marker is not None
+            and marker.get("parameter_hash") == self._hash
+            and (
+                record.instance_hash is None
+                or marker.get("instance_hash") in (None, record.instance_hash)
+            )
+            and self._run_committed(marker.get("run_id"))
+        )
 
-    plan: SlidePlan
-    embeddings: np.ndarray  # float32 [N, D], row k from plan.coords[k]
-    clusters: clustering.Clustering
-
-    def __repr__(self) -> str:
-        return f"SlideResult({self.plan.record.instance_uuid}, {len(self.embeddings)})"
+    def process(self, record: SlideRecord) -> Iterator[SlideRecord]:
+        if self._uuids and record.instance_uuid not in self._uuids:
+            return
+        unchanged = self._resource_table and reruns.is_unchanged(
+            self._known, record.instance_uuid, record.instance_hash
+        )
+        if unchanged or (not self._force and self._complete(record)):
+            self._skipped.inc()
+            return
+        self._to_process.inc()
+        if self._run_id:
+            failures.note_tried(self._run_id)
+        yield record
 
 
 @beam.typehints.with_output_types(PatchChunk, plan=tuple)  # declares the tagged output
@@ -59,11 +108,11 @@ class PlanSlideFn(beam.DoFn):
 
     def __init__(self, params: PlanParams):
         self._params = params
-        self._patches = Metrics.counter(NAMESPACE, "patches_planned")
-        self._slides = Metrics.counter(NAMESPACE, "slides_planned")
+        self._patches = metrics.counter(metrics.PATCHES_PLANNED)
+        self._slides = metrics.counter(metrics.SLIDES_PLANNED)
 
     def process(self, record: SlideRecord) -> Iterator[Any]:
-        with _timed("plan"):
+        with metrics.timed("plan"):
             plan, chunks = plan_slide(record, self._params)
         self._slides.inc()
         self._patches.inc(len(plan.coords))
@@ -88,7 +137,7 @@ class ReadPatchesFn(beam.DoFn):
 
     def process(self, chunk: PatchChunk) -> Iterator[tuple[tuple[str, np.ndarray], np.ndarray]]:
         record = chunk.record
-        with _timed("read"):
+        with metrics.timed("read"):
             slide = patches.open_slide(record.files, record.dicomweb_auth)
             level = patches.level_of(slide, record.sop_instance_uid)
             pixels = patches.read_patches(
@@ -104,6 +153,30 @@ def by_slide(keyed: tuple[tuple[str, np.ndarray], Any]) -> tuple[str, tuple]:
     """((uuid, rows), PredictionResult) -> (uuid, (rows, embeddings [n, D]))."""
     (instance_uuid, rows), result = keyed
     return instance_uuid, (rows, np.asarray(result.inference, np.float32))
+
+
+class EmbedChunks(beam.PTransform):
+    """PatchChunks -> {'embedded': (uuid, (rows, embeddings [n, D])), 'bad': read dead letters}.
+
+    Reading and embedding are one composite so that they run on the same worker: a GPU
+    resource hint on it (Dataflow right fitting, pipeline/dag.py) puts both on the GPU workers,
+    and only coordinates (the chunks) cross into it, never pixels: a fusion break between a
+    CPU-hinted reader and a GPU-hinted model would ship ~150 kB of pixels per patch.
+    """
+
+    def __init__(self, handler, patch_size: int, icc_profile: str = "none"):
+        super().__init__()
+        self._handler = handler  # models.handler.PathFoundationModelHandler
+        self._read = ReadPatchesFn(patch_size, icc_profile)
+
+    def expand(self, chunks):
+        read = chunks | "ReadPatches" >> beam.ParDo(self._read).with_exception_handling()
+        embedded = (
+            read.good
+            | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
+            | "KeyBySlide" >> beam.Map(by_slide)
+        )
+        return {"embedded": embedded, "bad": read.bad}
 
 
 class ClusterSlideFn(beam.DoFn):
@@ -127,7 +200,7 @@ class ClusterSlideFn(beam.DoFn):
             )
         embeddings = np.concatenate([e for _, e in chunks])[np.argsort(rows)]
         _LOG.info("embedded %s: %d patches; clustering", instance_uuid, len(embeddings))
-        with _timed("cluster"):
+        with metrics.timed("cluster"):
             clusters = clustering.cluster_embeddings(
                 embeddings, self._params, clustering.random_state_for(instance_uuid)
             )
@@ -138,214 +211,24 @@ class ClusterSlideFn(beam.DoFn):
 class WriteArtifactsFn(beam.DoFn):
     """SlideResult -> resource row (main output) and ('search', row) per centroid."""
 
-    def __init__(
-        self,
-        *,
-        output_root: str,
-        model: Any,
-        parameter_hash: str,
-        params: dict,
-        dataset_version: str,
-        pipeline_version: str,
-        run_id: str,
-    ):
-        self._root = output_root
-        self._model = model  # models.ModelInfo
-        self._hash = parameter_hash
-        self._params = params
-        self._dataset_version = dataset_version
-        self._pipeline_version = pipeline_version
-        self._run_id = run_id
-        self._written = Metrics.counter(NAMESPACE, "slides_written")
-        self._embedded = Metrics.counter(NAMESPACE, "patches_embedded")
+    def __init__(self, run: artifacts.RunContext):
+        self._run = run
+        self._written = metrics.counter(metrics.SLIDES_WRITTEN)
+        self._embedded = metrics.counter(metrics.PATCHES_EMBEDDED)
 
     def process(self, result: SlideResult) -> Iterator[Any]:
-        plan, record = result.plan, result.plan.record
-        n_clusters = self._params["kmeans"]["n_clusters"]
-        paths = artifacts.ArtifactPaths.for_slide(
-            self._root, record.instance_uuid, self._dataset_version, n_clusters
-        )
-        choice = record.levels
-        extra = {
-            "model_is_stand_in": self._model.is_stand_in,
-            "model_source": self._model.source,
-            "embedding_level": {
-                "sop_instance_uid": choice.embedding.sop_instance_uid,
-                "width": choice.embedding.width,
-                "height": choice.embedding.height,
-                "pixel_spacing_mm": [
-                    choice.embedding.spacing.row_mm,
-                    choice.embedding.spacing.column_mm,
-                ],
-                "downsample_to_patch_source": choice.downsample,
-                "resize_interpolation": "INTER_AREA" if choice.downsample != 1 else None,
-            },
-            "mask_level": {
-                "sop_instance_uid": choice.mask.sop_instance_uid,
-                "width": choice.mask.width,
-                "height": choice.mask.height,
-                "pixel_spacing_mm": [choice.mask.spacing.row_mm, choice.mask.spacing.column_mm],
-                "tissue_share": plan.mask_tissue_share,
-            },
-            "grid": {"columns": plan.grid_columns, "rows": plan.grid_rows},
-            "patch_tissue_fraction": [round(float(f), 4) for f in plan.tissue_fraction],
-            "clustering": {
-                "method": result.clusters.method,
-                "random_state": result.clusters.random_state,
-                **self._params["kmeans"],
-            },
-            "parameters": self._params,
-            "parameter_hash": self._hash,
-            "pipeline_version": self._pipeline_version,
-            "idc_version": record.idc_version,
-            "run_id": self._run_id,
-        }
-        metadata = artifacts.build_metadata(
-            identity={
-                "instance_uuid": record.instance_uuid,
-                "instance_hash": plan.instance_md5,
-                "instance_pixeldata_SHA512_hash": plan.pixeldata_sha512,
-                "study_instance_uid": record.study_instance_uid,
-                "series_instance_uid": record.series_instance_uid,
-                "sop_instance_uid": record.sop_instance_uid,
-            },
-            paths=paths,
-            model_name=self._model.name,
-            model_version=self._model.version,
-            dataset_version=self._dataset_version,
-            embedding_count=len(result.embeddings),
-            number_of_centroids=len(result.clusters.centroids),
-            patch_size=self._params["patch_size"],
-            level_width=choice.source_width,
-            level_height=choice.source_height,
-            extra=extra,
-        )
-        files = {
-            paths.metadata: artifacts.json_bytes(metadata),
-            paths.thumbnail: plan.thumbnail_jpeg,
-            paths.thumbnail_mask: plan.thumbnail_mask_jpeg,
-            paths.embeddings: artifacts.npy_bytes(result.embeddings.astype(np.float32)),
-            paths.coordinates: artifacts.npy_bytes(plan.coords.astype(np.int64)),
-            paths.centroids: artifacts.npy_bytes(result.clusters.centroids.astype(np.float32)),
-            paths.labels: artifacts.npy_bytes(result.clusters.labels.astype(np.int64)),
-        }
-        now = datetime.datetime.now(datetime.UTC)
-        marker = {
-            "parameter_hash": self._hash,
-            "instance_hash": plan.instance_md5,
-            "run_id": self._run_id,
-            "embedding_count": len(result.embeddings),
-            "time": now.isoformat(),
-        }
-        with _timed("write"):
-            artifacts.write_artifacts(paths, files, marker, self._run_id)
+        slide = artifacts.slide_outputs(result, self._run)
+        with metrics.timed("write"):
+            artifacts.write_artifacts(slide.paths, slide.files, slide.marker, self._run.run_id)
         self._written.inc()
         self._embedded.inc(len(result.embeddings))
         _LOG.info(
             "wrote %s: %d embeddings, %d centroids -> %s",
-            record.instance_uuid,
+            result.plan.record.instance_uuid,
             len(result.embeddings),
             len(result.clusters.centroids),
-            paths.directory,
+            slide.paths.directory,
         )
-        identity = {
-            "instance_uuid": record.instance_uuid,
-            "StudyInstanceUID": record.study_instance_uid,
-            "SeriesInstanceUID": record.series_instance_uid,
-            "SOPInstanceUID": record.sop_instance_uid,
-        }
-        yield {
-            **identity,
-            "collection": record.collection,
-            "instance_hash": plan.instance_md5,
-            "metadata_uri": paths.metadata,
-            "thumbnail_uri": paths.thumbnail,
-            "thumbnail_mask_uri": paths.thumbnail_mask,
-            "embeddings_uri": paths.embeddings,
-            "coordinates_uri": paths.coordinates,
-            "centroids_uri": paths.centroids,
-            "labels_uri": paths.labels,
-            "embedding_count": len(result.embeddings),
-            "number_of_centroids": len(result.clusters.centroids),
-            "slide_pyramid_level_width": choice.source_width,
-            "slide_pyramid_level_height": choice.source_height,
-            "native_level_width": choice.embedding.width,
-            "native_level_height": choice.embedding.height,
-            "native_pixel_spacing_row_mm": choice.embedding.spacing.row_mm,
-            "native_pixel_spacing_column_mm": choice.embedding.spacing.column_mm,
-            "downsample": choice.downsample,
-            "mask_pixel_spacing_mm": choice.mask.spacing.mm,
-            "model_name": self._model.name,
-            "model_version": self._model.version,
-            "model_is_stand_in": self._model.is_stand_in,
-            "idc_version": record.idc_version,
-            "pipeline_version": self._pipeline_version,
-            "parameter_hash": self._hash,
-            "run_id": self._run_id,
-            "created_time": now,
-        }
-        for k, centroid in enumerate(result.clusters.centroids):
-            yield beam.pvalue.TaggedOutput(
-                "search",
-                {
-                    **identity,
-                    "centroid_index": k,
-                    "cluster_size": int(result.clusters.cluster_sizes[k]),
-                    "embedding": centroid.astype(np.float64).tolist(),
-                },
-            )
-
-
-def _identity(element: Any) -> tuple[str | None, str | None]:
-    """(instance_uuid, SeriesInstanceUID) of whatever element a stage failed on."""
-    if isinstance(element, SlideRecord):
-        return element.instance_uuid, element.series_instance_uid
-    if isinstance(element, FolderFailure):
-        return element.instance_uuid, element.series_instance_uid
-    if isinstance(element, PatchChunk):
-        return _identity(element.record)
-    if isinstance(element, SlideResult):
-        return _identity(element.plan.record)
-    if isinstance(element, tuple) and element and isinstance(element[0], str):
-        return element[0], None  # (uuid, grouped) after GroupByKey
-    return None, None
-
-
-def failure_row(element: Any, stage: str, reason: str, message: str, run_id: str) -> dict:
-    instance_uuid, series_uid = _identity(element)
-    return {
-        "instance_uuid": instance_uuid,
-        "SeriesInstanceUID": series_uid,
-        "stage": stage,
-        "reason_code": reason,
-        "message": message,
-        "run_id": run_id,
-        "time": datetime.datetime.now(datetime.UTC),
-    }
-
-
-def dead_letter_row(dead_letter: tuple, stage: str, run_id: str) -> dict:
-    """Beam's (element, (exc_type, repr, traceback)) dead letter -> failure row."""
-    element, (exc_type, exc_repr, trace) = dead_letter
-    if isinstance(exc_type, type) and issubclass(exc_type, SlideError):
-        # SlideError's str() is "reason_code: message"; the exception object is not kept.
-        text = trace[-1].split(": ", 1)[-1].strip()
-        reason, _, message = text.partition(": ")
-    else:
-        reason, message = (
-            ReasonCode.INTERNAL_ERROR.value,
-            f"{exc_repr} at {''.join(trace[-3:-1]).strip()}",
-        )
-    row = failure_row(element, stage, reason, message, run_id)
-    _LOG.warning("slide %s failed at %s: %s: %s", row["instance_uuid"], stage, reason, message)
-    Metrics.counter(NAMESPACE, "failures").inc()
-    return row
-
-
-def folder_failure_row(failure: FolderFailure, run_id: str) -> dict:
-    row = failure_row(
-        failure, "enumerate", failure.error.reason.value, failure.error.message, run_id
-    )
-    _LOG.warning("slide %s failed at enumerate: %s", failure.instance_uuid, failure.error)
-    Metrics.counter(NAMESPACE, "failures").inc()
-    return row
+        yield slide.resource_row
+        for row in slide.search_rows:
+            yield beam.pvalue.TaggedOutput("search", row)

@@ -13,15 +13,18 @@ were written is done again, so every slide ends with one set of files and of row
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.outputs.layout import ArtifactPaths, run_summary_uri
+from transforms.plan import SlideResult
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -85,6 +88,168 @@ def build_metadata(
             }
         ],
     }
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every slide of one run records about the run: where, which model, which parameters."""
+
+    output_root: str
+    model: Any  # models.path_foundation.ModelInfo
+    parameter_hash: str
+    params: dict
+    dataset_version: str
+    pipeline_version: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class SlideOutputs:
+    """One slide's files (with their URIs), completion marker and table rows."""
+
+    paths: ArtifactPaths
+    files: dict[str, bytes]
+    marker: dict[str, Any]
+    resource_row: dict[str, Any]
+    search_rows: list[dict[str, Any]]
+
+
+def _level_metadata(result: SlideResult) -> dict[str, Any]:
+    """metadata.json's extra keys on the levels, grid and tissue behind the coordinates."""
+    plan, choice = result.plan, result.plan.record.levels
+    return {
+        "embedding_level": {
+            "sop_instance_uid": choice.embedding.sop_instance_uid,
+            "width": choice.embedding.width,
+            "height": choice.embedding.height,
+            "pixel_spacing_mm": [
+                choice.embedding.spacing.row_mm,
+                choice.embedding.spacing.column_mm,
+            ],
+            "downsample_to_patch_source": choice.downsample,
+            "resize_interpolation": "INTER_AREA" if choice.downsample != 1 else None,
+        },
+        "mask_level": {
+            "sop_instance_uid": choice.mask.sop_instance_uid,
+            "width": choice.mask.width,
+            "height": choice.mask.height,
+            "pixel_spacing_mm": [choice.mask.spacing.row_mm, choice.mask.spacing.column_mm],
+            "tissue_share": plan.mask_tissue_share,
+        },
+        "grid": {"columns": plan.grid_columns, "rows": plan.grid_rows},
+        "patch_tissue_fraction": [round(float(f), 4) for f in plan.tissue_fraction],
+    }
+
+
+def slide_outputs(result: SlideResult, run: RunContext) -> SlideOutputs:
+    """Everything one finished slide writes: metadata.json and the six other files, the
+    completion marker, its resource row and one search row per centroid."""
+    plan, record = result.plan, result.plan.record
+    paths = ArtifactPaths.for_slide(
+        run.output_root,
+        record.instance_uuid,
+        run.dataset_version,
+        run.params["kmeans"]["n_clusters"],
+    )
+    choice, model, clusters = record.levels, run.model, result.clusters
+    extra = {
+        "model_is_stand_in": model.is_stand_in,
+        "model_source": model.source,
+        **_level_metadata(result),
+        "clustering": {
+            "method": clusters.method,
+            "random_state": clusters.random_state,
+            **run.params["kmeans"],
+        },
+        "parameters": run.params,
+        "parameter_hash": run.parameter_hash,
+        "pipeline_version": run.pipeline_version,
+        "idc_version": record.idc_version,
+        "run_id": run.run_id,
+    }
+    metadata = build_metadata(
+        identity={
+            "instance_uuid": record.instance_uuid,
+            "instance_hash": plan.instance_md5,
+            "instance_pixeldata_SHA512_hash": plan.pixeldata_sha512,
+            "study_instance_uid": record.study_instance_uid,
+            "series_instance_uid": record.series_instance_uid,
+            "sop_instance_uid": record.sop_instance_uid,
+        },
+        paths=paths,
+        model_name=model.name,
+        model_version=model.version,
+        dataset_version=run.dataset_version,
+        embedding_count=len(result.embeddings),
+        number_of_centroids=len(clusters.centroids),
+        patch_size=run.params["patch_size"],
+        level_width=choice.source_width,
+        level_height=choice.source_height,
+        extra=extra,
+    )
+    files = {
+        paths.metadata: json_bytes(metadata),
+        paths.thumbnail: plan.thumbnail_jpeg,
+        paths.thumbnail_mask: plan.thumbnail_mask_jpeg,
+        paths.embeddings: npy_bytes(result.embeddings.astype(np.float32)),
+        paths.coordinates: npy_bytes(plan.coords.astype(np.int64)),
+        paths.centroids: npy_bytes(clusters.centroids.astype(np.float32)),
+        paths.labels: npy_bytes(clusters.labels.astype(np.int64)),
+    }
+    now = datetime.datetime.now(datetime.UTC)
+    marker = {
+        "parameter_hash": run.parameter_hash,
+        "instance_hash": plan.instance_md5,
+        "run_id": run.run_id,
+        "embedding_count": len(result.embeddings),
+        "time": now.isoformat(),
+    }
+    identity = {
+        "instance_uuid": record.instance_uuid,
+        "StudyInstanceUID": record.study_instance_uid,
+        "SeriesInstanceUID": record.series_instance_uid,
+        "SOPInstanceUID": record.sop_instance_uid,
+    }
+    resource_row = {
+        **identity,
+        "collection": record.collection,
+        "instance_hash": plan.instance_md5,
+        "metadata_uri": paths.metadata,
+        "thumbnail_uri": paths.thumbnail,
+        "thumbnail_mask_uri": paths.thumbnail_mask,
+        "embeddings_uri": paths.embeddings,
+        "coordinates_uri": paths.coordinates,
+        "centroids_uri": paths.centroids,
+        "labels_uri": paths.labels,
+        "embedding_count": len(result.embeddings),
+        "number_of_centroids": len(clusters.centroids),
+        "slide_pyramid_level_width": choice.source_width,
+        "slide_pyramid_level_height": choice.source_height,
+        "native_level_width": choice.embedding.width,
+        "native_level_height": choice.embedding.height,
+        "native_pixel_spacing_row_mm": choice.embedding.spacing.row_mm,
+        "native_pixel_spacing_column_mm": choice.embedding.spacing.column_mm,
+        "downsample": choice.downsample,
+        "mask_pixel_spacing_mm": choice.mask.spacing.mm,
+        "model_name": model.name,
+        "model_version": model.version,
+        "model_is_stand_in": model.is_stand_in,
+        "idc_version": record.idc_version,
+        "pipeline_version": run.pipeline_version,
+        "parameter_hash": run.parameter_hash,
+        "run_id": run.run_id,
+        "created_time": now,
+    }
+    search_rows = [
+        {
+            **identity,
+            "centroid_index": k,
+            "cluster_size": int(clusters.cluster_sizes[k]),
+            "embedding": centroid.astype(np.float64).tolist(),
+        }
+        for k, centroid in enumerate(clusters.centroids)
+    ]
+    return SlideOutputs(paths, files, marker, resource_row, search_rows)
 
 
 def _write(path: str, data: bytes) -> None:

@@ -220,6 +220,15 @@ def record_from_headers(
     )
 
 
+def unreadable_series(series_uid: str, exc: Exception) -> FolderFailure:
+    """A series whose headers could not be read: a failure row, and the run goes on."""
+    if isinstance(exc, SlideError):  # e.g. transient_http once the retries are spent
+        error = SlideError(exc.reason, f"reading the series' headers: {exc.message}")
+    else:
+        error = SlideError(ReasonCode.READ_ERROR, f"reading the series' headers: {exc!r}")
+    return FolderFailure(failure_uuid(series_uid), series_uid, error)
+
+
 def _read_header(uri: str) -> pydicom.Dataset | None:
     """The header of a DICOM file (local or by range reads), or None if it is not DICOM."""
     try:

@@ -1,16 +1,14 @@
-"""Slide sources as Beam transforms, and the filter that skips done or unrequested slides.
-
-`EnumerateSlides` is the DAG's Enumerate step for every source kind (source.kind):
+"""Enumerate: every source kind as one Beam transform, picked from a table by source.kind.
 
 - dicom_folder: WSI files under a folder, gs:// or s3:// prefix (headers by range reads);
-  pixels from the same files.
-- manifest: the slide records of a JSONL/CSV manifest (transforms/sources/manifest.py).
+  pixels from the same files (sources/dicom_files.py).
+- manifest: the slide records of a JSONL/CSV manifest (sources/manifest.py).
 - idc_index: SM series of the offline idc-index-data index, resolved by reading their headers
-  from the IDC bucket; pixels from the bucket or a DICOMweb store.
+  from the IDC bucket; pixels from the bucket or a DICOMweb store (sources/idc.py).
 - bigquery: transforms/sql/idc_slides.sql over `dicom_all` of a pinned release; pixels from
-  gcs_url, aws_url or a DICOMweb store.
+  gcs_url, aws_url or a DICOMweb store (sources/idc.py).
 - dicomweb: QIDO-RS series with Modality SM, levels from WADO-RS series metadata; pixels from
-  the same store.
+  the same store (sources/dicomweb.py).
 
 Every kind yields SlideRecords (main output) and FolderFailures ('failed'). Listing runs in one
 element; per-series work (header or metadata reads) is spread out after a Reshuffle.
@@ -21,14 +19,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 from collections.abc import Iterator
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
+from apache_beam.io.filesystems import FileSystems
 
-from transforms.outputs import artifacts
+from transforms import bigquery, metrics
+from transforms.levels import LevelRule
 from transforms.records import FolderFailure, SlideRecord
+from transforms.sources import dicomweb, idc
 from transforms.sources.dicom_files import enumerate_dicom_folder
+from transforms.sources.manifest import format_rows, parse_manifest
+from transforms.urls import is_remote
 
 _LOG = logging.getLogger(__name__)
 
@@ -37,68 +40,95 @@ def _tagged(item, uuids: frozenset[str], dicomweb_auth: str) -> Iterator[object]
     """A found slide on the main output (its DICOMweb reads set to authenticate as
     source.dicomweb_auth says), a failure on 'failed' (unless other slides were asked for);
     counted either way."""
-    Metrics.counter("pathembed", "slides_found").inc()
+    metrics.counter(metrics.SLIDES_FOUND).inc()
     if not isinstance(item, FolderFailure):
         if item.dicomweb_url and item.dicomweb_auth != dicomweb_auth:
             item = dataclasses.replace(item, dicomweb_auth=dicomweb_auth)
         yield item
     elif not uuids or item.instance_uuid in uuids:
-        Metrics.counter("pathembed", "enumerate_failures").inc()
+        metrics.counter(metrics.ENUMERATE_FAILURES).inc()
         yield beam.pvalue.TaggedOutput("failed", item)
 
 
-def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tuple[str, str]]:
-    from transforms.dicom_io.dicomweb import DicomWebClient, series_of
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every source kind is given besides its config: the level rule, the slides asked
+    for, the IDC release to record, and (bigquery) the query rendered in the driver."""
 
-    for n, row in enumerate(DicomWebClient(base_url, auth).search_series("SM")):
-        if limit is not None and n >= limit:
-            return
-        yield series_of(row)
-
-
-def _series_failure(series_uid: str, exc: Exception) -> FolderFailure:
-    """A series whose headers could not be read: a failure row, and the run goes on."""
-    from transforms.errors import ReasonCode, SlideError
-    from transforms.records import local_instance_uuid
-
-    try:
-        fallback = local_instance_uuid(series_uid)
-    except ValueError:
-        fallback = local_instance_uuid("0")
-    if isinstance(exc, SlideError):  # e.g. transient_http once the retries are spent
-        error = SlideError(exc.reason, f"reading the series' headers: {exc.message}")
-    else:
-        error = SlideError(ReasonCode.READ_ERROR, f"reading the series' headers: {exc!r}")
-    return FolderFailure(fallback, series_uid, error)
+    rule: LevelRule
+    uuids: frozenset[str]
+    idc_version: str | None
+    query: bigquery.Query | None
 
 
-def _dicomweb_record(series: tuple[str, str], base_url: str, auth: str, levels: tuple):
-    from transforms.dicom_io.dicomweb import DicomWebClient, instance_url, metadata_dataset
-    from transforms.sources.dicom_files import VL_WSI_SOP_CLASS, record_from_headers
-
-    study, series_uid = series
-    instances = []
-    try:
-        for tags in DicomWebClient(base_url, auth).series_metadata(study, series_uid):
-            ds = metadata_dataset(tags)
-            if ds.get("SOPClassUID") == VL_WSI_SOP_CLASS:
-                uri = instance_url(base_url, study, series_uid, str(ds.SOPInstanceUID))
-                instances.append((uri, ds))
-    except Exception as exc:  # one unreadable series must not stop the run
-        yield _series_failure(series_uid, exc)
-        return
-    if not instances:
-        return
-    yield record_from_headers(series_uid, instances, *levels, dicomweb_url=base_url.rstrip("/"))
+def _folder(pbegin, src, run: _Run):
+    return (
+        pbegin
+        | "Folder" >> beam.Create([src.input])
+        | "ReadHeaders" >> beam.FlatMap(
+            lambda folder: itertools.islice(enumerate_dicom_folder(folder, run.rule), src.limit)
+        )
+    )  # fmt: skip
 
 
-def _idc_record(series, bucket: str, version: str | None, levels: tuple):
-    from transforms.sources import idc
+def _manifest(pbegin, src, run: _Run):
+    return (
+        pbegin
+        | "Manifest" >> beam.Create([src.input])
+        | "ReadManifest" >> beam.FlatMap(
+            lambda path: itertools.islice(parse_manifest(path), src.limit)
+        )
+    )  # fmt: skip
 
-    try:
-        return idc.resolve_series(series, bucket, version, *levels)
-    except Exception as exc:  # one unreadable series must not stop the run
-        return _series_failure(series.series_instance_uid, exc)
+
+def _idc_index(pbegin, src, run: _Run):
+    series = idc.sm_series(src.collections, src.limit, src.sample)
+    _LOG.info("idc-index-data %s: %d SM series to resolve", idc.index_version(), len(series))
+    bucket = idc.DEFAULT_BUCKET if src.read_from == "aws" else src.idc_bucket
+    version = run.idc_version or idc.index_version()
+    found = (
+        pbegin
+        | "IdcIndexSeries" >> beam.Create(series)
+        | "SpreadSeries" >> beam.Reshuffle()
+        | "ReadSeriesHeaders" >> beam.Map(idc.series_record, bucket, version, run.rule)
+    )
+    if src.read_from != "dicomweb":
+        return found
+    url = src.dicomweb_url
+    return found | "ReadThroughDicomWeb" >> beam.Map(
+        lambda r: idc.with_dicomweb(r, url) if isinstance(r, SlideRecord) else r
+    )
+
+
+def _bigquery(pbegin, src, run: _Run):
+    version = run.idc_version or idc.idc_version_of_table(src.bigquery_table)
+    read_from = {"bucket": "gcs", "aws": "aws", "dicomweb": "dicomweb"}[src.read_from]
+    return pbegin | "Query" >> beam.Create([run.query]) | "RunQuery" >> beam.FlatMap(
+        lambda q: idc.records_from_rows(
+            bigquery.query_rows(q, src.bigquery_project), idc_version=version,
+            read_from=read_from, dicomweb_url=src.dicomweb_url, rule=run.rule,
+        )
+    )  # fmt: skip
+
+
+def _dicomweb(pbegin, src, run: _Run):
+    url, auth = src.dicomweb_url, src.dicomweb_auth
+    return (
+        pbegin
+        | "Store" >> beam.Create([url])
+        | "QidoSeries" >> beam.FlatMap(dicomweb.list_series, auth, src.limit)
+        | "SpreadSeries" >> beam.Reshuffle()
+        | "SeriesMetadata" >> beam.FlatMap(dicomweb.series_records, url, auth, run.rule)
+    )
+
+
+SOURCES = {
+    "dicom_folder": _folder,
+    "manifest": _manifest,
+    "idc_index": _idc_index,
+    "bigquery": _bigquery,
+    "dicomweb": _dicomweb,
+}
 
 
 class EnumerateSlides(beam.PTransform):
@@ -107,198 +137,55 @@ class EnumerateSlides(beam.PTransform):
     def __init__(
         self,
         source,  # pipeline.config.SourceConfig
-        target_spacing_mm: float,
-        tolerance: float,
-        mask_spacing_mm: float,
+        rule: LevelRule,
         uuids: frozenset[str] = frozenset(),
         idc_version: str | None = None,
     ):
         super().__init__()
         source.validate()
-        self._source = source
-        self._levels = (target_spacing_mm, tolerance, mask_spacing_mm)
-        self._uuids = uuids
-        self._idc_version = idc_version
+        query = None
         if source.kind == "bigquery":  # render (and validate) in the driver
-            from transforms.sources.idc import render_slides_query
-
-            self._query = render_slides_query(
+            query = idc.render_slides_query(
                 source.bigquery_table, source.collections, sorted(uuids), source.limit
             )
+        self._source = source
+        self._run = _Run(rule, uuids, idc_version, query)
 
     def expand(self, pbegin):
         src = self._source
-        levels, limit = self._levels, self._source.limit
-        if src.kind == "dicom_folder":
-            found = (
-                pbegin
-                | "Folder" >> beam.Create([src.input])
-                | "ReadHeaders" >> beam.FlatMap(
-                    lambda folder: itertools.islice(enumerate_dicom_folder(folder, *levels), limit)
-                )
-            )  # fmt: skip
-        elif src.kind == "manifest":
-            from transforms.sources.enumeration.manifest import parse_manifest
-
-            found = (
-                pbegin
-                | "Manifest" >> beam.Create([src.input])
-                | "ReadManifest" >> beam.FlatMap(
-                    lambda path: itertools.islice(parse_manifest(path), limit)
-                )
-            )  # fmt: skip
-        elif src.kind == "idc_index":
-            from transforms.sources import idc
-
-            series = idc.sm_series(src.collections, src.limit, src.sample)
-            _LOG.info(
-                "idc-index-data %s: %d SM series to resolve", idc.index_version(), len(series)
-            )
-            bucket = "s3://idc-open-data" if src.read_from == "aws" else src.idc_bucket
-            version = self._idc_version or idc.index_version()
-            found = (
-                pbegin
-                | "IdcIndexSeries" >> beam.Create(series)
-                | "SpreadSeries" >> beam.Reshuffle()
-                | "ReadSeriesHeaders" >> beam.Map(_idc_record, bucket, version, levels)
-            )  # fmt: skip
-        elif src.kind == "bigquery":
-            from transforms.sources import idc
-
-            query, project = self._query, src.bigquery_project
-            version = self._idc_version or idc.idc_version_of_table(src.bigquery_table)
-            read_from = {"bucket": "gcs", "aws": "aws", "dicomweb": "dicomweb"}[src.read_from]
-            found = pbegin | "Query" >> beam.Create([query]) | "RunQuery" >> beam.FlatMap(
-                lambda q: idc.records_from_rows(
-                    idc.run_slides_query(q, project), idc_version=version, read_from=read_from,
-                    dicomweb_url=src.dicomweb_url, target_spacing_mm=levels[0],
-                    tolerance=levels[1], mask_spacing_mm=levels[2],
-                )
-            )  # fmt: skip
-        else:  # dicomweb
-            url, auth = src.dicomweb_url, src.dicomweb_auth
-            found = (
-                pbegin
-                | "Store" >> beam.Create([url])
-                | "QidoSeries" >> beam.FlatMap(_dicomweb_series, auth, limit)
-                | "SpreadSeries" >> beam.Reshuffle()
-                | "SeriesMetadata" >> beam.FlatMap(_dicomweb_record, url, auth, levels)
-            )
-        if src.kind == "idc_index" and src.read_from == "dicomweb":
-            from transforms.sources.idc import with_dicomweb
-
-            url = src.dicomweb_url
-            found = found | "ReadThroughDicomWeb" >> beam.Map(
-                lambda r: with_dicomweb(r, url) if isinstance(r, SlideRecord) else r
-            )
+        found = SOURCES[src.kind](pbegin, src, self._run)
         outputs = found | "Split" >> beam.FlatMap(
-            _tagged, self._uuids, src.dicomweb_auth
+            _tagged, self._run.uuids, src.dicomweb_auth
         ).with_outputs("failed", main="slides")
         if src.manifest_out:
-            from transforms.sources.enumeration.manifest import format_rows
-
-            csv_format = src.manifest_out.lower().endswith(".csv")
-            out = src.manifest_out
-            (
-                outputs.slides
-                | "ManifestKey" >> beam.Map(lambda r: (None, r))
-                | "ManifestGroup" >> beam.GroupByKey()
-                | "WriteManifest" >> beam.Map(
-                    lambda kv: _write_text(out, format_rows(
-                        sorted(kv[1], key=lambda r: r.series_instance_uid), csv_format
-                    ))
-                )
-            )  # fmt: skip
+            _ = outputs.slides | "WriteManifest" >> _WriteManifest(src.manifest_out)
         return outputs
 
 
+class _WriteManifest(beam.PTransform):
+    """The enumerated slides as one .jsonl/.csv manifest file, sorted by series."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, slides):
+        csv_format = self._path.lower().endswith(".csv")
+        return (
+            slides
+            | "ManifestKey" >> beam.Map(lambda r: (None, r))
+            | "ManifestGroup" >> beam.GroupByKey()
+            | "Write" >> beam.Map(
+                lambda kv: _write_text(self._path, format_rows(
+                    sorted(kv[1], key=lambda r: r.series_instance_uid), csv_format
+                ))
+            )
+        )  # fmt: skip
+
+
 def _write_text(path: str, text: str) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
-    if "://" not in path:
-        import os
-
+    if not is_remote(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with FileSystems.create(path) as handle:
         handle.write(text.encode())
     _LOG.info("wrote manifest %s (%d lines)", path, text.count("\n"))
-
-
-class SkipDoneOrUnrequested(beam.DoFn):
-    """Keeps slides that were asked for and are not complete with these parameters.
-
-    Complete: the completion marker is present, its parameter hash is this run's, its
-    instance hash is the record's (when both are known), and the run that wrote it finished
-    (its tables hold the slide's rows). With `resource_table` (new-release
-    mode) slides in that table with an unchanged instance hash are skipped without looking
-    at their markers; the table is read once per worker, in `setup`.
-    """
-
-    def __init__(
-        self,
-        *,
-        output_root: str,
-        dataset_version: str,
-        n_clusters: int,
-        parameter_hash: str,
-        uuids: frozenset[str],
-        force: bool,
-        resource_table: str | None = None,
-        run_id: str | None = None,
-    ):
-        self._root = output_root
-        self._version = dataset_version
-        self._n_clusters = n_clusters
-        self._hash = parameter_hash
-        self._uuids = uuids
-        self._force = force
-        self._resource_table = resource_table
-        self._run_id = run_id
-        self._known: dict[str, str | None] = {}
-        self._committed: dict[str, bool] = {}
-        self._skipped = Metrics.counter("pathembed", "slides_skipped_complete")
-        self._to_process = Metrics.counter("pathembed", "slides_to_process")
-
-    def setup(self) -> None:
-        if self._resource_table:
-            from transforms.outputs.reruns import known_instances
-
-            self._known = known_instances(self._resource_table)
-            _LOG.info("%d slides already in %s", len(self._known), self._resource_table)
-
-    def _run_committed(self, run_id: str | None) -> bool:
-        if run_id not in self._committed:
-            self._committed[run_id] = artifacts.run_committed(self._root, run_id)
-        return self._committed[run_id]
-
-    def process(self, record: SlideRecord) -> Iterator[SlideRecord]:
-        if self._uuids and record.instance_uuid not in self._uuids:
-            return
-        if self._resource_table:
-            from transforms.outputs.reruns import is_unchanged
-
-            if is_unchanged(self._known, record.instance_uuid, record.instance_hash):
-                self._skipped.inc()
-                return
-        if not self._force:
-            paths = artifacts.ArtifactPaths.for_slide(
-                self._root, record.instance_uuid, self._version, self._n_clusters
-            )
-            marker = artifacts.completion_marker(paths)
-            if (
-                marker is not None
-                and marker.get("parameter_hash") == self._hash
-                and (
-                    record.instance_hash is None
-                    or marker.get("instance_hash") in (None, record.instance_hash)
-                )
-                and self._run_committed(marker.get("run_id"))
-            ):
-                self._skipped.inc()
-                return
-        self._to_process.inc()
-        if self._run_id:
-            from transforms import failures
-
-            failures.note_tried(self._run_id)
-        yield record

@@ -31,7 +31,7 @@ from transforms.dicom_io.dicomweb import instance_url
 from transforms.errors import ReasonCode, SlideError
 from transforms.levels import DEFAULT_RULE, LevelInfo, LevelRule, PixelSpacing
 from transforms.records import FolderFailure, SlideRecord, failure_uuid, validate_uuid
-from transforms.sources.dicom_files import build_record, record_from_headers
+from transforms.sources.dicom_files import build_record, record_from_headers, unreadable_series
 
 DEFAULT_TABLE = "bigquery-public-data.idc_v20.dicom_all"
 DEFAULT_BUCKET = "s3://idc-open-data"
@@ -254,6 +254,16 @@ def resolve_series(
         collection=series.collection_id,
         idc_version=idc_version or index_version(),
     )
+
+
+def series_record(
+    series: IdcSeries, bucket: str, idc_version: str | None, rule: LevelRule
+) -> SlideRecord | FolderFailure:
+    """`resolve_series`, with any error reading the series' headers as its failure."""
+    try:
+        return resolve_series(series, bucket, idc_version, rule)
+    except Exception as exc:  # one unreadable series must not stop the run
+        return unreadable_series(series.series_instance_uid, exc)
 
 
 def with_dicomweb(record: SlideRecord, base_url: str) -> SlideRecord:
