@@ -295,10 +295,6 @@ class Embedder:
             return np.zeros((0, self.embedding_dim), np.float32)
         return self._embed(patches).numpy()
 
-    def call_float(self, images: np.ndarray | tf.Tensor) -> np.ndarray:
-        """Calls the signature directly on float32 images in [0, 1]."""
-        return self._fn(**{self.input_name: images})[self.output_key].numpy()
-
 
 def load_embedder(model_dir: pathlib.Path, options: EmbedderOptions | None = None) -> Embedder:
     """Loads the SavedModel at `model_dir` for embedding."""

@@ -21,13 +21,13 @@ INFERENCE = "inference_batch_latency_micro_secs"
 
 def collect(result: Any) -> dict[str, Any]:
     """Counters and per-stage totals from a finished Beam PipelineResult."""
-    metrics = result.metrics().query(MetricsFilter())
+    queried = result.metrics().query(MetricsFilter())
     counters = {name: 0 for name in metrics.COUNTERS}
-    for counter in metrics["counters"]:
+    for counter in queried["counters"]:
         if counter.key.metric.name in counters:
             counters[counter.key.metric.name] += counter.committed or 0
     seconds: dict[str, float] = {}
-    for dist in metrics["distributions"]:
+    for dist in queried["distributions"]:
         name, value = dist.key.metric.name, dist.committed
         if value is None:
             continue

@@ -51,6 +51,7 @@ from pydicom.encaps import generate_frames  # noqa: E402
 
 from scripts import bench_slides  # noqa: E402
 from transforms import clustering, patches, tissue  # noqa: E402
+from transforms.dicom_io.frames import FrameGrid  # noqa: E402
 from transforms.plan import PlanParams, plan_slide  # noqa: E402
 from transforms.records import SlideRecord  # noqa: E402
 from transforms.samples.slides import write_samples  # noqa: E402
@@ -141,13 +142,11 @@ def frames_needed(record: SlideRecord, coords: np.ndarray, level) -> list[int]:
     """0-based frame indexes the native footprints of these patches overlap."""
     d = record.levels.downsample
     native = round(PATCH * d)
-    per_row = -(-level.width // level.frame_width)
+    grid = FrameGrid.of(level)
     needed = set()
     for x, y in np.floor(coords * d).astype(int):
         x, y = min(x, level.width - native), min(y, level.height - native)
-        for r in range(y // level.frame_height, (y + native - 1) // level.frame_height + 1):
-            for c in range(x // level.frame_width, (x + native - 1) // level.frame_width + 1):
-                needed.add(r * per_row + c)
+        needed.update(n - 1 for n in grid.region_numbers(x, y, native, native))
     return sorted(needed)
 
 

@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
+from transforms import bigquery
 from transforms.errors import SlideError
-from transforms.outputs import archive, artifacts
+from transforms.outputs import archive, artifacts, layout
 from transforms.outputs.tables import TABLES, arrow_schema
 
 RUN_1, RUN_2 = "20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb"
@@ -39,7 +40,7 @@ def write_slide(root: Path, name: str, run_id: str, day: int, seed: int) -> dict
     """Artifacts of one slide under root, and its resource row and search rows."""
     rng = np.random.default_rng(seed)
     instance_uuid = _uuid(name)
-    paths = artifacts.ArtifactPaths.for_slide(str(root), instance_uuid, "v1", 500)
+    paths = layout.ArtifactPaths.for_slide(str(root), instance_uuid, "v1", 500)
     coords = np.argwhere(rng.random((6, 10)) < 0.6)[:, ::-1].astype(np.int64) * 224
     embeddings = rng.normal(size=(len(coords), 8)).astype(np.float32)
     centroids = embeddings[:5]
@@ -208,7 +209,7 @@ def test_embedding_matrix_needs_one_length():
      "bigquery-public-data.idc_current.dicom_all", "example.com:my-project.d_1.t-2"],
 )  # fmt: skip
 def test_published_table_ids_are_valid(table_id):
-    assert archive.validate_table_id(table_id) == table_id
+    assert bigquery.validate_table_id(table_id) == table_id
 
 
 @pytest.mark.parametrize(
@@ -218,7 +219,7 @@ def test_published_table_ids_are_valid(table_id):
 )  # fmt: skip
 def test_anything_else_is_refused_as_a_table_id(table_id):
     with pytest.raises(ValueError, match="not a BigQuery table id"):
-        archive.validate_table_id(table_id)
+        bigquery.validate_table_id(table_id)
 
 
 def test_bigquery_lookup_job_passes_values_as_parameters():
@@ -255,7 +256,7 @@ def test_cli_lookup_and_fetch(outputs, tmp_path, capsys):
     source = Path(outputs["root"]) / _uuid("a") / "path_foundation" / "v1"
     fetched = tmp_path / "copy" / _uuid("a")
     assert sorted(p.name for p in fetched.iterdir()) == sorted(
-        p.name for p in source.iterdir() if p.name != artifacts.COMPLETE_MARKER
+        p.name for p in source.iterdir() if p.name != layout.COMPLETE_MARKER
     )
     for path in fetched.iterdir():
         assert path.read_bytes() == (source / path.name).read_bytes()

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from pipeline.cli import FAILED_SHARE_EXIT, main
+from pipeline.cli import main
+from pipeline.summary import FAILED_SHARE_EXIT
 from tests import bad_slides as bad
 from transforms import patches
-from transforms.outputs.artifacts import COMPLETE_MARKER
+from transforms.outputs.layout import COMPLETE_MARKER
 from transforms.records import local_instance_uuid
 from transforms.sources import manifest
 from transforms.sources.dicom_files import enumerate_dicom_folder

@@ -18,7 +18,7 @@ from apache_beam.io.gcp import bigquery_tools
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from pipeline.config import TablesConfig, load_config
-from transforms.outputs.archive import render_sql
+from transforms.bigquery import render_sql
 from transforms.outputs.bigquery_sink import (
     RunTables,
     bigquery_row,

@@ -20,12 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 from google.cloud import storage
 
+from models.signature import EMBEDDING_DIM
 from pipeline.cli import main
 from tests import servers
 from tests.test_end_to_end import _make_low_resolution_only_slide
-from transforms.outputs.artifacts import COMPLETE_MARKER
 from transforms.outputs.bigquery_sink import bigquery_row
-from transforms.outputs.tables import EMBEDDING_DIMENSION, TABLES, row_errors
+from transforms.outputs.layout import COMPLETE_MARKER
+from transforms.outputs.tables import TABLES, row_errors
 
 pytestmark = pytest.mark.e2e
 
@@ -110,7 +111,7 @@ def test_users_read_the_gcs_outputs_anonymously_with_the_local_runs_content(runs
         _ = mem.seek(0)
         embeddings = np.load(mem)
     local_embeddings = np.load(local_dir / "slide_embedding.npy")
-    assert embeddings.shape == (entry["embedding_count"], EMBEDDING_DIMENSION)
+    assert embeddings.shape == (entry["embedding_count"], EMBEDDING_DIM)
     assert embeddings.dtype == np.float32 and np.array_equal(embeddings, local_embeddings)
 
     blob = bucket.get_blob(f"{base}/slide_thumbnail.jpeg")
@@ -178,7 +179,7 @@ def test_rows_of_a_run_validate_against_the_bigquery_schema(runs):
             assert row_errors(loaded, columns) == [], (table, row_errors(loaded, columns))
             assert set(loaded) == {c.name for c in columns}
         if table == "search":
-            assert all(len(r["embedding"]) == EMBEDDING_DIMENSION for r in rows)
+            assert all(len(r["embedding"]) == EMBEDDING_DIM for r in rows)
             assert all(np.isfinite(r["embedding"]).all() for r in rows)
     resource = pq.read_table(next((local / "tables" / "resource").glob("*.parquet"))).to_pylist()
     assert counts["search"] == resource[0]["number_of_centroids"]

@@ -28,7 +28,7 @@ from tests.bad_slides import tiny_slide
 from transforms import patches, stages
 from transforms.dicom_io import retry
 from transforms.dicom_io.dicomweb import instance_url
-from transforms.outputs.artifacts import COMPLETE_MARKER
+from transforms.outputs.layout import COMPLETE_MARKER
 from transforms.sources import manifest
 from transforms.sources.dicom_files import enumerate_dicom_folder
 

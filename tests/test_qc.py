@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from transforms.outputs import artifacts
+from transforms.outputs import artifacts, layout
 from transforms.search import qc
 
 PATCH = 224
@@ -69,7 +69,7 @@ def test_show_writes_the_picture_of_a_slide(tmp_path):
     cells = np.argwhere(rng.random((30, 40)) < 0.4)
     coords = (cells[:, ::-1] * PATCH).astype(np.int64)
     labels = rng.integers(0, 500, len(coords)).astype(np.int64)
-    paths = artifacts.ArtifactPaths.for_slide(str(root), instance_uuid, "v1", 500)
+    paths = layout.ArtifactPaths.for_slide(str(root), instance_uuid, "v1", 500)
     identity = {key: "1.2.3" for key in ("study_instance_uid", "series_instance_uid",
                                          "sop_instance_uid", "instance_hash",
                                          "instance_pixeldata_SHA512_hash")}  # fmt: skip

@@ -24,6 +24,7 @@ from transforms import patches
 from transforms.dicom_io import retry
 from transforms.dicom_io.byte_ranges import HttpSource
 from transforms.errors import SlideError
+from transforms.outputs import layout
 from transforms.outputs.reruns import (
     failed_slides,
     is_bigquery_table,
@@ -256,12 +257,12 @@ def test_gcs_errors_after_retries_are_transient_or_permanent():
 def test_a_stale_temporary_of_a_killed_run_is_removed(tmp_path):
     from transforms.outputs import artifacts
 
-    paths = artifacts.ArtifactPaths.for_slide(str(tmp_path), A, "v1", 500)
+    paths = layout.ArtifactPaths.for_slide(str(tmp_path), A, "v1", 500)
     Path(paths.directory).mkdir(parents=True)
     Path(f"{paths.embeddings}.tmp-killed-run").write_bytes(b"half")
     artifacts.write_artifacts(paths, {paths.embeddings: b"x", paths.metadata: b"{}"}, {}, "r2")
     assert sorted(p.name for p in Path(paths.directory).iterdir()) == sorted(
-        ["slide_embedding.npy", "metadata.json", artifacts.COMPLETE_MARKER]
+        ["slide_embedding.npy", "metadata.json", layout.COMPLETE_MARKER]
     )
 
 

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from transforms import bigquery
 from transforms.errors import SlideError
 from transforms.records import FolderFailure, SlideRecord, validate_uid, validate_uuid
 from transforms.sources import idc
@@ -21,7 +22,7 @@ def test_rendered_query_names_only_the_validated_table_and_uses_parameters():
         uuids=["0b7f3cd9-2d1e-4a5b-9f6c-1a2b3c4d5e6f"],
         limit=25,
     )
-    assert query.sql == idc.SQL_PATH.read_text().replace(
+    assert query.sql == bigquery.sql_text("idc_slides.sql").replace(
         "${dicom_all}", "bigquery-public-data.idc_v20.dicom_all"
     )
     assert "${" not in query.sql

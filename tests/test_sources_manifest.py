@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from pipeline.cli import config_from_args, main
+from pipeline.cli import main
+from pipeline.run import config_from_args
 from transforms.records import FolderFailure, SlideRecord
 from transforms.sources import manifest
 from transforms.sources.dicom_files import enumerate_dicom_folder
@@ -46,7 +47,7 @@ def test_a_bad_line_is_a_failure_and_the_others_are_read(records, tmp_path):
 def _args(*flags: str):
     import argparse
 
-    from pipeline.cli import _run_parser
+    from pipeline.run import add_run_parser as _run_parser
 
     parser = argparse.ArgumentParser()
     _run_parser(parser.add_subparsers())

@@ -39,6 +39,7 @@ from ez_wsi_dicomweb import dicom_slide, ez_wsi_errors, image_util, slide_level_
 from PIL import ImageCms
 
 from transforms.dicom_io import byte_ranges, dicomweb
+from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
 
 # Open slides kept per worker process (each keeps a bounded cache of compressed frames).
@@ -187,7 +188,7 @@ class _ChunkFrames:
     ) -> None:
         self._slide, self._level, self._cache = slide, level, cache
         self._footprint = footprint
-        self._per_row = math.ceil(level.width / level.frame_width)
+        self._grid = FrameGrid.of(level)
         self.window: dict[int, np.ndarray | None] = {}
 
     def prefetch(self, numbers: set[int]) -> None:
@@ -229,12 +230,12 @@ class _ChunkFrames:
     def keep_rows_from(self, frame_row: int) -> None:
         """Forgets the frames above `frame_row` (no later patch row needs them)."""
         self.window = {
-            n: f for n, f in self.window.items() if (n - 1) // self._per_row >= frame_row
+            n: f for n, f in self.window.items() if self._grid.row_col(n)[0] >= frame_row
         }
 
     def _outside(self, number: int) -> bool:
-        fw, fh = self._level.frame_width, self._level.frame_height
-        row, col = divmod(number - 1, self._per_row)
+        fw, fh = self._grid.frame_width, self._grid.frame_height
+        row, col = self._grid.row_col(number)
         x0, y0, x1, y1 = self._footprint
         return col * fw < x0 or (col + 1) * fw > x1 or row * fh < y0 or (row + 1) * fh > y1
 
@@ -294,8 +295,8 @@ def read_patches(
     starts = np.floor(coords * downsample).astype(np.int64)
     starts[:, 0] = np.minimum(starts[:, 0], level.width - native)
     starts[:, 1] = np.minimum(starts[:, 1], level.height - native)
-    fw, fh = level.frame_width, level.frame_height
-    per_row = math.ceil(level.width / fw)
+    grid = FrameGrid.of(level)
+    fw, fh = grid.frame_width, grid.frame_height
     x0, y0 = starts.min(axis=0).tolist()
     x1, y1 = (starts.max(axis=0) + native).tolist()
     frames = _ChunkFrames(slide, level, FRAMES if cache is None else cache, (x0, y0, x1, y1))
@@ -305,25 +306,24 @@ def read_patches(
     for members in rows:
         sy = int(starts[members[0], 1])
         xs = starts[members, 0].tolist()
-        columns = sorted({c for sx in xs for c in range(sx // fw, (sx + native - 1) // fw + 1)})
-        spanned = range(sy // fh, (sy + native - 1) // fh + 1)
-        row_numbers.append([r * per_row + c + 1 for r in spanned for c in columns])
+        columns = sorted({c for sx in xs for c in grid.columns(sx, native)})
+        row_numbers.append([grid.number(r, c) for r in grid.rows(sy, native) for c in columns])
     frames.prefetch({n for numbers in row_numbers for n in numbers})
     scratch = None if native == patch_size else np.empty((native, native, 3), np.uint8)
     for k, members in enumerate(rows):
         sy = int(starts[members[0], 1])
-        r0, r1 = sy // fh, (sy + native - 1) // fh
+        frame_rows = grid.rows(sy, native)
         xs = starts[members, 0].tolist()
         row_frames = frames.get(row_numbers[k])
         for index, sx in zip(members.tolist(), xs, strict=True):
             target = out[index] if scratch is None else scratch
-            for r in range(r0, r1 + 1):
+            for r in frame_rows:
                 fy = r * fh
                 py0, py1 = max(sy, fy), min(sy + native, fy + fh)
-                for c in range(sx // fw, (sx + native - 1) // fw + 1):
+                for c in grid.columns(sx, native):
                     fx = c * fw
                     px0, px1 = max(sx, fx), min(sx + native, fx + fw)
-                    frame = row_frames[r * per_row + c + 1]
+                    frame = row_frames[grid.number(r, c)]
                     region = target[py0 - sy : py1 - sy, px0 - sx : px1 - sx]
                     if frame is None:
                         region[...] = 0  # a frame the level leaves out

@@ -45,7 +45,9 @@ from ez_wsi_dicomweb import (
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
 from transforms.dicom_io import retry
+from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
+from transforms.urls import is_remote
 
 _LOG = logging.getLogger(__name__)
 
@@ -54,7 +56,6 @@ MERGE_GAP = 16 * 1024  # frames closer than this are fetched in one range reques
 FRAME_CACHE_BYTES = 64 * 1024 * 1024  # stored (compressed) frame bytes kept per instance
 S3_ENDPOINT = "https://{bucket}.s3.amazonaws.com/{key}"
 _ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
-_SEQ_END = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
 _PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010)
 
 _NAMESPACE = "pathembed"
@@ -62,10 +63,6 @@ _NAMESPACE = "pathembed"
 _REQUESTS = Metrics.counter(_NAMESPACE, "pixel_source_requests")
 _BYTES = Metrics.counter(_NAMESPACE, "pixel_source_bytes_read")
 _FRAMES = Metrics.counter(_NAMESPACE, "pixel_frames_read")
-
-
-def is_remote(uri: str) -> bool:
-    return uri.startswith(("gs://", "s3://", "http://", "https://"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,26 +615,10 @@ def level_frames_by_instance(level, frame_numbers: Iterable[int]) -> dict[str, l
     return out
 
 
-def region_frame_numbers(level, x: int, y: int, width: int, height: int) -> list[int]:
-    """Whole-level 1-based numbers (row-major tiles) of the frames a region overlaps."""
-    level = getattr(level, "source_level", level)
-    fw, fh = level.frame_width, level.frame_height
-    x0, y0 = max(0, x), max(0, y)
-    x1, y1 = min(level.width, x + width), min(level.height, y + height)
-    if x1 <= x0 or y1 <= y0:
-        return []
-    per_row = -(-level.width // fw)
-    return [
-        row * per_row + col + 1
-        for row in range(y0 // fh, (y1 - 1) // fh + 1)
-        for col in range(x0 // fw, (x1 - 1) // fw + 1)
-    ]
-
-
 def log_fetch(what: str, uri: str, frames: int, requests_: int, bytes_: int, total) -> None:
     """One line per batched fetch: frames per request and bytes, with the slide's totals
     (INFO for remote sources, DEBUG for local files)."""
-    level = logging.INFO if "://" in uri else logging.DEBUG
+    level = logging.INFO if is_remote(uri) else logging.DEBUG
     if requests_ and _LOG.isEnabledFor(level):
         _LOG.log(
             level,
@@ -685,7 +666,7 @@ class RangeDicomSlide(dicom_slide.LocalDicomSlide):
 
     def get_patch(self, level, x, y, width, height, require_fully_in_source_image=False):
         # ez-wsi decodes a local slide's region as the patch is made: fetch its frames first.
-        frames = region_frame_numbers(level, x, y, width, height)
+        frames = FrameGrid.of(level).region_numbers(x, y, width, height)
         what = f"range reads for a {width}x{height} region of"
         self._prefetch(level_frames_by_instance(level, frames), what)
         return super().get_patch(level, x, y, width, height, require_fully_in_source_image)

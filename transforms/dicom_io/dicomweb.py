@@ -43,8 +43,8 @@ from transforms.dicom_io import retry
 from transforms.dicom_io.byte_ranges import (
     level_frames_by_instance,
     log_fetch,
-    region_frame_numbers,
 )
+from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import SlideError
 
 _LOG = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ class BatchedDicomSlide(dicom_slide.DicomSlide):
         self._prefetch(level_frames_by_instance(level, frame_numbers), "DICOMweb frames of")
 
     def get_patch(self, level, x, y, width, height, require_fully_in_source_image=False):
-        frames = region_frame_numbers(level, x, y, width, height)
+        frames = FrameGrid.of(level).region_numbers(x, y, width, height)
         what = f"DICOMweb frames for a {width}x{height} region of"
         self._prefetch(level_frames_by_instance(level, frames), what)
         return super().get_patch(level, x, y, width, height, require_fully_in_source_image)

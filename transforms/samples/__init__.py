@@ -1,0 +1,1 @@
+"""Synthetic DICOM WSI sample slides (deterministic, not real tissue) for demos, tests, benches."""

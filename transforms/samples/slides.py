@@ -42,7 +42,6 @@ import itertools
 import math
 import os
 import pathlib
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -903,17 +902,3 @@ def write_samples(
     if unknown:
         raise KeyError(f"unknown samples {unknown}; known: {sorted(SAMPLES)}")
     return {name: write_sample_slide(out_dir, name) for name in selected}
-
-
-def _main(argv: Sequence[str]) -> int:
-    if not argv:
-        print(f"usage: python -m transforms.samples.slides OUT_DIR [{'|'.join(SAMPLES)} ...]")
-        return 2
-    written = write_samples(pathlib.Path(argv[0]), list(argv[1:]) or None)
-    for name, paths in written.items():
-        print(name, *[str(p) for p in paths])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

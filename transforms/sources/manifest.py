@@ -19,9 +19,12 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from apache_beam.io.filesystems import FileSystems
+
 from transforms.errors import ReasonCode, SlideError
 from transforms.levels import LevelChoice, LevelInfo, PixelSpacing
 from transforms.records import FolderFailure, SlideRecord, validate_uid, validate_uuid
+from transforms.urls import is_remote
 
 _LEVEL_FIELDS = (
     "sop_instance_uid",
@@ -128,9 +131,7 @@ def record_from_row(row: dict[str, Any]) -> SlideRecord:
 
 
 def _open(path: str, mode: str):
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
+    if is_remote(path):
         raw = FileSystems.open(path) if mode == "r" else FileSystems.create(path)
         return io.TextIOWrapper(raw, encoding="utf-8", newline="")
     return open(path, mode, encoding="utf-8", newline="")
