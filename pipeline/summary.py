@@ -9,7 +9,7 @@ from typing import Any
 
 from apache_beam.metrics.metric import MetricsFilter
 
-from transforms import failures
+from transforms import failures, metrics
 from transforms.outputs.layout import run_summary_uri
 from transforms.urls import is_remote
 

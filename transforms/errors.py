@@ -10,7 +10,7 @@ import enum
 
 
 class ReasonCode(enum.StrEnum):
-    """Reason codes recorded in the failures output (documented in README.md)."""
+    """Reason codes recorded in the failures output (documented in docs/failures.md)."""
 
     NO_PIXEL_SPACING = "no_pixel_spacing"
     IMPLAUSIBLE_PIXEL_SPACING = "implausible_pixel_spacing"

@@ -33,7 +33,7 @@ from transforms.records import FolderFailure, SlideRecord
 _LOG = logging.getLogger(__name__)
 ADVICE = (
     "check credentials and the pixel source, then rerun the failures "
-    "(README: Recovering from failures)"
+    "(docs/failures.md: Recovering from failures)"
 )
 
 
