@@ -279,6 +279,8 @@ def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
     check_dataflow_config(cfg)
     run_id = new_run_id()
     beam_args = dataflow_options(cfg.dataflow) + list(extra)
+    if args.dry_run:  # Beam's own: the DataflowRunner translates the job and submits nothing
+        beam_args.append("--dry_run=True")
     print(f"run {run_id}: {cfg.source.kind} {cfg.source.bigquery_table} -> {cfg.output_root}")
     print("Dataflow options:")
     print(json.dumps(PipelineOptions(beam_args).get_all_options(drop_default=True), indent=1,
@@ -286,9 +288,8 @@ def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
     print("embedding step resource hints:", json.dumps(cfg.dataflow.embed_resource_hints()))
     if not args.dry_run:
         return execute(cfg, beam_args, run_id=run_id)
-    # Beam's own dry run: the DataflowRunner translates the job and submits nothing.
     try:
-        pipeline, _ = build_pipeline(cfg, [*beam_args, "--dry_run=True"], run_id)
+        pipeline, _ = build_pipeline(cfg, beam_args, run_id)
     except ValueError as exc:
         raise SystemExit(f"cannot build the job: {exc}") from None
     proto = dry_run_job(pipeline).proto_pipeline

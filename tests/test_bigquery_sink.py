@@ -31,7 +31,7 @@ from transforms.outputs.sinks import WriteTable
 from transforms.outputs.tables import TABLES, arrow_schema, bigquery_schema, row_errors
 
 ROOT = Path(__file__).resolve().parents[1]
-SQL = ROOT / "scripts" / "bigquery"
+SQL = ROOT / "transforms" / "sql"
 DATASET = "my-project.idc_metadata"
 
 

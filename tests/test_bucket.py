@@ -182,6 +182,7 @@ def test_the_idc_index_source_resolves_series_in_beam(idc_like_bucket, sample_sl
     from apache_beam.testing.util import assert_that, equal_to
 
     from pipeline.config import SourceConfig
+    from transforms.levels import DEFAULT_RULE
     from transforms.sources.enumeration import EnumerateSlides
 
     series_uuid, uuids = idc_like_bucket
@@ -189,7 +190,7 @@ def test_the_idc_index_source_resolves_series_in_beam(idc_like_bucket, sample_sl
     monkeypatch.setattr(idc, "sm_series", lambda *a, **k: [_series(series_uuid, local)])
     source = SourceConfig(kind="idc_index", idc_bucket="gs://idc-test")
     with beam.Pipeline(runner=FnApiRunner()) as p:
-        found = p | EnumerateSlides(source, 0.0005, 0.15, 0.005, idc_version="v25")
+        found = p | EnumerateSlides(source, DEFAULT_RULE, idc_version="v25")
         uuids_found = found.slides | beam.Map(lambda r: (r.instance_uuid, r.idc_version))
         assert_that(uuids_found, equal_to([(uuids[local.sop_instance_uid], "v25")]))
 

@@ -79,12 +79,13 @@ def test_the_option_is_validated_and_part_of_the_parameter_hash():
 
 def test_srgb_over_dicomweb_equals_the_local_file_conversion(adobe_slide, tmp_path):
     from tests import servers
-    from transforms.sources import enumeration
+    from transforms.levels import DEFAULT_RULE
+    from transforms.sources import dicomweb
 
     with servers.orthanc(tmp_path / "orthanc") as url:
         servers.stow(url, sorted(adobe_slide.glob("*.dcm")))
-        [series] = list(enumeration._dicomweb_series(url, "none", None))
-        [record] = list(enumeration._dicomweb_record(series, url, "none", (0.0005, 0.15, 0.005)))
+        [series] = list(dicomweb.list_series(url, "none", None))
+        [record] = list(dicomweb.series_records(series, url, "none", DEFAULT_RULE))
         patches.open_slide.cache_clear()
         patches.srgb_transform.cache_clear()
         _, chunks = plan_slide(record, PlanParams())

@@ -10,8 +10,10 @@ import pytest
 from tests import servers
 from transforms import patches
 from transforms.dicom_io import dicomweb
+from transforms.levels import DEFAULT_RULE
 from transforms.plan import PlanParams, plan_slide
 from transforms.records import SlideRecord
+from transforms.sources import dicomweb as dicomweb_source
 from transforms.sources import enumeration
 from transforms.sources.dicom_files import enumerate_dicom_folder
 
@@ -30,11 +32,10 @@ def local_record(sample_slides) -> SlideRecord:
 
 
 def _enumerate(url: str) -> list:
-    levels = (0.0005, 0.15, 0.005)
     return [
         item
-        for series in enumeration._dicomweb_series(url, "none", None)
-        for item in enumeration._dicomweb_record(series, url, "none", levels)
+        for series in dicomweb_source.list_series(url, "none", None)
+        for item in dicomweb_source.series_records(series, url, "none", DEFAULT_RULE)
     ]
 
 

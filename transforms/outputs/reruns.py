@@ -21,7 +21,6 @@ from transforms.records import validate_uuid
 _LOG = logging.getLogger(__name__)
 
 
-
 def is_bigquery_table(spec: str) -> bool:
     """True when `spec` names a BigQuery table rather than a local file or folder."""
     if os.path.exists(spec) or "/" in spec or os.sep in spec:
