@@ -334,7 +334,7 @@ def read_patches(
                     scratch, (patch_size, patch_size), dst=out[index], interpolation=cv2.INTER_AREA
                 )
         if k + 1 < len(rows):
-            frames.keep_rows_from(int(starts[rows[k + 1][0], 1]) // fh)
+            frames.keep_rows_from(grid.rows(int(starts[rows[k + 1][0], 1]), 1).start)
     return out
 
 

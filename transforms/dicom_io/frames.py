@@ -8,6 +8,7 @@ frame fetchers and the benchmark all use these functions, so they agree on every
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +26,15 @@ class FrameGrid:
         level = getattr(level, "source_level", level)
         return cls(level.width, level.height, level.frame_width, level.frame_height)
 
-    @property
+    @functools.cached_property
     def per_row(self) -> int:
         """Frames per row of the level."""
         return -(-self.width // self.frame_width)
+
+    @property
+    def count(self) -> int:
+        """Frames in the level (TILED_FULL)."""
+        return self.per_row * -(-self.height // self.frame_height)
 
     def number(self, row: int, col: int) -> int:
         """The 1-based frame number of frame (row, col)."""

@@ -51,6 +51,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
+from transforms.dicom_io.frames import FrameGrid
+
 __all__ = [
     "SAMPLES",
     "SampleSpec",
@@ -556,9 +558,8 @@ def _render_tissue(spec: SampleSpec, frame: _Frame) -> tuple[list[np.ndarray], n
 
 def _frame_geometry(spec: SampleSpec, level: int, frame_index: int) -> _Frame:
     width, height = spec.level_size(level)
-    cols = -(-width // FRAME_SIZE)
-    x0 = (frame_index % cols) * FRAME_SIZE
-    y0 = (frame_index // cols) * FRAME_SIZE
+    row, col = FrameGrid(width, height, FRAME_SIZE, FRAME_SIZE).row_col(frame_index + 1)
+    x0, y0 = col * FRAME_SIZE, row * FRAME_SIZE
     return _Frame(
         x0=x0,
         y0=y0,
@@ -641,12 +642,11 @@ def _render_frame(spec: SampleSpec, level: int, frame_index: int) -> np.ndarray:
 
 def _render_region(spec: SampleSpec, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
     """RGB uint8 (h, w, 3) of a region of a level, exactly as generated (before JPEG)."""
-    width, _ = spec.level_size(level)
-    cols = -(-width // FRAME_SIZE)
+    grid = FrameGrid(*spec.level_size(level), FRAME_SIZE, FRAME_SIZE)
     out = np.empty((h, w, 3), np.uint8)
-    for fy in range(y // FRAME_SIZE, (y + h - 1) // FRAME_SIZE + 1):
-        for fx in range(x // FRAME_SIZE, (x + w - 1) // FRAME_SIZE + 1):
-            frame = _render_frame(spec, level, fy * cols + fx)
+    for fy in grid.rows(y, h):
+        for fx in grid.columns(x, w):
+            frame = _render_frame(spec, level, grid.number(fy, fx) - 1)
             ox, oy = fx * FRAME_SIZE, fy * FRAME_SIZE
             sx0, sy0 = max(x, ox), max(y, oy)
             sx1, sy1 = min(x + w, ox + FRAME_SIZE), min(y + h, oy + FRAME_SIZE)
@@ -854,8 +854,7 @@ def _level_dataset(spec: SampleSpec, level: int, n_frames: int, compressed_bytes
 
 
 def _write_level(spec: SampleSpec, level: int, path: pathlib.Path) -> None:
-    width, height = spec.level_size(level)
-    n_frames = -(-width // FRAME_SIZE) * -(-height // FRAME_SIZE)
+    n_frames = FrameGrid(*spec.level_size(level), FRAME_SIZE, FRAME_SIZE).count
     frames = [_encode_frame(_render_frame(spec, level, i)) for i in range(n_frames)]
     ds = _level_dataset(spec, level, n_frames, sum(len(f) for f in frames))
     ds.PixelData = encapsulate(frames, has_bot=True)

@@ -148,7 +148,7 @@ def build_record(
     finest = max(levels, key=lambda lv: lv.width * lv.height, default=None)
     fallback_sop = finest.sop_instance_uid if finest else (files[0][0] if files else None)
     try:
-        fallback_uuid = uuid_of(fallback_sop) if fallback_sop else failure_uuid(None)
+        fallback_uuid = failure_uuid(fallback_sop, uuids)
         choice = choose_levels(levels, rule)
         sop = choice.embedding.sop_instance_uid
         where = dict(files)
