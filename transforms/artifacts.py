@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.slides import validate_uuid
+
+_LOG = logging.getLogger(__name__)
 
 MODEL_DIR = "path_foundation"
 COMPLETE_MARKER = "_COMPLETE.json"
@@ -159,7 +162,17 @@ def completion_marker(paths: ArtifactPaths) -> dict[str, Any] | None:
     if not FileSystems.exists(paths.complete_marker):
         return None
     with FileSystems.open(paths.complete_marker) as handle:
-        return json.loads(handle.read())
+        text = handle.read()
+    try:
+        marker = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        marker = None
+    if not isinstance(marker, dict):  # truncated or foreign: the slide is done again
+        _LOG.warning(
+            "%s is not a valid completion marker: the slide is redone", paths.complete_marker
+        )
+        return None
+    return marker
 
 
 def run_committed(output_root: str, run_id: str | None) -> bool:

@@ -13,8 +13,34 @@ Not for judging single slides: a slide's own failure always becomes a row and th
 
 from __future__ import annotations
 
+import collections
 import threading
 from dataclasses import dataclass, field
+
+# What to check, by the most common reason code among a run's failures: a broken credential
+# and a folder of corrupt files both trip the breaker, but need different fixes.
+_ACCESS = "check credentials, the network and the pixel source"
+_INPUT = (
+    "the input files themselves are unreadable or inconsistent (see the failures table); if "
+    "the input is known to hold many such files, raise run.max_failed_fraction"
+)
+_MODEL = "check the model (its output, memory per chunk) and the workers"
+ADVICE = {
+    "transient_http": _ACCESS,
+    "read_error": _ACCESS,
+    "inference_error": _MODEL,
+    "bad_model_output": _MODEL,
+    "non_finite_embedding": _MODEL,
+    "internal_error": "see the failures table's messages (an unexpected error)",
+}
+
+
+def advice_for(reasons: collections.Counter) -> str:
+    """What to check when these reason codes (code -> rows) tripped the breaker."""
+    if not reasons:
+        return _ACCESS
+    (top, _), *_ = reasons.most_common(1)
+    return ADVICE.get(top, _INPUT)
 
 
 class FailedShareExceeded(RuntimeError):
@@ -26,6 +52,7 @@ class _Counts:
     tried: int = 0
     failed: set[str | None] = field(default_factory=set)
     failed_rows: int = 0
+    reasons: collections.Counter = field(default_factory=collections.Counter)
 
 
 _LOCK = threading.Lock()
@@ -47,21 +74,29 @@ def _share(counts: _Counts, max_failed_fraction: float | None, min_slides: int):
 
 
 def note_failed(
-    run_id: str, instance_uuid: str | None, max_failed_fraction: float | None, min_slides: int
+    run_id: str,
+    instance_uuid: str | None,
+    max_failed_fraction: float | None,
+    min_slides: int,
+    reason: str | None = None,
 ) -> None:
     """A failure row of run `run_id`; raises FailedShareExceeded when the share is exceeded."""
     with _LOCK:
         counts = _RUNS.setdefault(run_id, _Counts())
         counts.failed_rows += 1
+        if reason:
+            counts.reasons[reason] += 1
         counts.failed.add(instance_uuid if instance_uuid else f"row-{counts.failed_rows}")
         exceeded = _share(counts, max_failed_fraction, min_slides)
+        reasons = collections.Counter(counts.reasons)
     if exceeded:
         failed, tried = exceeded
         raise FailedShareExceeded(
             f"run {run_id} stopped: {failed} of the {tried} slides tried in this worker failed "
             f"({failed / tried:.0%}), more than run.max_failed_fraction = "
-            f"{max_failed_fraction:.0%}; check credentials and the pixel source, then rerun "
-            "(README: Recovering from failures)"
+            f"{max_failed_fraction:.0%} (most common reasons: "
+            f"{', '.join(f'{r} {n}' for r, n in reasons.most_common(3)) or 'unknown'}); "
+            f"{advice_for(reasons)}, then rerun (README: Recovering from failures)"
         )
 
 
@@ -79,5 +114,7 @@ def check_failure_row(
     """Counts a failure row (a slide that failed at enumeration also counts as tried)."""
     if row.get("stage") == "enumerate":
         note_tried(run_id)
-    note_failed(run_id, row.get("instance_uuid"), max_failed_fraction, min_slides)
+    note_failed(
+        run_id, row.get("instance_uuid"), max_failed_fraction, min_slides, row.get("reason_code")
+    )
     return row

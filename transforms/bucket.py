@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import re
+import stat
 import struct
 import threading
 import urllib.parse
@@ -324,6 +325,10 @@ class DicomInstanceReader:
     def size(self) -> int:
         return self._source.size()
 
+    def read_bytes(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the instance (one range read)."""
+        return self._source.read(start, end)
+
     # -- frame index -----------------------------------------------------------------------
 
     def _native_frame_bytes(self) -> int:
@@ -372,8 +377,10 @@ class DicomInstanceReader:
             self._ends = [*self._starts[1:], None]
             how = f"walking {len(self._starts)} item headers"
         if len(self._starts) != n:
-            raise ez_wsi_errors.EZWsiError(
-                f"{self.uri}: offset table has {len(self._starts)} frames, header says {n}"
+            raise SlideError(
+                ReasonCode.INCONSISTENT_FRAMES,
+                f"{self.uri} declares NumberOfFrames {n}, but its PixelData holds "
+                f"{len(self._starts)} frames ({how})",
             )
         _LOG.debug("%s: frame index of %d frames from %s", self.uri, n, how)
 
@@ -713,9 +720,49 @@ def list_uris(prefix: str) -> list[str]:
         return sorted(_list_s3(*split_bucket_uri(prefix)))
     if re.match(r"^[a-z][a-z0-9+.-]*://", prefix):
         raise ValueError(f"cannot list {prefix!r}: use a folder, gs:// or s3:// prefix")
-    return sorted(
-        os.path.join(d, f) for d, _, names in os.walk(prefix, followlinks=True) for f in names
-    )
+    return _list_local(prefix)
+
+
+def _list_local(folder: str) -> list[str]:
+    """Regular files under a local folder, sorted. Symbolic links are followed once: a folder
+    or file reached twice (a link loop, two links to one file) is listed once, at its first
+    path in sorted order. Anything else (named pipes, sockets, devices) is skipped with a log
+    line: opening a named pipe blocks until something writes to it."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    out: list[str] = []
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        try:
+            info = os.stat(directory)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((info.st_dev, info.st_ino))
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError as exc:
+            _LOG.warning("cannot list %s: %s", directory, exc)
+            continue
+        subdirs = []
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                info = os.stat(path)  # follows links
+            except OSError:  # a broken link
+                _LOG.info("skipped %s: a broken link", path)
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                subdirs.append(path)
+            elif not stat.S_ISREG(info.st_mode):
+                _LOG.warning("skipped %s: not a regular file", path)
+            elif (info.st_dev, info.st_ino) not in seen_files:
+                seen_files.add((info.st_dev, info.st_ino))
+                out.append(path)
+        pending.extend(reversed(subdirs))
+    return sorted(out)
 
 
 def _list_s3(bucket: str, prefix: str) -> Iterator[str]:

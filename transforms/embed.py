@@ -15,7 +15,8 @@ from transforms import stages
 
 
 class EmbedChunks(beam.PTransform):
-    """PatchChunks -> {'embedded': (uuid, (rows, embeddings [n, D])), 'bad': read dead letters}."""
+    """PatchChunks -> {'embedded': (uuid, (rows, embeddings [n, D])), 'bad': read dead letters,
+    'embed_bad': dead letters of the model call and of the output check, per chunk}."""
 
     def __init__(self, handler, patch_size: int, icc_profile: str = "none"):
         super().__init__()
@@ -24,9 +25,15 @@ class EmbedChunks(beam.PTransform):
 
     def expand(self, chunks):
         read = chunks | "ReadPatches" >> beam.ParDo(self._read).with_exception_handling()
-        embedded = (
+        # Beam's own dead letters for RunInference: one chunk whose model call fails (an
+        # out-of-memory error, a kernel error) fails that chunk, not the run.
+        inferred, dlq = (
             read.good
-            | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
-            | "KeyBySlide" >> beam.Map(stages.by_slide)
+            | "RunInference"
+            >> RunInference(KeyedModelHandler(self._handler)).with_exception_handling()
         )
-        return {"embedded": embedded, "bad": read.bad}
+        checked = inferred | "KeyBySlide" >> beam.Map(stages.by_slide).with_exception_handling()
+        embed_bad = [dlq.failed_inferences, checked.bad]
+        embed_bad += [*dlq.failed_preprocessing, *dlq.failed_postprocessing]
+        bad = embed_bad | "EmbedDeadLetters" >> beam.Flatten()
+        return {"embedded": checked.good, "bad": read.bad, "embed_bad": bad}

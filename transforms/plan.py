@@ -116,11 +116,19 @@ def _thumbnail(mask_image: np.ndarray, max_size: int) -> np.ndarray:
 
 def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list[PatchChunk]]:
     """Computes the mask, grid, thumbnails and chunks of one slide."""
+    choice = record.levels
+    if min(choice.source_width, choice.source_height) < params.patch_size:
+        # Checked before any pixel is read: not one whole patch fits, whatever the tissue.
+        raise SlideError(
+            ReasonCode.TOO_SMALL,
+            f"instance {record.sop_instance_uid} is {choice.source_width} x "
+            f"{choice.source_height} px at the embedding spacing, smaller than one "
+            f"{params.patch_size} px patch",
+        )
     slide = patches.open_slide(record.files, record.dicomweb_auth)
     mask_level = patches.level_of(slide, record.levels.mask.sop_instance_uid)
     mask_image = patches.read_level_image(slide, mask_level)
     mask = tissue.tissue_mask(mask_image, params.v_min, params.v_max)
-    choice = record.levels
     grid = tissue.patch_grid(
         mask,
         choice.source_width,

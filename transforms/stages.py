@@ -22,6 +22,7 @@ from transforms import artifacts, clustering, patches
 from transforms.errors import ReasonCode, SlideError
 from transforms.plan import PatchChunk, PlanParams, SlidePlan, plan_slide
 from transforms.slides import FolderFailure, SlideRecord
+from transforms.tables import EMBEDDING_DIMENSION
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "pathembed"
@@ -100,9 +101,30 @@ class ReadPatchesFn(beam.DoFn):
 
 
 def by_slide(keyed: tuple[tuple[str, np.ndarray], Any]) -> tuple[str, tuple]:
-    """((uuid, rows), PredictionResult) -> (uuid, (rows, embeddings [n, D]))."""
+    """((uuid, rows), PredictionResult) -> (uuid, (rows, embeddings [n, D])).
+
+    The model's output is checked per chunk before it can reach a table: one row of
+    EMBEDDING_DIMENSION finite floats per patch. A chunk that fails the check is a dead letter
+    (its slide then fails as incomplete, never written with NaN/Inf or misshapen vectors)."""
     (instance_uuid, rows), result = keyed
-    return instance_uuid, (rows, np.asarray(result.inference, np.float32))
+    embeddings = np.asarray(result.inference)
+    if embeddings.shape != (len(rows), EMBEDDING_DIMENSION):
+        raise SlideError(
+            ReasonCode.BAD_MODEL_OUTPUT,
+            f"the model returned an array of shape {embeddings.shape} for a chunk of "
+            f"{len(rows)} patches of slide {instance_uuid}; expected "
+            f"({len(rows)}, {EMBEDDING_DIMENSION})",
+        )
+    embeddings = embeddings.astype(np.float32)
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        raise SlideError(
+            ReasonCode.NON_FINITE_EMBEDDING,
+            f"the model returned NaN or infinite values for {int(bad.sum())} of the "
+            f"{len(rows)} patches of a chunk of slide {instance_uuid} (first at patch row "
+            f"{int(np.asarray(rows)[bad][0])})",
+        )
+    return instance_uuid, (rows, embeddings)
 
 
 class ClusterSlideFn(beam.DoFn):
@@ -307,6 +329,10 @@ def _identity(element: Any) -> tuple[str | None, str | None]:
         return _identity(element.plan.record)
     if isinstance(element, tuple) and element and isinstance(element[0], str):
         return element[0], None  # (uuid, grouped) after GroupByKey
+    if isinstance(element, tuple) and element and isinstance(element[0], tuple):
+        return _identity(element[0])  # ((uuid, rows), patches or inference) around the model
+    if isinstance(element, list) and element:
+        return _identity(element[0])  # a RunInference batch of keyed chunks
     return None, None
 
 
@@ -331,10 +357,9 @@ def dead_letter_row(dead_letter: tuple, stage: str, run_id: str) -> dict:
         text = trace[-1].split(": ", 1)[-1].strip()
         reason, _, message = text.partition(": ")
     else:
-        reason, message = (
-            ReasonCode.INTERNAL_ERROR.value,
-            f"{exc_repr} at {''.join(trace[-3:-1]).strip()}",
-        )
+        # An exception in the model call (out of memory, a kernel error) fails one chunk.
+        code = ReasonCode.INFERENCE_ERROR if stage == "embed" else ReasonCode.INTERNAL_ERROR
+        reason, message = code.value, f"{exc_repr} at {''.join(trace[-3:-1]).strip()}"
     row = failure_row(element, stage, reason, message, run_id)
     _LOG.warning("slide %s failed at %s: %s: %s", row["instance_uuid"], stage, reason, message)
     Metrics.counter(NAMESPACE, "failures").inc()

@@ -1,0 +1,261 @@
+"""Header checks of one WSI instance before any pixel is read ("trust no header", DESIGN.md §2).
+
+Real archives hold every converter's quirks. Each check here returns a `SlideError` naming the
+instance and the value (never raises for a bad header), so the caller decides whether the
+instance's problem sinks the slide (a level the run needs) or only that level (one it does not):
+
+- identity: SOP, Series and Study Instance UIDs present and valid DICOM UIDs (at most 64
+  characters, digits and dots): they become table values and the slide's UUID;
+- pixel format: 8-bit, 3 samples per pixel (RGB or YCbCr) - patches are RGB;
+- tiling: TILED_FULL (or no DimensionOrganizationType, which TILED_FULL is the default
+  reading of); TILED_SPARSE only where its per-frame positions are exactly the TILED_FULL
+  row-major grid (then the two read alike); any other sparse level is refused
+  (`unsupported_tiling`): the frame reader places frames by their index, so a sparse level read
+  that way would put tiles in the wrong place or leave black holes in tissue;
+- frame grid: NumberOfFrames equals the TotalPixelMatrix's grid of Rows x Columns frames;
+- stored frames (local files): the frames actually in PixelData (Extended or Basic Offset Table,
+  else the fragment items; native pixels by length) equal NumberOfFrames, and PixelData is not
+  cut short.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+
+import pydicom
+
+from transforms.errors import ReasonCode, SlideError
+
+TILED_FULL = "TILED_FULL"
+TILED_SPARSE = "TILED_SPARSE"
+RGB_PHOTOMETRIC = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
+_UID_MAX = 64
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
+_SEQ_END = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
+_UNDEFINED = 0xFFFFFFFF
+
+
+def uid_problem(value: object, keyword: str, where: str) -> str | None:
+    """Why `value` is not a usable DICOM UID for `keyword` (a sentence), or None."""
+    if value is None or str(value).strip() == "":
+        return f"{where} has no {keyword}"
+    text = str(value)
+    if len(text) > _UID_MAX:
+        return (
+            f"{where} has a {keyword} of {len(text)} characters, over DICOM's {_UID_MAX}: {text!r}"
+        )
+    parts = text.split(".")
+    if not all(p.isdigit() and p.isascii() and (p == "0" or p[0] != "0") for p in parts):
+        return f"{where} has a {keyword} that is not digits and dots: {text[:80]!r}"
+    return None
+
+
+def identity_problem(ds: pydicom.Dataset, where: str) -> SlideError | None:
+    """Study, Series and SOP Instance UIDs of one header, checked before they are used."""
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        problem = uid_problem(ds.get(keyword), keyword, where)
+        if problem:
+            return SlideError(ReasonCode.MALFORMED_HEADER, problem)
+    return None
+
+
+def _int(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int | None:
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        return default
+    return int(value)
+
+
+def pixel_format_problem(ds: pydicom.Dataset, where: str) -> SlideError | None:
+    """8-bit three-sample pixels, or why not (checked only where the header says)."""
+    samples = _int(ds, "SamplesPerPixel")
+    bits = _int(ds, "BitsAllocated")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    if (
+        (samples is not None and samples != 3)
+        or (bits is not None and bits != 8)
+        or (photometric and photometric not in RGB_PHOTOMETRIC)
+    ):
+        return SlideError(
+            ReasonCode.UNSUPPORTED_PIXEL_FORMAT,
+            f"{where} has {samples} samples per pixel, {bits} bits allocated, photometric "
+            f"interpretation {photometric or 'unknown'}; only 8-bit colour (RGB or YCbCr) "
+            "slides are embedded",
+        )
+    return None
+
+
+def sparse_positions_are_full(ds: pydicom.Dataset) -> bool:
+    """True when a TILED_SPARSE instance's per-frame positions are exactly the row-major grid
+    that TILED_FULL implies (every frame present, in order), so it reads as TILED_FULL."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    width, height = int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)
+    fw, fh = int(ds.Columns), int(ds.Rows)
+    across = math.ceil(width / fw)
+    expected = across * math.ceil(height / fh)
+    if not per_frame or len(per_frame) != expected:
+        return False
+    for k, item in enumerate(per_frame):
+        try:
+            position = item.PlanePositionSlideSequence[0]
+            column = int(position.ColumnPositionInTotalImagePixelMatrix)
+            row = int(position.RowPositionInTotalImagePixelMatrix)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return False
+        r, c = divmod(k, across)
+        if (column, row) != (c * fw + 1, r * fh + 1):
+            return False
+    return True
+
+
+def frame_grid_problem(ds: pydicom.Dataset, where: str) -> SlideError | None:
+    """The frame grid the header declares: sizes positive, tiling readable, NumberOfFrames
+    matching TotalPixelMatrix in frames of Rows x Columns (TILED_FULL). Instances of a
+    concatenation (ConcatenationUID) hold part of the grid each; their sum is not checked."""
+    try:
+        width, height = _int(ds, "TotalPixelMatrixColumns"), _int(ds, "TotalPixelMatrixRows")
+        fw, fh = _int(ds, "Columns"), _int(ds, "Rows")
+        frames = _int(ds, "NumberOfFrames", 1)
+    except (TypeError, ValueError) as exc:
+        return SlideError(ReasonCode.MALFORMED_HEADER, f"{where} has a non-numeric size: {exc}")
+    missing = [
+        k
+        for k, v in [
+            ("TotalPixelMatrixColumns", width), ("TotalPixelMatrixRows", height),
+            ("Columns", fw), ("Rows", fh),
+        ]
+        if v is None
+    ]  # fmt: skip
+    if missing:
+        return SlideError(ReasonCode.MALFORMED_HEADER, f"{where} has no {', '.join(missing)}")
+    if min(width, height, fw, fh, frames) <= 0:
+        return SlideError(
+            ReasonCode.MALFORMED_HEADER,
+            f"{where} declares a {width} x {height} px matrix of {fw} x {fh} px frames and "
+            f"{frames} frames; every size must be positive",
+        )
+    organization = str(ds.get("DimensionOrganizationType", "") or TILED_FULL).upper()
+    if organization == TILED_SPARSE and not sparse_positions_are_full(ds):
+        return SlideError(
+            ReasonCode.UNSUPPORTED_TILING,
+            f"{where} is TILED_SPARSE with frame positions (PlanePositionSlideSequence) that "
+            "are not the full row-major grid; sparse levels are refused rather than read as "
+            "TILED_FULL, which would misplace tiles",
+        )
+    if organization not in (TILED_FULL, TILED_SPARSE):
+        return SlideError(
+            ReasonCode.UNSUPPORTED_TILING,
+            f"{where} has DimensionOrganizationType {organization}; only TILED_FULL is read",
+        )
+    if ds.get("ConcatenationUID"):
+        return None
+    across, down = math.ceil(width / fw), math.ceil(height / fh)
+    planes = (_int(ds, "TotalPixelMatrixFocalPlanes", 1) or 1) * (
+        _int(ds, "NumberOfOpticalPaths", 1) or 1
+    )
+    if frames != across * down * planes:
+        return SlideError(
+            ReasonCode.INCONSISTENT_FRAMES,
+            f"{where} declares NumberOfFrames {frames}, but its {width} x {height} px matrix "
+            f"(TotalPixelMatrixColumns x Rows) in {fw} x {fh} px frames needs {across} x {down}"
+            f"{f' x {planes}' if planes > 1 else ''} = {across * down * planes}",
+        )
+    return None
+
+
+def header_problem(ds: pydicom.Dataset, where: str) -> SlideError | None:
+    """The first problem of one WSI instance's header (identity, pixel format, frame grid)."""
+    return (
+        identity_problem(ds, where)
+        or pixel_format_problem(ds, where)
+        or frame_grid_problem(ds, where)
+    )
+
+
+def stored_frames_problem(path: str, declared: int) -> SlideError | None:
+    """Whether a local file's PixelData holds the `declared` number of frames, whole.
+
+    Encapsulated: the items are walked (8-byte reads) up to the sequence delimiter; the frames
+    are the Extended Offset Table's, else the Basic Offset Table's entries (each must point at
+    an item), else one per fragment. Native: the value length is frames x frame size.
+    """
+    from transforms.bucket import DicomInstanceReader
+
+    where = f"instance file {path}"
+    try:
+        reader = DicomInstanceReader(path)
+        value_at, length = reader.pixel_data_value()
+    except Exception as exc:  # no PixelData, unreadable header: said in the row
+        return SlideError(ReasonCode.MALFORMED_HEADER, f"{where} has no readable PixelData ({exc})")
+    size = os.path.getsize(path)
+    header = reader.header
+    with open(path, "rb") as handle:
+        if length != _UNDEFINED:  # native pixels
+            frame = (
+                int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1))
+                * (int(header.get("BitsAllocated", 8)) // 8)
+            )  # fmt: skip
+            if value_at + length > size:
+                return SlideError(
+                    ReasonCode.TRUNCATED_PIXEL_DATA,
+                    f"{where} is cut short: PixelData declares {length} bytes, the file holds "
+                    f"{size - value_at} of them "
+                    f"({(size - value_at) // frame} of {declared} frames)",
+                )
+            if length < declared * frame or length // frame != declared:
+                return SlideError(
+                    ReasonCode.INCONSISTENT_FRAMES,
+                    f"{where} declares NumberOfFrames {declared}, but its PixelData holds "
+                    f"{length / frame:g} frames of {frame} bytes",
+                )
+            return None
+        items: list[tuple[int, int]] = []
+        position, ended = value_at, False
+        while position + 8 <= size:
+            head = os.pread(handle.fileno(), 8, position)
+            if head[:4] == _SEQ_END:
+                ended = True
+                break
+            if head[:4] != _ITEM:
+                break
+            item_length = struct.unpack("<I", head[4:8])[0]
+            items.append((position, item_length))
+            position += 8 + item_length
+    if not ended or position > size:
+        whole = max(0, len(items) - 1 - (position > size))
+        return SlideError(
+            ReasonCode.TRUNCATED_PIXEL_DATA,
+            f"{where} is cut short: its PixelData ends after {whole} whole fragments, without "
+            f"the sequence delimiter; the header declares {declared} frames",
+        )
+    if not items:
+        return SlideError(ReasonCode.MALFORMED_HEADER, f"{where}: PixelData has no items")
+    bot_at, bot_length = items[0]
+    fragments = items[1:]
+    first = bot_at + 8 + bot_length
+    starts = {start - first for start, _ in fragments}
+    eot = header.get("ExtendedOffsetTable")
+    if eot is not None:
+        offsets = [int.from_bytes(bytes(eot)[k : k + 8], "little") for k in range(0, len(eot), 8)]
+        how = "Extended Offset Table"
+    elif bot_length:
+        table = reader.read_bytes(bot_at + 8, first)
+        offsets = [int.from_bytes(table[k : k + 4], "little") for k in range(0, len(table), 4)]
+        how = "Basic Offset Table"
+    else:
+        offsets = sorted(starts)
+        how = "fragments"
+    if len(offsets) != declared:
+        return SlideError(
+            ReasonCode.INCONSISTENT_FRAMES,
+            f"{where} declares NumberOfFrames {declared}, but its PixelData holds "
+            f"{len(offsets)} frames ({how}; {len(fragments)} fragments)",
+        )
+    if any(o not in starts for o in offsets):
+        return SlideError(
+            ReasonCode.INCONSISTENT_FRAMES,
+            f"{where}: its {how} points at bytes that are not the start of a fragment",
+        )
+    return None
