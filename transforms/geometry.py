@@ -149,18 +149,18 @@ def frame_grid_problem(ds: pydicom.Dataset, where: str) -> SlideError | None:
             ReasonCode.UNSUPPORTED_TILING,
             f"{where} has DimensionOrganizationType {organization}; only TILED_FULL is read",
         )
-    if ds.get("ConcatenationUID"):
-        return None
-    across, down = math.ceil(width / fw), math.ceil(height / fh)
     planes = (_int(ds, "TotalPixelMatrixFocalPlanes", 1) or 1) * (
         _int(ds, "NumberOfOpticalPaths", 1) or 1
     )
-    if frames != across * down * planes:
+    if ds.get("ConcatenationUID") or planes > 1:  # several planes are refused as such
+        return None
+    across, down = math.ceil(width / fw), math.ceil(height / fh)
+    if frames != across * down:
         return SlideError(
             ReasonCode.INCONSISTENT_FRAMES,
             f"{where} declares NumberOfFrames {frames}, but its {width} x {height} px matrix "
             f"(TotalPixelMatrixColumns x Rows) in {fw} x {fh} px frames needs {across} x {down}"
-            f"{f' x {planes}' if planes > 1 else ''} = {across * down * planes}",
+            f" = {across * down}",
         )
     return None
 

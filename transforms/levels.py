@@ -131,6 +131,12 @@ def extent_problem(level: LevelInfo, reference: LevelInfo) -> SlideError | None:
     return None
 
 
+def _fine_enough(level: LevelInfo, limit_mm: float) -> bool:
+    """True when a level's stated spacing (valid or not) is a ~20x one."""
+    spacing = level.spacing
+    return spacing is not None and 0 < spacing.mm <= limit_mm
+
+
 def usable_levels(
     levels: Sequence[LevelInfo], unusable: Mapping[str, SlideError] | None = None
 ) -> tuple[list[LevelInfo], dict[str, SlideError]]:
@@ -169,8 +175,8 @@ def choose_levels(
     the largest level, the header problems in `unusable`) are left out with a logged reason; the
     slide fails for one of them only when it is needed: when no usable level is fine enough
     and a bad level is larger than every usable one (it would have been the ~20x level). Two
-    instances of the same size at a chosen level fail as `ambiguous_level` (which one holds the
-    slide is a guess; an unused duplicate is left out). Instances of one concatenation
+    usable instances of the same size at a chosen level fail as `ambiguous_level` (which one
+    holds the slide is a guess; an unused duplicate, or an unusable one, is left out). Instances of one concatenation
     (`concatenations`: SOPInstanceUID -> ConcatenationUID) are one level, not duplicates.
     """
     if not levels:
@@ -178,7 +184,11 @@ def choose_levels(
     good, problems = usable_levels(levels, unusable)
     bad = [lv for lv in levels if lv.sop_instance_uid in problems]
     largest_good = max((_area(lv) for lv in good), default=-1)
-    needed_bad = [lv for lv in bad if _area(lv) > largest_good]
+    needed_bad = [
+        lv
+        for lv in bad
+        if _area(lv) > largest_good or _fine_enough(lv, target_spacing_mm * (1 + tolerance))
+    ]
     spacings = {level.sop_instance_uid: level.spacing.mm for level in good}
     fine_enough = [
         lv for lv in good if spacings[lv.sop_instance_uid] <= target_spacing_mm * (1 + tolerance)
@@ -211,6 +221,7 @@ def choose_levels(
             if lv.sop_instance_uid != chosen.sop_instance_uid
             and (lv.width, lv.height) == (chosen.width, chosen.height)
             and (group is None or parts.get(lv.sop_instance_uid) != group)
+            and lv.sop_instance_uid not in problems  # a usable instance beats an unusable one
         ]
         if twins:
             claimants = ", ".join(sorted([chosen.sop_instance_uid, *twins]))

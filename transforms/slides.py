@@ -292,6 +292,11 @@ def build_record(
         )
 
 
+def _sparse_without_positions(ds: pydicom.Dataset) -> bool:
+    organization = str(ds.get("DimensionOrganizationType", "") or "").upper()
+    return organization == geometry.TILED_SPARSE and "PerFrameFunctionalGroupsSequence" not in ds
+
+
 def record_from_headers(
     series_uid: str,
     instances: Sequence[tuple[str, pydicom.Dataset]],
@@ -330,6 +335,10 @@ def record_from_headers(
     concatenations: dict[str, str] = {}
     for uri, ds in volume:
         where = f"instance {ds.get('SOPInstanceUID', '?')} ({uri})"
+        if _sparse_without_positions(ds) and "://" not in uri:
+            # The listing reads only the tags it needs; a sparse level's frame positions are
+            # read (locally) only for sparse levels, whose per-frame sequence can be large.
+            ds = pydicom.dcmread(uri, stop_before_pixels=True)
         problem = geometry.header_problem(ds, where)
         if problem is None and "://" not in uri:
             problem = geometry.stored_frames_problem(uri, int(ds.get("NumberOfFrames", 1) or 1))
