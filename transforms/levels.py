@@ -176,8 +176,10 @@ def choose_levels(
     slide fails for one of them only when it is needed: when no usable level is fine enough
     and a bad level is larger than every usable one (it would have been the ~20x level). Two
     usable instances of the same size at a chosen level fail as `ambiguous_level` (which one
-    holds the slide is a guess; an unused duplicate, or an unusable one, is left out). Instances of one concatenation
-    (`concatenations`: SOPInstanceUID -> ConcatenationUID) are one level, not duplicates.
+    holds the slide is a guess; an unused duplicate, or an unusable one, is left out).
+    Instances of one concatenation (`concatenations`: SOPInstanceUID -> ConcatenationUID) are
+    one level, not duplicates. Also when usable fine levels exist, a bad one is also "needed"
+    if its own stated spacing is ~20x and no usable level is fine enough.
     """
     if not levels:
         raise SlideError(ReasonCode.NO_PYRAMID, "the series has no pyramid (VOLUME) levels")
