@@ -178,8 +178,8 @@ def choose_levels(
     usable instances of the same size at a chosen level fail as `ambiguous_level` (which one
     holds the slide is a guess; an unused duplicate, or an unusable one, is left out).
     Instances of one concatenation (`concatenations`: SOPInstanceUID -> ConcatenationUID) are
-    one level, not duplicates. Also when usable fine levels exist, a bad one is also "needed"
-    if its own stated spacing is ~20x and no usable level is fine enough.
+    one level, not duplicates. A bad level whose own stated spacing is ~20x is needed too
+    when no usable level is fine enough.
     """
     if not levels:
         raise SlideError(ReasonCode.NO_PYRAMID, "the series has no pyramid (VOLUME) levels")

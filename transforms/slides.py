@@ -259,7 +259,7 @@ def build_record(
         fallback_uuid = (
             uuid_of(fallback_sop) if fallback_sop else failure_instance_uuid(None, series_uid)
         )
-    except SlideError:  # a source's UUID that is not one: the row must not carry it
+    except (SlideError, ValueError):  # a malformed UID or a source's UUID that is not one
         fallback_uuid = failure_instance_uuid(fallback_sop, series_uid)
     try:
         choice = choose_levels(
