@@ -147,7 +147,7 @@ def _value_error(col: Column, value: Any) -> str | None:
     if not isinstance(value, _PYTHON[col.type]):
         return f"{col.name}: {type(value).__name__} where {col.type} is expected"
     if col.type == "FLOAT64" and not math.isfinite(value):
-        return f"{col.name}: {value!r}, not a finite number"
+        return f"{col.name}: {value!r} is NaN or infinite, not a finite number"
     if col.type == "TIMESTAMP" and isinstance(value, datetime.datetime) and value.tzinfo is None:
         return f"{col.name}: naive datetime (no time zone)"
     return None
