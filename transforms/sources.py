@@ -58,12 +58,9 @@ def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tu
 def _series_failure(series_uid: str, exc: Exception) -> FolderFailure:
     """A series whose headers could not be read: a failure row, and the run goes on."""
     from transforms.errors import ReasonCode, SlideError
-    from transforms.slides import local_instance_uuid
+    from transforms.slides import failure_instance_uuid
 
-    try:
-        fallback = local_instance_uuid(series_uid)
-    except ValueError:
-        fallback = local_instance_uuid("0")
+    fallback = failure_instance_uuid(series_uid)  # never raises, the same on a rerun
     if isinstance(exc, SlideError):  # e.g. transient_http once the retries are spent
         error = SlideError(exc.reason, f"reading the series' headers: {exc.message}")
     else:
@@ -88,7 +85,10 @@ def _dicomweb_record(series: tuple[str, str], base_url: str, auth: str, levels: 
         return
     if not instances:
         return
-    yield record_from_headers(series_uid, instances, *levels, dicomweb_url=base_url.rstrip("/"))
+    try:
+        yield record_from_headers(series_uid, instances, *levels, dicomweb_url=base_url.rstrip("/"))
+    except Exception as exc:  # one series' odd metadata must not stop the run
+        yield _series_failure(series_uid, exc)
 
 
 def _idc_record(series, bucket: str, version: str | None, levels: tuple):

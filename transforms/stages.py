@@ -22,7 +22,7 @@ from transforms import artifacts, clustering, patches
 from transforms.errors import ReasonCode, SlideError
 from transforms.plan import PatchChunk, PlanParams, SlidePlan, plan_slide
 from transforms.slides import FolderFailure, SlideRecord
-from transforms.tables import EMBEDDING_DIMENSION
+from transforms.tables import EMBEDDING_DIMENSION, TABLES, row_errors
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "pathembed"
@@ -258,24 +258,13 @@ class WriteArtifactsFn(beam.DoFn):
             "embedding_count": len(result.embeddings),
             "time": now.isoformat(),
         }
-        with _timed("write"):
-            artifacts.write_artifacts(paths, files, marker, self._run_id)
-        self._written.inc()
-        self._embedded.inc(len(result.embeddings))
-        _LOG.info(
-            "wrote %s: %d embeddings, %d centroids -> %s",
-            record.instance_uuid,
-            len(result.embeddings),
-            len(result.clusters.centroids),
-            paths.directory,
-        )
         identity = {
             "instance_uuid": record.instance_uuid,
             "StudyInstanceUID": record.study_instance_uid,
             "SeriesInstanceUID": record.series_instance_uid,
             "SOPInstanceUID": record.sop_instance_uid,
         }
-        yield {
+        resource = {
             **identity,
             "collection": record.collection,
             "instance_hash": plan.instance_md5,
@@ -305,16 +294,40 @@ class WriteArtifactsFn(beam.DoFn):
             "run_id": self._run_id,
             "created_time": now,
         }
-        for k, centroid in enumerate(result.clusters.centroids):
-            yield beam.pvalue.TaggedOutput(
-                "search",
-                {
-                    **identity,
-                    "centroid_index": k,
-                    "cluster_size": int(result.clusters.cluster_sizes[k]),
-                    "embedding": centroid.astype(np.float64).tolist(),
-                },
-            )
+        search = [
+            {
+                **identity,
+                "centroid_index": k,
+                "cluster_size": int(result.clusters.cluster_sizes[k]),
+                "embedding": centroid.astype(np.float64).tolist(),
+            }
+            for k, centroid in enumerate(result.clusters.centroids)
+        ]
+        # The rows are checked before the slide is marked complete: a row the table would
+        # refuse fails this slide here (a dead letter), never the run at the table sink, and
+        # never leaves a complete slide without its rows.
+        for table, rows in (("resource", [resource]), ("search", search)):
+            errors = sorted({e for row in rows for e in row_errors(row, TABLES[table])})
+            if errors:
+                raise SlideError(
+                    ReasonCode.INTERNAL_ERROR,
+                    f"the {table} rows of slide {record.instance_uuid} do not fit the table: "
+                    f"{'; '.join(errors)}",
+                )
+        with _timed("write"):
+            artifacts.write_artifacts(paths, files, marker, self._run_id)
+        self._written.inc()
+        self._embedded.inc(len(result.embeddings))
+        _LOG.info(
+            "wrote %s: %d embeddings, %d centroids -> %s",
+            record.instance_uuid,
+            len(result.embeddings),
+            len(result.clusters.centroids),
+            paths.directory,
+        )
+        yield resource
+        for row in search:
+            yield beam.pvalue.TaggedOutput("search", row)
 
 
 def _identity(element: Any) -> tuple[str | None, str | None]:
