@@ -93,21 +93,26 @@ def no_series_uid(ds: pydicom.Dataset, level: int) -> None:
     del ds.SeriesInstanceUID
 
 
-def sparse(keep_order: bool) -> Change:
+ABSENT = (7, 12)  # 0-based row-major frames a sparse copy leaves out
+
+
+def sparse(keep_order: bool, off_grid: bool = False) -> Change:
     """Level 0 as TILED_SPARSE with per-frame positions: every frame in row-major order
-    (`keep_order`), or frames 7 and 12 left out and the rest stored in reverse."""
+    (`keep_order`), or frames ABSENT left out and the rest stored in reverse; `off_grid` moves
+    the first stored frame 7 px off the frame grid."""
 
     def change(ds: pydicom.Dataset, level: int) -> None:
         frames = frames_of(ds)
         across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
         order = list(range(len(frames)))
         if not keep_order:
-            order = [k for k in reversed(order) if k not in (7, 12)]
+            order = [k for k in reversed(order) if k not in ABSENT]
         per_frame = []
         for k in order:
             row, col = divmod(k, across)
             position = pydicom.Dataset()
-            position.ColumnPositionInTotalImagePixelMatrix = col * int(ds.Columns) + 1
+            shift = 7 if off_grid and not per_frame else 0
+            position.ColumnPositionInTotalImagePixelMatrix = col * int(ds.Columns) + 1 + shift
             position.RowPositionInTotalImagePixelMatrix = row * int(ds.Rows) + 1
             position.XOffsetInSlideCoordinateSystem = 0
             position.YOffsetInSlideCoordinateSystem = 0

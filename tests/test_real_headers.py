@@ -130,7 +130,7 @@ CORPUS = {
     "illegal-sop": ({"malformed_header"}, "not digits and dots"),
     "long-sop": ({"malformed_header"}, "200 characters"),
     "no-series-uid": ({"malformed_header"}, "has no SeriesInstanceUID"),
-    "sparse": ({"unsupported_tiling"}, "TILED_SPARSE"),
+    "sparse-off-grid": ({"unsupported_tiling"}, "not on its 500 x 500 px frame grid"),
     "fewer-frames-declared": ({"inconsistent_frames"}, "NumberOfFrames 20"),
     "matrix-mismatch": ({"inconsistent_frames"}, "3220 x 2967 px matrix"),
     "fewer-frames-stored": ({"inconsistent_frames"}, "holds 24 frames"),
@@ -143,7 +143,7 @@ CORPUS = {
     "poison-wide": ({"bad_model_output", "incomplete_slide"}, "shape (42, 385)"),
     "poison-oom": ({"inference_error", "incomplete_slide"}, "ResourceExhausted"),
 }
-GOOD = ["cmu", "cmu-rewrapped", "sparse-full", "tiny-20x"]
+GOOD = ["cmu", "cmu-rewrapped", "sparse-full", "sparse", "tiny-20x"]
 PER_FILE = {"long-uids", "no-series-uid"}  # one row per file: no series to group them in
 
 
@@ -159,6 +159,7 @@ def make_corpus(real: Path, root: Path) -> dict[str, Path]:
     rc.derive(real, root, "long-sop", rc.sop("1.2." + "9" * 196))
     rc.derive(real, root, "no-series-uid", rc.no_series_uid, levels=range(3))
     rc.derive(real, root, "sparse", rc.sparse(keep_order=False))
+    rc.derive(real, root, "sparse-off-grid", rc.sparse(keep_order=False, off_grid=True))
     rc.derive(real, root, "fewer-frames-declared", rc.number_of_frames(20))
     rc.derive(real, root, "matrix-mismatch", rc.matrix_columns(3220))
     rc.derive(real, root, "fewer-frames-stored", rc.at_level_0(rc.fewer_stored_frames))
@@ -310,3 +311,27 @@ def test_failure_rows_are_rerunnable_by_their_uuid(corpus, model_cache, tmp_path
     rows = pq.read_table(out / "tables" / "failures").to_pylist()
     assert sorted(r["instance_uuid"] for r in rows) == sorted(wanted)
     assert not list(out.glob(f"*/path_foundation/v1/{COMPLETE_MARKER}"))
+
+
+def test_a_sparse_level_reads_each_frame_at_its_position_and_absent_frames_as_background(corpus):
+    """Level 0 stored TILED_SPARSE in reverse order with two frames left out: every patch fully
+    covered by present frames has exactly the embedding of the same pixels stored TILED_FULL;
+    patches reaching into an absent frame see background there (white), never black tissue."""
+    out, uuids = corpus["out"], corpus["uuids"]
+    sparse_dir, full_dir = slide_dir(out, uuids["sparse"]), slide_dir(out, uuids["cmu-rewrapped"])
+    coords = np.load(sparse_dir / "slide_embedding_coord.npy")
+    assert np.array_equal(coords, np.load(full_dir / "slide_embedding_coord.npy"))  # same mask
+    sparse, full = (np.load(d / "slide_embedding.npy") for d in (sparse_dir, full_dir))
+    frame, across = 500, 5
+    absent = [divmod(k, across) for k in rc.ABSENT]  # (row, column) of each absent frame
+    touches = np.array([
+        any(
+            x < (c + 1) * frame and x + 224 > c * frame and y < (r + 1) * frame
+            and y + 224 > r * frame
+            for r, c in absent
+        )
+        for x, y in coords
+    ])  # fmt: skip
+    assert touches.any() and (~touches).sum() >= 20
+    assert np.array_equal(sparse[~touches], full[~touches])
+    assert not np.isclose(sparse[touches], full[touches]).all(axis=1).any()

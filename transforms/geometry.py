@@ -8,10 +8,12 @@ instance's problem sinks the slide (a level the run needs) or only that level (o
   characters, digits and dots): they become table values and the slide's UUID;
 - pixel format: 8-bit, 3 samples per pixel (RGB or YCbCr) - patches are RGB;
 - tiling: TILED_FULL (or no DimensionOrganizationType, which TILED_FULL is the default
-  reading of); TILED_SPARSE only where its per-frame positions are exactly the TILED_FULL
-  row-major grid (then the two read alike); any other sparse level is refused
-  (`unsupported_tiling`): the frame reader places frames by their index, so a sparse level read
-  that way would put tiles in the wrong place or leave black holes in tissue;
+  reading of), or TILED_SPARSE with every per-frame position on the frame grid, once: the
+  byte-range reader (transforms/bucket.py) then places each frame by its position and fills
+  absent frames with background. Read through DICOMweb (ez-wsi places frames by index) or
+  split into a concatenation, a sparse level is refused (`unsupported_tiling`) unless its
+  positions are the full row-major grid: read by index it would misplace tiles or leave black
+  holes in tissue;
 - frame grid: NumberOfFrames equals the TotalPixelMatrix's grid of Rows x Columns frames;
 - stored frames (local files): the frames actually in PixelData (Extended or Basic Offset Table,
   else the fragment items; native pixels by length) equal NumberOfFrames, and PixelData is not
@@ -110,7 +112,56 @@ def sparse_positions_are_full(ds: pydicom.Dataset) -> bool:
     return True
 
 
-def frame_grid_problem(ds: pydicom.Dataset, where: str) -> SlideError | None:
+def sparse_frame_map(ds: pydicom.Dataset, where: str = "the instance") -> dict[int, int] | None:
+    """{whole-level frame number (1-based, row-major as TILED_FULL numbers them): stored frame
+    number} of a TILED_SPARSE instance, from its per-frame PlanePositionSlideSequence; None for
+    any other organization. Raises SlideError when a position is off the frame grid, outside
+    the matrix or repeated, or when positions and NumberOfFrames disagree."""
+    organization = str(ds.get("DimensionOrganizationType", "") or "").upper()
+    if organization != TILED_SPARSE:
+        return None
+    width, height = int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)
+    fw, fh = int(ds.Columns), int(ds.Rows)
+    across = math.ceil(width / fw)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != frames:
+        raise SlideError(
+            ReasonCode.INCONSISTENT_FRAMES,
+            f"{where} is TILED_SPARSE with NumberOfFrames {frames} but {len(per_frame)} "
+            "per-frame positions (PerFrameFunctionalGroupsSequence)",
+        )
+    mapping: dict[int, int] = {}
+    for k, item in enumerate(per_frame, start=1):
+        try:
+            position = item.PlanePositionSlideSequence[0]
+            column = int(position.ColumnPositionInTotalImagePixelMatrix)
+            row = int(position.RowPositionInTotalImagePixelMatrix)
+        except (AttributeError, IndexError, TypeError, ValueError) as exc:
+            raise SlideError(
+                ReasonCode.UNSUPPORTED_TILING,
+                f"{where} is TILED_SPARSE but frame {k} has no readable position ({exc!r})",
+            ) from None
+        if (column - 1) % fw or (row - 1) % fh or not (1 <= column <= width and 1 <= row <= height):
+            raise SlideError(
+                ReasonCode.UNSUPPORTED_TILING,
+                f"{where} is TILED_SPARSE and frame {k} is at column {column}, row {row}, not "
+                f"on its {fw} x {fh} px frame grid inside the {width} x {height} px matrix",
+            )
+        number = (row - 1) // fh * across + (column - 1) // fw + 1
+        if number in mapping:
+            raise SlideError(
+                ReasonCode.INCONSISTENT_FRAMES,
+                f"{where} is TILED_SPARSE and frames {mapping[number]} and {k} are both at "
+                f"column {column}, row {row}",
+            )
+        mapping[number] = k
+    return mapping
+
+
+def frame_grid_problem(
+    ds: pydicom.Dataset, where: str, sparse_ok: bool = True
+) -> SlideError | None:
     """The frame grid the header declares: sizes positive, tiling readable, NumberOfFrames
     matching TotalPixelMatrix in frames of Rows x Columns (TILED_FULL). Instances of a
     concatenation (ConcatenationUID) hold part of the grid each; their sum is not checked."""
@@ -138,12 +189,23 @@ def frame_grid_problem(ds: pydicom.Dataset, where: str) -> SlideError | None:
         )
     organization = str(ds.get("DimensionOrganizationType", "") or TILED_FULL).upper()
     if organization == TILED_SPARSE and not sparse_positions_are_full(ds):
-        return SlideError(
-            ReasonCode.UNSUPPORTED_TILING,
-            f"{where} is TILED_SPARSE with frame positions (PlanePositionSlideSequence) that "
-            "are not the full row-major grid; sparse levels are refused rather than read as "
-            "TILED_FULL, which would misplace tiles",
+        planes = (_int(ds, "TotalPixelMatrixFocalPlanes", 1) or 1) * (
+            _int(ds, "NumberOfOpticalPaths", 1) or 1
         )
+        if planes > 1:  # several planes are refused as such (multiple_planes)
+            return None
+        if not sparse_ok or ds.get("ConcatenationUID"):
+            return SlideError(
+                ReasonCode.UNSUPPORTED_TILING,
+                f"{where} is TILED_SPARSE with frame positions that are not the full grid, "
+                "read here through DICOMweb or split into a concatenation; it is refused "
+                "rather than read as TILED_FULL, which would misplace tiles",
+            )
+        try:
+            sparse_frame_map(ds, where)
+        except SlideError as error:
+            return error
+        return None  # read by position (transforms/bucket.py); absent frames are background
     if organization not in (TILED_FULL, TILED_SPARSE):
         return SlideError(
             ReasonCode.UNSUPPORTED_TILING,
@@ -165,12 +227,14 @@ def frame_grid_problem(ds: pydicom.Dataset, where: str) -> SlideError | None:
     return None
 
 
-def header_problem(ds: pydicom.Dataset, where: str) -> SlideError | None:
-    """The first problem of one WSI instance's header (identity, pixel format, frame grid)."""
+def header_problem(ds: pydicom.Dataset, where: str, sparse_ok: bool = True) -> SlideError | None:
+    """The first problem of one WSI instance's header (identity, pixel format, frame grid).
+    `sparse_ok`: the instance is read by the byte-range reader, which places TILED_SPARSE
+    frames by position (ez-wsi's DICOMweb reader does not)."""
     return (
         identity_problem(ds, where)
         or pixel_format_problem(ds, where)
-        or frame_grid_problem(ds, where)
+        or frame_grid_problem(ds, where, sparse_ok)
     )
 
 

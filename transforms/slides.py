@@ -339,7 +339,7 @@ def record_from_headers(
             # The listing reads only the tags it needs; a sparse level's frame positions are
             # read (locally) only for sparse levels, whose per-frame sequence can be large.
             ds = pydicom.dcmread(uri, stop_before_pixels=True)
-        problem = geometry.header_problem(ds, where)
+        problem = geometry.header_problem(ds, where, sparse_ok=not extra.get("dicomweb_url"))
         if problem is None and "://" not in uri:
             problem = geometry.stored_frames_problem(uri, int(ds.get("NumberOfFrames", 1) or 1))
         try:
