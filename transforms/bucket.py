@@ -766,8 +766,9 @@ def list_uris(prefix: str) -> list[str]:
 def _list_local(folder: str) -> list[str]:
     """Regular files under a local folder, sorted. Symbolic links are followed once: a folder
     or file reached twice (a link loop, two links to one file) is listed once, under the first
-    path the walk reaches (a folder's files, in sorted order, before its subfolders). Anything else (named pipes, sockets, devices) is skipped with a log
-    line: opening a named pipe blocks until something writes to it."""
+    path the walk reaches (a folder's files, in sorted order, before its subfolders).
+    Anything else (named pipes, sockets, devices) is skipped with a log line: opening a named
+    pipe blocks until something writes to it."""
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[tuple[int, int]] = set()
     out: list[str] = []
