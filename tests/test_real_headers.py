@@ -278,6 +278,8 @@ def test_good_slides_complete_and_identical_to_a_run_without_the_bad_ones(corpus
     good = {corpus["uuids"][name] for name in GOOD}
     complete = {p.parts[-4] for p in out.glob(f"*/path_foundation/v1/{COMPLETE_MARKER}")}
     assert complete == good  # nothing partial, nothing bad marked complete
+    for uuid in good:  # the truncated marker of cmu-rewrapped was replaced by a whole one
+        assert json.loads((slide_dir(out, uuid) / COMPLETE_MARKER).read_text())["run_id"]
     for uuid in good:
         for name in NPY:
             produced = (slide_dir(out, uuid) / name).read_bytes()

@@ -372,7 +372,13 @@ def dead_letter_row(dead_letter: tuple, stage: str, run_id: str) -> dict:
     else:
         # An exception in the model call (out of memory, a kernel error) fails one chunk.
         code = ReasonCode.INFERENCE_ERROR if stage == "embed" else ReasonCode.INTERNAL_ERROR
-        reason, message = code.value, f"{exc_repr} at {''.join(trace[-3:-1]).strip()}"
+        what = (
+            "the model call failed for a chunk of this slide"
+            if stage == "embed"
+            else f"an unexpected error stopped this slide at the {stage} stage"
+        )
+        reason = code.value
+        message = f"{what}: {exc_repr} at {''.join(trace[-3:-1]).strip()}"
     row = failure_row(element, stage, reason, message, run_id)
     _LOG.warning("slide %s failed at %s: %s: %s", row["instance_uuid"], stage, reason, message)
     Metrics.counter(NAMESPACE, "failures").inc()
