@@ -426,8 +426,10 @@ def enumerate_dicom_folder(
     folder (scanned recursively) or a gs:// / s3:// prefix (headers read by byte ranges).
 
     Each file and each series is isolated: any exception while reading or interpreting one
-    header becomes a failure row for that file or series, and the listing goes on. Files that
-    are not VL Whole Slide Microscopy images are ignored, each with a log line."""
+    header becomes a failure row for that file or series, and the listing goes on. (Not Beam's
+    with_exception_handling: the whole listing is one element, so its dead letter would be the
+    whole folder.) Files that are not VL Whole Slide Microscopy images are ignored, each with a
+    log line."""
     from transforms.bucket import list_uris
 
     where = str(folder)
