@@ -267,7 +267,15 @@ class Embedder:
         self.output_key = signature.OUTPUT_KEY if signature.OUTPUT_KEY in outputs else None
         if self.output_key is None:
             raise ValueError(f"{model_dir}: signature has no {signature.OUTPUT_KEY!r} output")
-        self.embedding_dim = int(outputs[self.output_key].shape[-1])
+        dim = outputs[self.output_key].shape[-1]
+        # Checked once here, with a clear error, rather than as a misshapen table row later.
+        if dim != signature.EMBEDDING_DIM:
+            raise ValueError(
+                f"{model_dir}: output {signature.OUTPUT_KEY!r} has {dim} values per patch "
+                f"({outputs[self.output_key]}); Path Foundation embeddings have "
+                f"{signature.EMBEDDING_DIM}"
+            )
+        self.embedding_dim = int(dim)
         self._embed = self._traced_embed(tf)
 
     def _traced_embed(self, tf: Any) -> Any:

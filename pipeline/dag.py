@@ -66,6 +66,7 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         | "EnumerateBreaker" >> beam.Map(failures.check_failure_row, run_id, *threshold)
     ]
     for stage, bad in [("plan", planned.bad), ("read", embedded["bad"]),
+                       ("embed", embedded["embed_bad"]),
                        ("cluster", clustered.bad), ("write", written.bad)]:  # fmt: skip
         failure_rows.append(
             bad

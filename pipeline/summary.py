@@ -56,7 +56,9 @@ def failure_threshold_exceeded(
         return None
     return (
         f"{failed} of {tried} slides failed ({failed / tried:.0%}), more than "
-        f"run.max_failed_fraction = {max_failed_fraction:.0%}: {failures.ADVICE}"
+        f"run.max_failed_fraction = {max_failed_fraction:.0%}: see the failures table for the "
+        "reasons (credentials and the pixel source for read errors, the files themselves for "
+        f"header and decode errors), {failures.RERUN}"
     )
 
 
@@ -69,11 +71,13 @@ def render(
         "",
         "pathembed run summary",
         f"  slides found        {c['slides_found']}",
+        f"  files ignored       {c['files_ignored']} (not whole-slide images; listed in the log)",
         f"  already complete    {c['slides_skipped_complete']} (skipped; --force to redo)",
         f"  slides done         {c['slides_written']}",
         f"  slides failed       {failed} (of {tried} tried; {c['failures']} failure rows)",
         f"  patches embedded    {c['patches_embedded']} (of {c['patches_planned']} planned)",
-        f"  remote pixel reads  {c['pixel_source_requests']} requests, "
+        f"  pixel reads         {c['pixel_source_requests']} requests "
+        "(local files and remote sources), "
         f"{c['pixel_frames_read']} frames, {c['pixel_source_bytes_read'] / 1e6:.1f} MB",
         f"  wall time           {wall_seconds:.1f} s",
         "  time per stage (summed over workers):",

@@ -71,6 +71,8 @@ def _search_row(**change):
         ({"embedding": [0.5] * 383 + [None]}, "NULL array element"),
         ({"embedding": [np.float32(0.5)] * 384}, "float32 where FLOAT64"),
         ({"embedding": [0.5] * 383 + [float("nan")]}, "NaN"),
+        ({"embedding": [0.5] * 383 + [float("inf")]}, "inf is NaN or infinite"),
+        ({"embedding": [float("-inf")] + [0.5] * 383}, "-inf is NaN or infinite"),
         ({"embedding": None}, "NoneType where an array"),
         ({"centroid_index": np.int64(0)}, "int64 where INT64"),
         ({"cluster_size": True}, "bool where INT64"),

@@ -197,11 +197,11 @@ def test_the_idc_index_source_resolves_series_in_beam(idc_like_bucket, sample_sl
 
 @pytest.mark.parametrize("how", ["extended", "no-offset-table", "native"])
 def test_instance_hashes_are_streamed_and_equal_whole_file_hashes(sample_slides, tmp_path, how):
-    """dicom_io.hashes.instance_hashes finds the PixelData value through the range reader and
+    """dicom_io.pixel_data.instance_hashes finds the PixelData value through the range reader and
     hashes it in blocks; the digests equal hashing the whole file and pydicom's whole PixelData."""
     import hashlib
 
-    from transforms.dicom_io.hashes import instance_hashes
+    from transforms.dicom_io.pixel_data import instance_hashes
 
     path = _rewrite(sample_slides / "small-40x" / "level-2.dcm", tmp_path, how)
     md5, sha512 = instance_hashes(str(path))

@@ -20,7 +20,8 @@ TOP_LEVEL = [
     "Enumerate", "SkipDone", "PlanSlide", "Reshuffle", "Embed", "GroupBySlide", "ClusterSlide",
     "WriteArtifacts", "WriteResourceTable", "WriteSearchTable",
     "EnumerateFailures", "EnumerateBreaker", "PlanFailures", "PlanBreaker",
-    "ReadFailures", "ReadBreaker", "ClusterFailures", "ClusterBreaker",
+    "ReadFailures", "ReadBreaker", "EmbedFailures", "EmbedBreaker",
+    "ClusterFailures", "ClusterBreaker",
     "WriteFailures", "WriteBreaker", "AllFailures", "WriteFailuresTable",
 ]  # fmt: skip
 

@@ -59,10 +59,49 @@ def test_only_coarse_levels_fail_with_reason():
     ],
 )
 def test_bad_spacing_is_a_failure_not_a_guess(spacing, reason):
-    levels = [LevelInfo(1000, 1000, spacing, "1.2.3"), *pyramid(4.0)]
+    """A level larger than every usable one (it would be the ~20x level) with a bad spacing
+    fails the slide with its own reason."""
+    levels = [LevelInfo(20000, 10000, spacing, "1.2.3"), *pyramid(4.0)]
     with pytest.raises(SlideError) as err:
         choose_levels(levels)
     assert err.value.reason is reason
+
+
+@pytest.mark.parametrize(
+    "spacing", [None, PixelSpacing(1.02, 1.02), PixelSpacing(0.0, 0.0), PixelSpacing(0.1, 0.2)]
+)
+def test_an_unused_bad_level_does_not_veto_the_slide(spacing):
+    """Like the real CMU pyramid's 1 x 1 px level at 1.02 mm/px: left out, the slide is read."""
+    levels = [*pyramid(0.5, 2.0, 4.0, 16.0), LevelInfo(1, 1, spacing, "1.2.9")]
+    choice = choose_levels(levels)
+    assert (choice.embedding.sop_instance_uid, choice.mask.sop_instance_uid) == ("1.2.0", "1.2.2")
+
+
+def test_a_level_whose_extent_disagrees_is_left_out_or_fails_when_needed():
+    # 4 µm/px claimed, but the level has twice the pixels that makes: not the same image.
+    liar = LevelInfo(10000, 5000, PixelSpacing(0.004, 0.004), "1.2.7")
+    choice = choose_levels([*pyramid(0.5, 2.0, 16.0), liar])
+    assert choice.mask.sop_instance_uid == "1.2.1"  # 4 µm would be nearer 5 µm, but it lies
+    # The only ~20x level disagrees with the largest level: the slide fails with that reason.
+    big = LevelInfo(40000, 20000, PixelSpacing(0.002, 0.002), "1.2.6")
+    small_20x = LevelInfo(4000, 2000, PixelSpacing(0.0005, 0.0005), "1.2.5")
+    with pytest.raises(SlideError) as err:
+        choose_levels([big, small_20x])
+    assert err.value.reason is ReasonCode.INCONSISTENT_LEVELS
+    assert "1.2.5" in err.value.message and "1.2.6" in err.value.message
+
+
+def test_two_instances_at_a_needed_level_are_ambiguous_an_unneeded_one_is_left_out():
+    twin = level(0.5, int(40000 * 0.25 / 0.5), "1.2.5")
+    with pytest.raises(SlideError) as err:
+        choose_levels([*pyramid(0.5, 2.0, 4.0), twin])
+    assert err.value.reason is ReasonCode.AMBIGUOUS_LEVEL
+    assert "1.2.0" in err.value.message and "1.2.5" in err.value.message
+    # Two parts of one concatenation are one level, not duplicates.
+    choice = choose_levels(
+        [*pyramid(0.5, 2.0, 4.0), twin], concatenations={"1.2.0": "9.9", "1.2.5": "9.9"}
+    )
+    assert choice.embedding.sop_instance_uid == "1.2.0"
 
 
 def test_empty_pyramid():

@@ -385,3 +385,20 @@ def test_handler_loads_with_its_options(tiny_dir: pathlib.Path, tmp_path: pathli
     [result] = handler.run_inference([_random_patches(5)], model)
     assert result.inference.shape == (5, 384)
     assert "jit_compile=True" in repr(handler)
+
+
+def test_a_model_whose_output_is_not_384_wide_is_refused_at_load(tmp_path: pathlib.Path) -> None:
+    """A real SavedModel with Path Foundation's input but a 383-wide output_0: refused once,
+    when loaded, with a sentence naming the width, instead of misshapen rows later."""
+
+    class Narrow(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
+        def serve(self, inputs):
+            return {"output_0": tf.reduce_mean(inputs, axis=[1, 2])[:, :1] * tf.ones([1, 383])}
+
+    module = Narrow()
+    tf.saved_model.save(
+        module, str(tmp_path / "narrow"), signatures={"serving_default": module.serve}
+    )
+    with pytest.raises(ValueError, match=r"has 383 values per patch.*have 384"):
+        load_embedder(tmp_path / "narrow")

@@ -19,6 +19,7 @@ Not for judging single slides: a slide's own failure always becomes a row and th
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import threading
@@ -31,10 +32,7 @@ from transforms.plan import PatchChunk, SlidePlan, SlideResult
 from transforms.records import FolderFailure, SlideRecord
 
 _LOG = logging.getLogger(__name__)
-ADVICE = (
-    "check credentials and the pixel source, then rerun the failures "
-    "(docs/failures.md: Recovering from failures)"
-)
+RERUN = "then rerun the failures (docs/failures.md: Recovering from failures)"
 
 
 def exceeds(failed: int, tried: int, max_failed_fraction: float | None, min_slides: int) -> bool:
@@ -43,6 +41,32 @@ def exceeds(failed: int, tried: int, max_failed_fraction: float | None, min_slid
     if max_failed_fraction is None or tried < max(1, min_slides):
         return False
     return failed / tried > max_failed_fraction
+
+
+# What to check, by the most common reason code among a run's failures: a broken credential
+# and a folder of corrupt files both trip the breaker, but need different fixes.
+_ACCESS = "check credentials, the network and the pixel source"
+_INPUT = (
+    "the input files themselves are unreadable or inconsistent (see the failures table); if "
+    "the input is known to hold many such files, raise run.max_failed_fraction"
+)
+_MODEL = "check the model (its output, memory per chunk) and the workers"
+_ADVICE = {
+    "transient_http": _ACCESS,
+    "read_error": _ACCESS,
+    "inference_error": _MODEL,
+    "bad_model_output": _MODEL,
+    "non_finite_embedding": _MODEL,
+    "internal_error": "see the failures table's messages (an unexpected error)",
+}
+
+
+def advice_for(reasons: collections.Counter) -> str:
+    """What to check when these reason codes (code -> rows) tripped the breaker."""
+    if not reasons:
+        return _ACCESS
+    (top, _), *_ = reasons.most_common(1)
+    return _ADVICE.get(top, _INPUT)
 
 
 class FailedShareExceeded(RuntimeError):
@@ -54,6 +78,7 @@ class _Counts:
     tried: int = 0
     failed: set[str | None] = field(default_factory=set)
     failed_rows: int = 0
+    reasons: collections.Counter = field(default_factory=collections.Counter)
 
 
 _LOCK = threading.Lock()
@@ -73,20 +98,29 @@ def _share(counts: _Counts, max_failed_fraction: float | None, min_slides: int):
 
 
 def note_failed(
-    run_id: str, instance_uuid: str | None, max_failed_fraction: float | None, min_slides: int
+    run_id: str,
+    instance_uuid: str | None,
+    max_failed_fraction: float | None,
+    min_slides: int,
+    reason: str | None = None,
 ) -> None:
     """A failure row of run `run_id`; raises FailedShareExceeded when the share is exceeded."""
     with _LOCK:
         counts = _RUNS.setdefault(run_id, _Counts())
         counts.failed_rows += 1
+        if reason:
+            counts.reasons[reason] += 1
         counts.failed.add(instance_uuid if instance_uuid else f"row-{counts.failed_rows}")
         exceeded = _share(counts, max_failed_fraction, min_slides)
+        reasons = collections.Counter(counts.reasons)
     if exceeded:
         failed, tried = exceeded
         raise FailedShareExceeded(
             f"run {run_id} stopped: {failed} of the {tried} slides tried in this worker failed "
             f"({failed / tried:.0%}), more than run.max_failed_fraction = "
-            f"{max_failed_fraction:.0%}; {ADVICE}"
+            f"{max_failed_fraction:.0%} (most common reasons: "
+            f"{', '.join(f'{r} {n}' for r, n in reasons.most_common(3)) or 'unknown'}); "
+            f"{advice_for(reasons)}, {RERUN}"
         )
 
 
@@ -104,7 +138,9 @@ def check_failure_row(
     """Counts a failure row (a slide that failed at enumeration also counts as tried)."""
     if row.get("stage") == "enumerate":
         note_tried(run_id)
-    note_failed(run_id, row.get("instance_uuid"), max_failed_fraction, min_slides)
+    note_failed(
+        run_id, row.get("instance_uuid"), max_failed_fraction, min_slides, row.get("reason_code")
+    )
     return row
 
 
@@ -118,6 +154,10 @@ def _identity(element: Any) -> tuple[str | None, str | None]:
         return _identity(element.plan.record)
     if isinstance(element, tuple) and element and isinstance(element[0], str):
         return element[0], None  # (uuid, grouped) after GroupByKey
+    if isinstance(element, tuple) and element and isinstance(element[0], tuple):
+        return _identity(element[0])  # ((uuid, rows), patches or inference) around the model
+    if isinstance(element, list) and element:
+        return _identity(element[0])  # a RunInference batch of keyed chunks
     return None, None
 
 
@@ -142,10 +182,15 @@ def dead_letter_row(dead_letter: tuple, stage: str, run_id: str) -> dict:
         text = trace[-1].split(": ", 1)[-1].strip()
         reason, _, message = text.partition(": ")
     else:
-        reason, message = (
-            ReasonCode.INTERNAL_ERROR.value,
-            f"{exc_repr} at {''.join(trace[-3:-1]).strip()}",
+        # An exception in the model call (out of memory, a kernel error) fails one chunk.
+        code = ReasonCode.INFERENCE_ERROR if stage == "embed" else ReasonCode.INTERNAL_ERROR
+        what = (
+            "the model call failed for a chunk of this slide"
+            if stage == "embed"
+            else f"an unexpected error stopped this slide at the {stage} stage"
         )
+        reason = code.value
+        message = f"{what}: {exc_repr} at {''.join(trace[-3:-1]).strip()}"
     row = failure_row(element, stage, reason, message, run_id)
     _LOG.warning("slide %s failed at %s: %s: %s", row["instance_uuid"], stage, reason, message)
     metrics.counter(metrics.FAILURES).inc()

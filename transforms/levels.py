@@ -7,8 +7,9 @@ is read and downsampled with INTER_AREA. The mask level is the level nearest ~2X
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from transforms.errors import ReasonCode, SlideError
@@ -19,6 +20,11 @@ MIN_PLAUSIBLE_SPACING_MM = 0.00005
 MAX_PLAUSIBLE_SPACING_MM = 1.0
 # Rows and columns may differ by this relative amount and still count as square pixels.
 SQUARE_PIXEL_TOLERANCE = 0.02
+# Levels of one pyramid image the same area: their extents (size x spacing) may differ by this
+# relative amount (plus one pixel of rounding) before the header counts as inconsistent.
+EXTENT_TOLERANCE = 0.05
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -115,27 +121,133 @@ def validate_spacing(level: LevelInfo) -> PixelSpacing:
     return spacing
 
 
-def choose_levels(levels: Sequence[LevelInfo], rule: LevelRule = DEFAULT_RULE) -> LevelChoice:
-    """Chooses the embedding and mask levels of a pyramid by the DESIGN.md §3 rule."""
+def _area(level: LevelInfo) -> int:
+    return level.width * level.height
+
+
+def extent_problem(level: LevelInfo, reference: LevelInfo) -> SlideError | None:
+    """Whether `level` images the same area as `reference` (the largest level), within
+    EXTENT_TOLERANCE plus one pixel of rounding per side (a 1 x 1 px level covers the slide
+    only to the nearest pixel)."""
+    for axis, size, ref_size, spacing, ref_spacing in (
+        ("width", level.width, reference.width, level.spacing.column_mm,
+         reference.spacing.column_mm),
+        ("height", level.height, reference.height, level.spacing.row_mm,
+         reference.spacing.row_mm),
+    ):  # fmt: skip
+        extent, ref_extent = size * spacing, ref_size * ref_spacing
+        if abs(extent - ref_extent) > EXTENT_TOLERANCE * ref_extent + spacing:
+            return SlideError(
+                ReasonCode.INCONSISTENT_LEVELS,
+                f"instance {level.sop_instance_uid} is {extent:.4g} mm in {axis} "
+                f"({size} px x {spacing * 1000:.4g} µm) but the largest level, instance "
+                f"{reference.sop_instance_uid}, is {ref_extent:.4g} mm ({ref_size} px x "
+                f"{ref_spacing * 1000:.4g} µm); their PixelSpacing or size disagree",
+            )
+    return None
+
+
+def _fine_enough(level: LevelInfo, limit_mm: float) -> bool:
+    """True when a level's stated spacing (valid or not) is a ~20x one."""
+    spacing = level.spacing
+    return spacing is not None and 0 < spacing.mm <= limit_mm
+
+
+def usable_levels(
+    levels: Sequence[LevelInfo], unusable: Mapping[str, SlideError] | None = None
+) -> tuple[list[LevelInfo], dict[str, SlideError]]:
+    """(levels with a plausible spacing and an extent consistent with the largest of them,
+    {SOPInstanceUID: why each other level cannot be used}). `unusable` adds header problems
+    found elsewhere (frame geometry, pixel format, UIDs)."""
+    problems: dict[str, SlideError] = dict(unusable or {})
+    for level in levels:
+        if level.sop_instance_uid in problems:
+            continue
+        try:
+            validate_spacing(level)
+        except SlideError as error:
+            problems[level.sop_instance_uid] = error
+    good = [lv for lv in levels if lv.sop_instance_uid not in problems]
+    if good:
+        reference = max(good, key=_area)
+        for level in good:
+            if (error := extent_problem(level, reference)) is not None:
+                problems[level.sop_instance_uid] = error
+        good = [lv for lv in good if lv.sop_instance_uid not in problems]
+    return good, problems
+
+
+def choose_levels(
+    levels: Sequence[LevelInfo],
+    rule: LevelRule = DEFAULT_RULE,
+    unusable: Mapping[str, SlideError] | None = None,
+    concatenations: Mapping[str, str] | None = None,
+) -> LevelChoice:
+    """Chooses the embedding and mask levels of a pyramid by the DESIGN.md §3 rule.
+
+    Levels that cannot be used (implausible or missing spacing, an extent that disagrees with
+    the largest level, the header problems in `unusable`) are left out with a logged reason; the
+    slide fails for one of them only when it is needed: when no usable level is fine enough
+    and a bad level is larger than every usable one (it would have been the ~20x level). Two
+    usable instances of the same size at a chosen level fail as `ambiguous_level` (which one
+    holds the slide is a guess; an unused duplicate, or an unusable one, is left out).
+    Instances of one concatenation (`concatenations`: SOPInstanceUID -> ConcatenationUID) are
+    one level, not duplicates. A bad level whose own stated spacing is ~20x is needed too
+    when no usable level is fine enough.
+    """
     target_spacing_mm, tolerance = rule.target_spacing_mm, rule.tolerance
     if not levels:
         raise SlideError(ReasonCode.NO_PYRAMID, "the series has no pyramid (VOLUME) levels")
-    spacings = {level.sop_instance_uid: validate_spacing(level).mm for level in levels}
+    good, problems = usable_levels(levels, unusable)
+    bad = [lv for lv in levels if lv.sop_instance_uid in problems]
+    largest_good = max((_area(lv) for lv in good), default=-1)
+    needed_bad = [
+        lv
+        for lv in bad
+        if _area(lv) > largest_good or _fine_enough(lv, target_spacing_mm * (1 + tolerance))
+    ]
+    spacings = {level.sop_instance_uid: level.spacing.mm for level in good}
     fine_enough = [
-        lv for lv in levels if spacings[lv.sop_instance_uid] <= target_spacing_mm * (1 + tolerance)
+        lv for lv in good if spacings[lv.sop_instance_uid] <= target_spacing_mm * (1 + tolerance)
     ]
     if not fine_enough:
+        if needed_bad:  # the largest bad level would have been the one to embed
+            raise problems[max(needed_bad, key=_area).sop_instance_uid]
         finest = min(spacings.values())
         raise SlideError(
             ReasonCode.NO_HIGH_RESOLUTION_LEVEL,
             f"finest level is {finest * 1000:.3g} µm/px; embeddings need a level at most "
             f"{target_spacing_mm * (1 + tolerance) * 1000:.3g} µm/px (~20x)",
         )
+    for level in bad:
+        _LOG.info(
+            "level %s (%d x %d px) is not used: %s",
+            level.sop_instance_uid, level.width, level.height, problems[level.sop_instance_uid],
+        )  # fmt: skip
     embedding = max(fine_enough, key=lambda lv: spacings[lv.sop_instance_uid])
     native = spacings[embedding.sop_instance_uid]
     downsample = target_spacing_mm / native if native < target_spacing_mm / (1 + tolerance) else 1.0
     # Nearest ~2X in log space: 2.5 and 10 µm are equally far from 5 µm.
     mask = min(
-        levels, key=lambda lv: abs(math.log(spacings[lv.sop_instance_uid] / rule.mask_spacing_mm))
+        good, key=lambda lv: abs(math.log(spacings[lv.sop_instance_uid] / rule.mask_spacing_mm))
     )
+    parts = concatenations or {}
+    for role, chosen in (("embedding", embedding), ("mask", mask)):
+        group = parts.get(chosen.sop_instance_uid)
+        twins = [
+            lv.sop_instance_uid
+            for lv in levels
+            if lv.sop_instance_uid != chosen.sop_instance_uid
+            and (lv.width, lv.height) == (chosen.width, chosen.height)
+            and (group is None or parts.get(lv.sop_instance_uid) != group)
+            and lv.sop_instance_uid not in problems  # a usable instance beats an unusable one
+        ]
+        if twins:
+            claimants = ", ".join(sorted([chosen.sop_instance_uid, *twins]))
+            raise SlideError(
+                ReasonCode.AMBIGUOUS_LEVEL,
+                f"the {role} level ({chosen.width} x {chosen.height} px) is claimed by "
+                f"{len(twins) + 1} instances ({claimants}); "
+                "which one holds the slide would be a guess",
+            )
     return LevelChoice(embedding=embedding, mask=mask, downsample=downsample)

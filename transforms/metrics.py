@@ -26,6 +26,7 @@ PATCHES_PLANNED = "patches_planned"
 SLIDES_WRITTEN = "slides_written"
 PATCHES_EMBEDDED = "patches_embedded"
 FAILURES = "failures"
+FILES_IGNORED = "files_ignored"  # files under a folder that are not WSI images
 
 COUNTERS = (
     PIXEL_SOURCE_REQUESTS,
@@ -40,6 +41,7 @@ COUNTERS = (
     SLIDES_WRITTEN,
     PATCHES_EMBEDDED,
     FAILURES,
+    FILES_IGNORED,
 )
 # Summary label -> the distribution `timed(stage)` fills (milliseconds per call).
 STAGES = {

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from transforms import clustering, patches, tissue
-from transforms.dicom_io.hashes import instance_hashes
+from transforms.dicom_io.pixel_data import instance_hashes
 from transforms.errors import ReasonCode, SlideError
 from transforms.records import SlideRecord
 
@@ -91,11 +91,19 @@ def _thumbnail(mask_image: np.ndarray, max_size: int) -> np.ndarray:
 
 def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list[PatchChunk]]:
     """Computes the mask, grid, thumbnails and chunks of one slide."""
+    choice = record.levels
+    if min(choice.source_width, choice.source_height) < params.patch_size:
+        # Checked before any pixel is read: not one whole patch fits, whatever the tissue.
+        raise SlideError(
+            ReasonCode.TOO_SMALL,
+            f"instance {record.sop_instance_uid} is {choice.source_width} x "
+            f"{choice.source_height} px at the embedding spacing, smaller than one "
+            f"{params.patch_size} px patch",
+        )
     slide = patches.open_slide(record.files, record.dicomweb_auth)
     mask_level = patches.level_of(slide, record.levels.mask.sop_instance_uid)
     mask_image = patches.read_level_image(slide, mask_level)
     mask = tissue.tissue_mask(mask_image, params.v_min, params.v_max)
-    choice = record.levels
     grid = tissue.patch_grid(
         mask,
         choice.source_width,

@@ -47,14 +47,22 @@ def local_instance_uuid(sop_instance_uid: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_OID, validate_uid(sop_instance_uid)))
 
 
-def failure_uuid(uid: str | None, known_uuids: Mapping[str, str] | None = None) -> str:
-    """The UUID a failure row carries for the instance (or series) `uid`: the source's own
-    UUID for it when it has one (IDC's crdc_instance_uuid), else uuid5 of the UID, as its
-    record would have had; a UID that is not valid gets uuid5 of "0"."""
-    if uid is not None and known_uuids and uid in known_uuids:
-        return validate_uuid(known_uuids[uid])
-    valid = isinstance(uid, str) and len(uid) <= 64 and _UID_RE.match(uid)
-    return local_instance_uuid(uid if valid else "0")
+def failure_uuid(uid: object, known_uuids: Mapping[str, str] | None = None, where: str = "") -> str:
+    """The UUID a failure row carries for the instance (or series) `uid`, never raising: the
+    source's own UUID for it when it has a valid one (IDC's crdc_instance_uuid), else
+    `local_instance_uuid` of a valid UID (what the slide gets once it is processed); for a
+    malformed or missing UID, uuid5 of that raw value (else of `where`, e.g. the file's URI) in
+    the URL namespace. Deterministic, so a rerun of the same input finds the same UUID."""
+    if known_uuids and uid in known_uuids:
+        try:
+            return validate_uuid(known_uuids[uid])
+        except SlideError:
+            pass
+    raw = "" if uid is None else str(uid).strip()
+    try:
+        return local_instance_uuid(raw)
+    except ValueError:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"pathembed:malformed:{raw or where}"))
 
 
 @dataclass(frozen=True)

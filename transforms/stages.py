@@ -17,6 +17,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
+from models.signature import EMBEDDING_DIM
 from transforms import clustering, failures, metrics, patches
 from transforms.errors import ReasonCode, SlideError
 from transforms.outputs import artifacts, reruns
@@ -150,13 +151,35 @@ class ReadPatchesFn(beam.DoFn):
 
 
 def by_slide(keyed: tuple[tuple[str, np.ndarray], Any]) -> tuple[str, tuple]:
-    """((uuid, rows), PredictionResult) -> (uuid, (rows, embeddings [n, D]))."""
+    """((uuid, rows), PredictionResult) -> (uuid, (rows, embeddings [n, D])).
+
+    The model's output is checked per chunk before it can reach a table: one row of
+    EMBEDDING_DIM finite floats per patch. A chunk that fails the check is a dead letter
+    (its slide then fails as incomplete, never written with NaN/Inf or misshapen vectors)."""
     (instance_uuid, rows), result = keyed
-    return instance_uuid, (rows, np.asarray(result.inference, np.float32))
+    embeddings = np.asarray(result.inference)
+    if embeddings.shape != (len(rows), EMBEDDING_DIM):
+        raise SlideError(
+            ReasonCode.BAD_MODEL_OUTPUT,
+            f"the model returned an array of shape {embeddings.shape} for a chunk of "
+            f"{len(rows)} patches of slide {instance_uuid}; expected "
+            f"({len(rows)}, {EMBEDDING_DIM})",
+        )
+    embeddings = embeddings.astype(np.float32)
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        raise SlideError(
+            ReasonCode.NON_FINITE_EMBEDDING,
+            f"the model returned NaN or infinite values for {int(bad.sum())} of the "
+            f"{len(rows)} patches of a chunk of slide {instance_uuid} (first at patch row "
+            f"{int(np.asarray(rows)[bad][0])})",
+        )
+    return instance_uuid, (rows, embeddings)
 
 
 class EmbedChunks(beam.PTransform):
-    """PatchChunks -> {'embedded': (uuid, (rows, embeddings [n, D])), 'bad': read dead letters}.
+    """PatchChunks -> {'embedded': (uuid, (rows, embeddings [n, D])), 'bad': read dead letters,
+    'embed_bad': dead letters of the model call and of the output check, per chunk}.
 
     Reading and embedding are one composite so that they run on the same worker: a GPU
     resource hint on it (Dataflow right fitting, pipeline/dag.py) puts both on the GPU workers,
@@ -171,12 +194,18 @@ class EmbedChunks(beam.PTransform):
 
     def expand(self, chunks):
         read = chunks | "ReadPatches" >> beam.ParDo(self._read).with_exception_handling()
-        embedded = (
+        # Beam's own dead letters for RunInference: one chunk whose model call fails (an
+        # out-of-memory error, a kernel error) fails that chunk, not the run.
+        inferred, dlq = (
             read.good
-            | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
-            | "KeyBySlide" >> beam.Map(by_slide)
+            | "RunInference"
+            >> RunInference(KeyedModelHandler(self._handler)).with_exception_handling()
         )
-        return {"embedded": embedded, "bad": read.bad}
+        checked = inferred | "KeyBySlide" >> beam.Map(by_slide).with_exception_handling()
+        embed_bad = [dlq.failed_inferences, checked.bad]
+        embed_bad += [*dlq.failed_preprocessing, *dlq.failed_postprocessing]
+        bad = embed_bad | "EmbedDeadLetters" >> beam.Flatten()
+        return {"embedded": checked.good, "bad": read.bad, "embed_bad": bad}
 
 
 class ClusterSlideFn(beam.DoFn):

@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import re
+import stat
 import struct
 import threading
 import urllib.parse
@@ -44,7 +45,7 @@ from ez_wsi_dicomweb import (
 )
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
-from transforms.dicom_io import retry
+from transforms.dicom_io import geometry, retry
 from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
 from transforms.urls import is_remote
@@ -311,6 +312,39 @@ class DicomInstanceReader:
         self._ends: list[int | None] | None = None
         self._lock = threading.RLock()
         self._cache: cachetools.LRUCache = cachetools.LRUCache(FRAME_CACHE_BYTES, getsizeof=len)
+        # TILED_SPARSE: {row-major frame number: stored frame number}, from the frames'
+        # positions; frames not in it are absent (background). None: frames in row-major order.
+        self.sparse_frames = geometry.sparse_frame_map(self.header, f"instance file {uri}")
+
+    @property
+    def grid_frames(self) -> int:
+        """Frames of the whole TILED_FULL grid (what ez-wsi's level map is told for a sparse
+        instance, so that it asks for frames by row-major number)."""
+        h = self.header
+        across = -(-int(h.TotalPixelMatrixColumns) // int(h.Columns))
+        return across * -(-int(h.TotalPixelMatrixRows) // int(h.Rows))
+
+    def stored_frame(self, frame_number: int) -> int | None:
+        """The stored frame holding row-major frame `frame_number`, None when a sparse level
+        leaves it out."""
+        if self.sparse_frames is None:
+            return frame_number
+        return self.sparse_frames.get(frame_number)
+
+    def absent_frame(self) -> np.ndarray:
+        """What a frame a sparse level leaves out holds: background, never black tissue. The
+        colour is RecommendedAbsentPixelCIELabValue where the header gives it, else white."""
+        h = self.header
+        rgb = np.array([255, 255, 255], np.uint8)
+        lab = h.get("RecommendedAbsentPixelCIELabValue")
+        if lab is not None and len(lab) == 3:
+            # DICOM scales L* 0..100 and a*, b* -128..127 to 0..65535.
+            scaled = np.array(
+                [[[lab[0] * 100 / 65535, lab[1] * 255 / 65535 - 128, lab[2] * 255 / 65535 - 128]]],
+                np.float32,
+            )
+            rgb = (cv2.cvtColor(scaled, cv2.COLOR_Lab2RGB)[0, 0] * 255).round().astype(np.uint8)
+        return np.broadcast_to(rgb, (int(h.Rows), int(h.Columns), 3)).copy()
 
     @property
     def uid_tuple(self) -> tuple[str, str, str]:
@@ -320,6 +354,10 @@ class DicomInstanceReader:
     @property
     def size(self) -> int:
         return self._source.size()
+
+    def read_bytes(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the instance (one range read)."""
+        return self._source.read(start, end)
 
     # -- frame index -----------------------------------------------------------------------
 
@@ -369,8 +407,10 @@ class DicomInstanceReader:
             self._ends = [*self._starts[1:], None]
             how = f"walking {len(self._starts)} item headers"
         if len(self._starts) != n:
-            raise ez_wsi_errors.EZWsiError(
-                f"{self.uri}: offset table has {len(self._starts)} frames, header says {n}"
+            raise SlideError(
+                ReasonCode.INCONSISTENT_FRAMES,
+                f"{self.uri} declares NumberOfFrames {n}, but its PixelData holds "
+                f"{len(self._starts)} frames ({how})",
             )
         _LOG.debug("%s: frame index of %d frames from %s", self.uri, n, how)
 
@@ -534,6 +574,8 @@ class RangeDicomFiles(local_dicom_file_interface.LocalDicomFileInterface):
                     metadata.add(elem)
             js = metadata.to_json_dict()
             js.update(h.file_meta.to_json_dict())
+            if reader.sparse_frames is not None:  # frames are asked for by row-major number
+                js["00280008"] = {"vr": "IS", "Value": [reader.grid_frames]}
             study, series, sop = reader.uid_tuple
             path = dicom_path.FromString(
                 f"{self._base}/studies/{study}/series/{series}/instances/{sop}"
@@ -560,7 +602,10 @@ class RangeDicomFiles(local_dicom_file_interface.LocalDicomFileInterface):
 
     def get_decoded_frame_image(self, instance_path: dicom_path.Path, frame_index: int):
         reader = self.reader(instance_path)
-        data = reader.frame_bytes(frame_index)
+        stored = reader.stored_frame(frame_index)
+        if stored is None:  # left out of a TILED_SPARSE level
+            return reader.absent_frame()
+        data = reader.frame_bytes(stored)
         if reader.transfer_syntax == pydicom.uid.JPEGBaseline8Bit:
             # What ez-wsi's decoder does for JPEG baseline (cv2.imdecode, then BGR -> RGB),
             # in one call: OpenCV's decoder writes RGB directly.
@@ -650,7 +695,9 @@ class RangeDicomSlide(dicom_slide.LocalDicomSlide):
     def _prefetch(self, by_instance: dict[str, list[int]], what: str) -> None:
         before = (self.io.requests, self.io.bytes, self.io.frames)
         for path, frames in by_instance.items():
-            self._files.reader_at(path).prefetch(frames)
+            reader = self._files.reader_at(path)
+            stored = (reader.stored_frame(f) for f in frames)
+            reader.prefetch([f for f in stored if f is not None])
         log_fetch(
             what, self.uris[0].rsplit("/", 1)[0], self.io.frames - before[2],
             self.io.requests - before[0], self.io.bytes - before[1],
@@ -694,9 +741,50 @@ def list_uris(prefix: str) -> list[str]:
         return sorted(_list_s3(*split_bucket_uri(prefix)))
     if re.match(r"^[a-z][a-z0-9+.-]*://", prefix):
         raise ValueError(f"cannot list {prefix!r}: use a folder, gs:// or s3:// prefix")
-    return sorted(
-        os.path.join(d, f) for d, _, names in os.walk(prefix, followlinks=True) for f in names
-    )
+    return _list_local(prefix)
+
+
+def _list_local(folder: str) -> list[str]:
+    """Regular files under a local folder, sorted. Symbolic links are followed once: a folder
+    or file reached twice (a link loop, two links to one file) is listed once, under the first
+    path the walk reaches (a folder's files, in sorted order, before its subfolders).
+    Anything else (named pipes, sockets, devices) is skipped with a log line: opening a named
+    pipe blocks until something writes to it."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    out: list[str] = []
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        try:
+            info = os.stat(directory)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((info.st_dev, info.st_ino))
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError as exc:
+            _LOG.warning("cannot list %s: %s", directory, exc)
+            continue
+        subdirs = []
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                info = os.stat(path)  # follows links
+            except OSError:  # a broken link
+                _LOG.info("skipped %s: a broken link", path)
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                subdirs.append(path)
+            elif not stat.S_ISREG(info.st_mode):
+                _LOG.warning("skipped %s: not a regular file", path)
+            elif (info.st_dev, info.st_ino) not in seen_files:
+                seen_files.add((info.st_dev, info.st_ino))
+                out.append(path)
+        pending.extend(reversed(subdirs))
+    return sorted(out)
 
 
 def _list_s3(bucket: str, prefix: str) -> Iterator[str]:

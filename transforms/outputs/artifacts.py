@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,12 @@ from typing import Any
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.errors import ReasonCode, SlideError
 from transforms.outputs.layout import ArtifactPaths, run_summary_uri
+from transforms.outputs.tables import TABLES, row_errors
 from transforms.plan import SlideResult
+
+_LOG = logging.getLogger(__name__)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -249,6 +254,17 @@ def slide_outputs(result: SlideResult, run: RunContext) -> SlideOutputs:
         }
         for k, centroid in enumerate(clusters.centroids)
     ]
+    # The rows are checked before the slide is marked complete: a row the table would refuse
+    # fails this slide here (a dead letter), never the run at the table sink, and never leaves
+    # a complete slide without its rows.
+    for table, rows in (("resource", [resource_row]), ("search", search_rows)):
+        errors = sorted({e for row in rows for e in row_errors(row, TABLES[table])})
+        if errors:
+            raise SlideError(
+                ReasonCode.INTERNAL_ERROR,
+                f"the {table} rows of slide {record.instance_uuid} do not fit the table: "
+                f"{'; '.join(errors)}",
+            )
     return SlideOutputs(paths, files, marker, resource_row, search_rows)
 
 
@@ -282,7 +298,17 @@ def completion_marker(paths: ArtifactPaths) -> dict[str, Any] | None:
     if not FileSystems.exists(paths.complete_marker):
         return None
     with FileSystems.open(paths.complete_marker) as handle:
-        return json.loads(handle.read())
+        text = handle.read()
+    try:
+        marker = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        marker = None
+    if not isinstance(marker, dict):  # truncated or foreign: the slide is done again
+        _LOG.warning(
+            "%s is not a valid completion marker: the slide is redone", paths.complete_marker
+        )
+        return None
+    return marker
 
 
 def run_committed(output_root: str, run_id: str | None) -> bool:

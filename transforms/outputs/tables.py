@@ -8,6 +8,7 @@ Rows are plain dicts; `row_errors` checks one against a schema the way BigQuery 
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,8 +147,8 @@ def _value_error(col: Column, value: Any) -> str | None:
         return f"{col.name}: bool where {col.type} is expected"
     if not isinstance(value, _PYTHON[col.type]):
         return f"{col.name}: {type(value).__name__} where {col.type} is expected"
-    if col.type == "FLOAT64" and value != value:
-        return f"{col.name}: NaN"
+    if col.type == "FLOAT64" and not math.isfinite(value):
+        return f"{col.name}: {value!r} is NaN or infinite, not a finite number"
     if col.type == "TIMESTAMP" and isinstance(value, datetime.datetime) and value.tzinfo is None:
         return f"{col.name}: naive datetime (no time zone)"
     return None

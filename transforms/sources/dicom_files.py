@@ -2,9 +2,10 @@
 
 Every source (DICOM folder or bucket prefix, manifest, idc-index, BigQuery, DICOMweb) builds
 its records with `build_record` / `record_from_headers`, so the level rule (transforms/levels.py)
-is applied the same way everywhere. The folder source groups VL Whole Slide Microscopy files by
-SeriesInstanceUID (one series = one slide) and chooses the levels from the headers alone
-(range reads for gs:// and s3:// prefixes), so slides can be filtered before any pixel is read.
+and the header checks (transforms/dicom_io/geometry.py) are applied the same way everywhere.
+The folder source groups VL Whole Slide Microscopy files by SeriesInstanceUID (one series = one
+slide) and chooses the levels from the headers alone (range reads for gs:// and s3:// prefixes),
+so slides can be filtered before any pixel is read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import pydicom
 
+from transforms import metrics
+from transforms.dicom_io import geometry
 from transforms.dicom_io.byte_ranges import list_uris, read_header
+from transforms.dicom_io.pixel_data import stored_frames_problem
 from transforms.errors import ReasonCode, SlideError
 from transforms.levels import DEFAULT_RULE, LevelInfo, LevelRule, PixelSpacing, choose_levels
 from transforms.records import (
@@ -47,7 +51,18 @@ _HEADER_TAGS = [
     "NumberOfOpticalPaths",
     "TotalPixelMatrixFocalPlanes",
     "OpticalPathSequence",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "PhotometricInterpretation",
+    "DimensionOrganizationType",
+    "ConcatenationUID",
+    "InConcatenationNumber",
 ]
+# pydicom warns about an invalid UID (over 64 characters, ...) every time the element is read,
+# ~11 times per slide; the headers are checked here instead (dicom_io/geometry.py), and the
+# problem goes into the slide's failure row, so pydicom's own reading validation is off.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 def spacing_of(ds: pydicom.Dataset) -> PixelSpacing | None:
@@ -59,7 +74,11 @@ def spacing_of(ds: pydicom.Dataset) -> PixelSpacing | None:
 
 
 def is_volume(ds: pydicom.Dataset) -> bool:
-    return "VOLUME" in [str(v).upper() for v in ds.get("ImageType", [])]
+    return "VOLUME" in [str(v).upper() for v in ds.get("ImageType", None) or []]
+
+
+def _without_image_type(ds: pydicom.Dataset) -> bool:
+    return not ds.get("ImageType", None)
 
 
 def level_info(ds: pydicom.Dataset) -> LevelInfo:
@@ -134,8 +153,13 @@ def build_record(
     collection: str | None = None,
     idc_version: str | None = None,
     dicomweb_url: str | None = None,
+    unusable: Mapping[str, SlideError] | None = None,
+    concatenations: Mapping[str, str] | None = None,
 ) -> SlideRecord | FolderFailure:
     """Chooses the levels of one series (DESIGN.md §3) and makes its record (or failure).
+
+    `unusable` maps SOPInstanceUIDs to header problems (dicom_io/geometry.py): those levels
+    are left out, and sink the slide only if it needs them (`levels.choose_levels`).
 
     `instance_uuids` maps SOPInstanceUIDs to IDC crdc_instance_uuids; without one, the UUID is
     uuid5 of the SOPInstanceUID. `files` must name every level in `levels`.
@@ -147,9 +171,10 @@ def build_record(
 
     finest = max(levels, key=lambda lv: lv.width * lv.height, default=None)
     fallback_sop = finest.sop_instance_uid if finest else (files[0][0] if files else None)
+    # Computed before anything can fail, and never raising: the failure row needs it.
+    fallback_uuid = failure_uuid(fallback_sop, uuids, where=series_uid)
     try:
-        fallback_uuid = failure_uuid(fallback_sop, uuids)
-        choice = choose_levels(levels, rule)
+        choice = choose_levels(levels, rule, unusable, concatenations)
         sop = choice.embedding.sop_instance_uid
         where = dict(files)
         missing = {lv.sop_instance_uid for lv in levels} - set(where)
@@ -171,8 +196,15 @@ def build_record(
         return FolderFailure(fallback_uuid, series_uid, error)
     except ValueError as error:  # malformed UIDs
         return FolderFailure(
-            fallback_uuid, series_uid, SlideError(ReasonCode.INTERNAL_ERROR, str(error))
+            fallback_uuid,
+            series_uid,
+            SlideError(ReasonCode.MALFORMED_HEADER, f"series {series_uid}: {error}"),
         )
+
+
+def _sparse_without_positions(ds: pydicom.Dataset) -> bool:
+    organization = str(ds.get("DimensionOrganizationType", "") or "").upper()
+    return organization == geometry.TILED_SPARSE and "PerFrameFunctionalGroupsSequence" not in ds
 
 
 def record_from_headers(
@@ -182,23 +214,61 @@ def record_from_headers(
     **extra,
 ) -> SlideRecord | FolderFailure:
     """The record of one series from its instances' (URI, header) pairs; non-VOLUME
-    instances (label, overview, thumbnail) are ignored."""
+    instances (label, overview, thumbnail) are ignored. Instances without any ImageType (older
+    converters) count as pyramid levels when no instance of the series says VOLUME.
+
+    Every pyramid instance's header is checked first (transforms/dicom_io/geometry.py: UIDs, pixel
+    format, tiling, frame grid; for local files also the frames stored in PixelData); a level
+    with a problem is left out, and fails the slide only if the slide needs it."""
     known_uuids = extra.get("instance_uuids") or {}
 
+    def uuid_for_failure(sop: object, where: str = "") -> str:
+        return failure_uuid(sop, known_uuids, where=where or series_uid)
+
     volume = [(uri, ds) for uri, ds in instances if is_volume(ds)]
-    try:
-        levels = [level_info(ds) for _, ds in volume]
-    except (AttributeError, TypeError, ValueError) as exc:
-        return FolderFailure(
-            failure_uuid(str(instances[0][1].get("SOPInstanceUID", "0")), known_uuids),
-            series_uid,
-            SlideError(ReasonCode.READ_ERROR, f"incomplete WSI header: {exc}"),
-        )
-    study_uid = str((volume or instances)[0][1].StudyInstanceUID)
+    if not volume:
+        volume = [(uri, ds) for uri, ds in instances if _without_image_type(ds)]
+        for uri, _ in volume:
+            _LOG.info("%s has no ImageType; read as a pyramid level", uri)
+    levels: list[LevelInfo] = []
+    files: list[tuple[str, str]] = []
+    problems: dict[str, SlideError] = {}
+    broken: list[tuple[str, SlideError]] = []  # (uri, problem) of instances with no level
+    concatenations: dict[str, str] = {}
+    for uri, ds in volume:
+        where = f"instance {ds.get('SOPInstanceUID', '?')} ({uri})"
+        if _sparse_without_positions(ds) and not is_remote(uri):
+            # The listing reads only the tags it needs; a sparse level's frame positions are
+            # read (locally) only for sparse levels, whose per-frame sequence can be large.
+            ds = pydicom.dcmread(uri, stop_before_pixels=True)
+        problem = geometry.header_problem(ds, where, sparse_ok=not extra.get("dicomweb_url"))
+        if problem is None and not is_remote(uri):
+            problem = stored_frames_problem(uri, int(ds.get("NumberOfFrames", 1) or 1))
+        try:
+            level = level_info(ds)
+        except (AttributeError, TypeError, ValueError) as exc:
+            broken.append((uri, problem or SlideError(
+                ReasonCode.MALFORMED_HEADER, f"{where} has an incomplete WSI header: {exc!r}"
+            )))  # fmt: skip
+            continue
+        if any(sop == level.sop_instance_uid for sop, _ in files):
+            _LOG.warning("%s repeats instance %s; ignored", uri, level.sop_instance_uid)
+            continue
+        levels.append(level)
+        files.append((level.sop_instance_uid, uri))
+        if ds.get("ConcatenationUID"):
+            concatenations[level.sop_instance_uid] = str(ds.ConcatenationUID)
+        if problem is not None:
+            problems[level.sop_instance_uid] = problem
+    first = (volume or instances)[0]
     if not levels:
-        kinds = sorted({"/".join(map(str, ds.get("ImageType", []))) for _, ds in instances})
+        if broken:
+            uri, problem = broken[0]
+            sop = first[1].get("SOPInstanceUID")
+            return FolderFailure(uuid_for_failure(sop, uri), series_uid, problem)
+        kinds = sorted({"/".join(map(str, ds.get("ImageType", None) or [])) for _, ds in instances})
         return FolderFailure(
-            failure_uuid(str(instances[0][1].SOPInstanceUID), known_uuids),
+            uuid_for_failure(first[1].get("SOPInstanceUID"), first[0]),
             series_uid,
             SlideError(
                 ReasonCode.NO_PYRAMID,
@@ -206,16 +276,22 @@ def record_from_headers(
                 "(e.g. a label or overview series)",
             ),
         )
-    unsupported = _unsupported([ds for _, ds in volume])
+    finest = max(levels, key=lambda lv: lv.width * lv.height).sop_instance_uid
+    good = [ds for uri, ds in volume if str(ds.get("SOPInstanceUID")) not in problems]
+    unsupported = _unsupported(good)
     if unsupported is not None:
-        finest = max(levels, key=lambda lv: lv.width * lv.height).sop_instance_uid
-        return FolderFailure(failure_uuid(finest, known_uuids), series_uid, unsupported)
+        return FolderFailure(uuid_for_failure(finest), series_uid, unsupported)
+    if len(problems) == len(levels):  # nothing usable: the largest level's problem says why
+        return FolderFailure(uuid_for_failure(finest), series_uid, problems[finest])
+    study_uid = str(first[1].get("StudyInstanceUID", "") or "")
     return build_record(
         study_uid=study_uid,
         series_uid=series_uid,
         levels=levels,
-        files=[(str(ds.SOPInstanceUID), uri) for uri, ds in volume],
+        files=files,
         rule=rule,
+        unusable=problems,
+        concatenations=concatenations,
         **extra,
     )
 
@@ -239,21 +315,66 @@ def _read_header(uri: str) -> pydicom.Dataset | None:
         return None  # not DICOM: README, thumbnails, ...
 
 
+def _file_failure(uri: str, ds: pydicom.Dataset | None, error: SlideError) -> FolderFailure:
+    """One file that cannot join a series: a failure row of its own."""
+    sop = ds.get("SOPInstanceUID") if ds is not None else None
+    series = ds.get("SeriesInstanceUID") if ds is not None else None
+    series_uid = str(series) if series and geometry.uid_problem(series, "", "") is None else None
+    return FolderFailure(failure_uuid(sop, where=uri), series_uid, error)
+
+
 def enumerate_dicom_folder(
     folder: str | Path,
     rule: LevelRule = DEFAULT_RULE,
 ) -> Iterator[SlideRecord | FolderFailure]:
     """Yields one SlideRecord (or FolderFailure) per WSI series found under `folder`: a local
-    folder (scanned recursively) or a gs:// / s3:// prefix (headers read by byte ranges)."""
+    folder (scanned recursively) or a gs:// / s3:// prefix (headers read by byte ranges).
+
+    Each file and each series is isolated: any exception while reading or interpreting one
+    header becomes a failure row for that file or series, and the listing goes on. (Not Beam's
+    with_exception_handling: the whole listing is one element, so its dead letter would be the
+    whole folder.) Files that are not VL Whole Slide Microscopy images are ignored, each with a
+    log line."""
     where = str(folder)
     if not is_remote(where) and not Path(where).is_dir():
         raise FileNotFoundError(f"input folder {folder} does not exist")
     series: dict[str, list[tuple[str, pydicom.Dataset]]] = defaultdict(list)
     for uri in list_uris(where):
-        ds = _read_header(uri)
-        if ds is None or ds.get("SOPClassUID") != VL_WSI_SOP_CLASS:
-            continue
-        series[str(ds.SeriesInstanceUID)].append((uri, ds))
+        ds = None
+        try:
+            ds = _read_header(uri)
+            if ds is None:
+                _LOG.info("ignored %s: not a DICOM file", uri)
+                continue
+            sop_class = ds.get("SOPClassUID")
+            if sop_class != VL_WSI_SOP_CLASS:
+                _LOG.warning(
+                    "ignored %s: not a whole-slide image (SOP class %s, %s)",
+                    uri, sop_class, getattr(sop_class, "name", "unknown"),
+                )  # fmt: skip
+                metrics.counter(metrics.FILES_IGNORED).inc()
+                continue
+            series_problem = geometry.uid_problem(
+                ds.get("SeriesInstanceUID"), "SeriesInstanceUID", f"file {uri}"
+            )
+            if series_problem:
+                error = SlideError(ReasonCode.MALFORMED_HEADER, series_problem)
+                yield _file_failure(uri, ds, error)
+                continue
+            series[str(ds.SeriesInstanceUID)].append((uri, ds))
+        except Exception as exc:  # one unreadable header must not stop the listing
+            error = exc if isinstance(exc, SlideError) else SlideError(
+                ReasonCode.MALFORMED_HEADER, f"the header of {uri} could not be read: {exc!r}"
+            )  # fmt: skip
+            yield _file_failure(uri, ds, error)
     _LOG.info("found %d slide series under %s", len(series), folder)
     for series_uid, instances in sorted(series.items()):
-        yield record_from_headers(series_uid, instances, rule)
+        try:
+            yield record_from_headers(series_uid, instances, rule)
+        except Exception as exc:  # one series' odd header is that series' failure row
+            uri, ds = instances[0]
+            yield _file_failure(uri, ds, SlideError(
+                ReasonCode.MALFORMED_HEADER,
+                f"series {series_uid} ({len(instances)} files, first {uri}) could not be "
+                f"interpreted: {exc!r}",
+            ))  # fmt: skip

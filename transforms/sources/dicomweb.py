@@ -38,4 +38,7 @@ def series_records(
         return
     if not instances:
         return
-    yield record_from_headers(series_uid, instances, rule, dicomweb_url=base_url.rstrip("/"))
+    try:
+        yield record_from_headers(series_uid, instances, rule, dicomweb_url=base_url.rstrip("/"))
+    except Exception as exc:  # one series' odd metadata must not stop the run
+        yield unreadable_series(series_uid, exc)
