@@ -276,8 +276,11 @@ def resolve_series(
     target_spacing_mm: float = 0.0005,
     tolerance: float = 0.15,
     mask_spacing_mm: float = 0.005,
+    sparse_ok: bool = True,
 ) -> SlideRecord | FolderFailure:
     """A series' record from its instances' headers in the bucket (range reads only).
+    `sparse_ok`: False when the pixels will be read through DICOMweb (`with_dicomweb`), which
+    cannot place TILED_SPARSE frames by position.
 
     IDC names each instance `{crdc_series_uuid}/{crdc_instance_uuid}.dcm`, so the instance
     UUIDs come from the object names (validated).
@@ -311,6 +314,7 @@ def resolve_series(
         instance_uuids=uuids,
         collection=series.collection_id,
         idc_version=idc_version or index_version(),
+        sparse_ok=sparse_ok,
     )
 
 

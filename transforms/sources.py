@@ -91,11 +91,11 @@ def _dicomweb_record(series: tuple[str, str], base_url: str, auth: str, levels: 
         yield _series_failure(series_uid, exc)
 
 
-def _idc_record(series, bucket: str, version: str | None, levels: tuple):
+def _idc_record(series, bucket: str, version: str | None, levels: tuple, sparse_ok: bool = True):
     from transforms import idc
 
     try:
-        return idc.resolve_series(series, bucket, version, *levels)
+        return idc.resolve_series(series, bucket, version, *levels, sparse_ok=sparse_ok)
     except Exception as exc:  # one unreadable series must not stop the run
         return _series_failure(series.series_instance_uid, exc)
 
@@ -159,7 +159,9 @@ class EnumerateSlides(beam.PTransform):
                 pbegin
                 | "IdcIndexSeries" >> beam.Create(series)
                 | "SpreadSeries" >> beam.Reshuffle()
-                | "ReadSeriesHeaders" >> beam.Map(_idc_record, bucket, version, levels)
+                | "ReadSeriesHeaders" >> beam.Map(
+                    _idc_record, bucket, version, levels, src.read_from != "dicomweb"
+                )
             )  # fmt: skip
         elif src.kind == "bigquery":
             from transforms import idc
