@@ -8,9 +8,12 @@ import pydicom
 import pytest
 from pydicom.sequence import Sequence
 
+from tests import bad_slides as bad
 from transforms.dicom_io import geometry
 from transforms.dicom_io.byte_ranges import list_uris
 from transforms.errors import ReasonCode, SlideError
+from transforms.records import FolderFailure, SlideRecord
+from transforms.sources.dicom_files import record_from_headers
 
 
 def test_the_listing_opens_only_regular_files_each_once(tmp_path):
@@ -95,3 +98,20 @@ def test_bad_sparse_positions_are_refused(at, reason):
     _positions(ds, at)
     problem = geometry.header_problem(ds, "x")
     assert problem is not None and problem.reason is reason, problem
+
+
+def test_a_sparse_level_is_read_by_position_except_through_dicomweb(tmp_path):
+    """The byte-range reader places sparse frames by position; a series whose pixels will be
+    read through DICOMweb (ez-wsi places frames by index) is refused instead."""
+    slide = bad.tiny_slide(tmp_path)
+    headers = [
+        (f"gs://bucket/{p.name}", pydicom.dcmread(p, stop_before_pixels=True))
+        for p in sorted(slide.glob("level-*.dcm"))
+    ]
+    level_0 = headers[0][1]
+    _positions(level_0, [(257, 1), (1, 1)])  # two of the 8 x 6 frames, out of order
+    series = str(level_0.SeriesInstanceUID)
+    assert isinstance(record_from_headers(series, headers), SlideRecord)
+    refused = record_from_headers(series, headers, sparse_ok=False)
+    assert isinstance(refused, FolderFailure)
+    assert refused.error.reason is ReasonCode.UNSUPPORTED_TILING

@@ -221,6 +221,8 @@ def record_from_headers(
     format, tiling, frame grid; for local files also the frames stored in PixelData); a level
     with a problem is left out, and fails the slide only if the slide needs it."""
     known_uuids = extra.get("instance_uuids") or {}
+    # TILED_SPARSE is read by position only by the byte-range reader, not through DICOMweb.
+    sparse_ok = extra.pop("sparse_ok", not extra.get("dicomweb_url"))
 
     def uuid_for_failure(sop: object, where: str = "") -> str:
         return failure_uuid(sop, known_uuids, where=where or series_uid)
@@ -241,7 +243,7 @@ def record_from_headers(
             # The listing reads only the tags it needs; a sparse level's frame positions are
             # read (locally) only for sparse levels, whose per-frame sequence can be large.
             ds = pydicom.dcmread(uri, stop_before_pixels=True)
-        problem = geometry.header_problem(ds, where, sparse_ok=not extra.get("dicomweb_url"))
+        problem = geometry.header_problem(ds, where, sparse_ok=sparse_ok)
         if problem is None and not is_remote(uri):
             problem = stored_frames_problem(uri, int(ds.get("NumberOfFrames", 1) or 1))
         try:

@@ -90,7 +90,15 @@ def _idc_index(pbegin, src, run: _Run):
         pbegin
         | "IdcIndexSeries" >> beam.Create(series)
         | "SpreadSeries" >> beam.Reshuffle()
-        | "ReadSeriesHeaders" >> beam.Map(idc.series_record, bucket, version, run.rule)
+        | "ReadSeriesHeaders"
+        >> beam.Map(
+            # DICOMweb reads place frames by index: TILED_SPARSE levels are refused then.
+            idc.series_record,
+            bucket,
+            version,
+            run.rule,
+            src.read_from != "dicomweb",
+        )
     )
     if src.read_from != "dicomweb":
         return found

@@ -224,8 +224,11 @@ def resolve_series(
     bucket: str = DEFAULT_BUCKET,
     idc_version: str | None = None,
     rule: LevelRule = DEFAULT_RULE,
+    sparse_ok: bool = True,
 ) -> SlideRecord | FolderFailure:
     """A series' record from its instances' headers in the bucket (range reads only).
+    `sparse_ok`: False when the pixels will be read through DICOMweb (`with_dicomweb`), which
+    cannot place TILED_SPARSE frames by position.
 
     IDC names each instance `{crdc_series_uuid}/{crdc_instance_uuid}.dcm`, so the instance
     UUIDs come from the object names (validated).
@@ -253,15 +256,16 @@ def resolve_series(
         instance_uuids=uuids,
         collection=series.collection_id,
         idc_version=idc_version or index_version(),
+        sparse_ok=sparse_ok,
     )
 
 
 def series_record(
-    series: IdcSeries, bucket: str, idc_version: str | None, rule: LevelRule
+    series: IdcSeries, bucket: str, idc_version: str | None, rule: LevelRule, sparse_ok: bool
 ) -> SlideRecord | FolderFailure:
     """`resolve_series`, with any error reading the series' headers as its failure."""
     try:
-        return resolve_series(series, bucket, idc_version, rule)
+        return resolve_series(series, bucket, idc_version, rule, sparse_ok)
     except Exception as exc:  # one unreadable series must not stop the run
         return unreadable_series(series.series_instance_uid, exc)
 
