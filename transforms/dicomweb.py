@@ -39,7 +39,7 @@ from ez_wsi_dicomweb import (
 from ez_wsi_dicomweb.ml_toolkit import dicom_path
 from requests_toolbelt.multipart import decoder
 
-from transforms import retry
+from transforms import retry, urls
 from transforms.bucket import level_frames_by_instance, log_fetch, region_frame_numbers
 from transforms.errors import SlideError
 
@@ -60,7 +60,7 @@ _NAMESPACE = "pathembed"
 
 
 def is_instance_url(uri: str) -> bool:
-    return bool(_INSTANCE_URL.match(uri))
+    return bool(_INSTANCE_URL.fullmatch(uri))
 
 
 def instance_url(base: str, study: str, series: str, sop: str) -> str:
@@ -69,7 +69,7 @@ def instance_url(base: str, study: str, series: str, sop: str) -> str:
 
 def parse_instance_url(uri: str) -> tuple[str, str, str, str]:
     """(base URL, study, series, SOP instance UID) of a WADO-RS instance URL."""
-    match = _INSTANCE_URL.match(uri)
+    match = _INSTANCE_URL.fullmatch(uri)
     if not match:
         raise ValueError(f"{uri!r} is not a DICOMweb instance URL")
     return match["base"], match["study"], match["series"], match["sop"]
@@ -77,11 +77,19 @@ def parse_instance_url(uri: str) -> tuple[str, str, str, str]:
 
 def credentials_for(base_url: str, auth: str = "auto"):
     """ez-wsi credential factory: `google` (Application Default Credentials) or `none`.
-    `auto` uses Google credentials for *.googleapis.com stores and none elsewhere."""
+    `auto` uses Google credentials for https stores on a `.googleapis.com` host (dot
+    boundary) and none elsewhere; `google` refuses any URL that is not https without
+    user-info, so a token never travels in clear text. Which store a record may name at all
+    is checked when it is enumerated (transforms/sources.py, against source.dicomweb_url)."""
     if auth == "auto":
-        host = urllib.parse.urlparse(base_url).hostname or ""
-        auth = "google" if host.endswith("googleapis.com") else "none"
+        auth = "google" if urls.google_credentials_allowed(base_url) else "none"
     if auth == "google":
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme != "https" or parts.username or parts.password:
+            raise ValueError(
+                f"Google credentials go only over https to the store's host, not to "
+                f"{urls.redact_url(base_url)}"
+            )
         return credential_factory.CredentialFactory()
     if auth == "none":
         return credential_factory.NoAuthCredentialsFactory()

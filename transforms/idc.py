@@ -54,7 +54,7 @@ MAX_SLIDES = 2**62  # "no limit" for @max_slides
 
 def validate_table(table: str) -> str:
     """A `project.dataset.table` identifier, or ValueError: the only text put into the SQL."""
-    if not isinstance(table, str) or not _TABLE_RE.match(table):
+    if not isinstance(table, str) or not _TABLE_RE.fullmatch(table):
         raise ValueError(f"{table!r} is not a BigQuery table id (project.dataset.table)")
     return table
 

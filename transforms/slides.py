@@ -65,7 +65,7 @@ def validate_uuid(value: str) -> str:
 
 def validate_uid(value: str) -> str:
     """A DICOM UID (digits and dots, at most 64 characters), or ValueError."""
-    if not (isinstance(value, str) and len(value) <= 64 and _UID_RE.match(value)):
+    if not (isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value)):
         raise ValueError(f"{value!r} is not a DICOM UID")
     return value
 
@@ -265,7 +265,7 @@ def record_from_headers(
         """The UUID a failure row of this series carries: the source's (IDC) or uuid5."""
         if sop in known_uuids:
             return validate_uuid(known_uuids[sop])
-        return local_instance_uuid(sop) if _UID_RE.match(sop) else local_instance_uuid("0")
+        return local_instance_uuid(sop) if _UID_RE.fullmatch(sop) else local_instance_uuid("0")
 
     volume = [(uri, ds) for uri, ds in instances if is_volume(ds)]
     try:

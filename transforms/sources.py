@@ -26,24 +26,74 @@ from collections.abc import Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import artifacts
+from transforms import artifacts, urls
 from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder
 
 _LOG = logging.getLogger(__name__)
 
 
-def _tagged(item, uuids: frozenset[str], dicomweb_auth: str) -> Iterator[object]:
+def _tagged(
+    item,
+    uuids: frozenset[str],
+    dicomweb_auth: str,
+    dicomweb_url: str | None = None,
+    manifest: bool = False,
+) -> Iterator[object]:
     """A found slide on the main output (its DICOMweb reads set to authenticate as
     source.dicomweb_auth says), a failure on 'failed' (unless other slides were asked for);
-    counted either way."""
+    counted either way. A slide whose URLs the source configuration does not allow (see
+    `bound_to_source`) becomes an `untrusted_url` failure."""
     Metrics.counter("pathembed", "slides_found").inc()
     if not isinstance(item, FolderFailure):
-        if item.dicomweb_url and item.dicomweb_auth != dicomweb_auth:
-            item = dataclasses.replace(item, dicomweb_auth=dicomweb_auth)
+        try:
+            item = bound_to_source(item, dicomweb_auth, dicomweb_url, manifest)
+        except ValueError as exc:
+            from transforms.errors import ReasonCode, SlideError
+
+            item = FolderFailure(
+                item.instance_uuid, item.series_instance_uid,
+                SlideError(ReasonCode.UNTRUSTED_URL, str(exc)),
+            )  # fmt: skip
+    if not isinstance(item, FolderFailure):
         yield item
     elif not uuids or item.instance_uuid in uuids:
         Metrics.counter("pathembed", "enumerate_failures").inc()
         yield beam.pvalue.TaggedOutput("failed", item)
+
+
+def bound_to_source(
+    record: SlideRecord, auth: str, dicomweb_url: str | None, manifest: bool
+) -> SlideRecord:
+    """The record with the source's DICOMweb auth mode, or ValueError when it names URLs the
+    source configuration does not allow.
+
+    Credentials are bound to the configured store: a record whose WADO-RS URLs lie elsewhere
+    (a manifest row naming its own `dicomweb_url`) is refused when a store is configured and
+    read without credentials when none is; `none` means none for every record, with or
+    without a `dicomweb_url`. Manifest `files` must be local paths, gs://, s3:// or https://
+    objects, or instance URLs under the configured store (transforms.urls.check_manifest_uri).
+    """
+    from transforms.dicomweb import is_instance_url, parse_instance_url
+
+    if manifest:
+        for _, uri in record.files:
+            urls.check_manifest_uri(uri, dicomweb_url, is_instance_url)
+    bases = {parse_instance_url(uri)[0] for _, uri in record.files if is_instance_url(uri)}
+    if record.dicomweb_url:
+        bases.add(record.dicomweb_url.rstrip("/"))
+    mode = auth
+    if bases:
+        store = dicomweb_url.rstrip("/") if dicomweb_url else None
+        if store is not None and bases != {store}:
+            shown = ", ".join(sorted(urls.redact_url(b) for b in bases))
+            raise ValueError(f"DICOMweb store {shown} is not the configured store")
+        if store is None:
+            mode = "none"  # no store configured: nobody's credentials go to a row's host
+    if auth == "none":
+        mode = "none"
+    if mode != record.dicomweb_auth:
+        record = dataclasses.replace(record, dicomweb_auth=mode)
+    return record
 
 
 def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tuple[str, str]]:
@@ -191,7 +241,7 @@ class EnumerateSlides(beam.PTransform):
                 lambda r: with_dicomweb(r, url) if isinstance(r, SlideRecord) else r
             )
         outputs = found | "Split" >> beam.FlatMap(
-            _tagged, self._uuids, src.dicomweb_auth
+            _tagged, self._uuids, src.dicomweb_auth, src.dicomweb_url, src.kind == "manifest"
         ).with_outputs("failed", main="slides")
         if src.manifest_out:
             from transforms.manifest import format_rows

@@ -1,0 +1,130 @@
+"""Trust boundaries (issue 15): where credentials go, what a manifest may name, full-match
+grammars, URL redaction and terminal escaping."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import pytest
+from ez_wsi_dicomweb import credential_factory
+
+from transforms import dicomweb, idc, sources, urls
+from transforms.access import validate_table_id
+from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder, validate_uid
+
+STORE = (
+    "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb"
+)
+
+
+@pytest.fixture(scope="module")
+def record(sample_slides) -> SlideRecord:
+    (found,) = enumerate_dicom_folder(sample_slides / "small-40x")
+    return found
+
+
+def _web(record: SlideRecord, base: str) -> SlideRecord:
+    files = tuple(
+        (sop, dicomweb.instance_url(base, record.study_instance_uid,
+                                    record.series_instance_uid, sop))
+        for sop, _ in record.files
+    )  # fmt: skip
+    return dataclasses.replace(record, files=files, dicomweb_url=base)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://evilgoogleapis.com/dicomWeb",
+        "http://healthcare.googleapis.com/v1/dicomWeb",
+        "https://healthcare.googleapis.com.evil.org/dicomWeb",
+        "https://user:pw@healthcare.googleapis.com/dicomWeb",
+        "https://googleapis.com/dicomWeb",
+    ],
+)
+def test_auto_sends_no_google_token_outside_https_googleapis(url):
+    factory = dicomweb.credentials_for(url, "auto")
+    assert isinstance(factory, credential_factory.NoAuthCredentialsFactory)
+
+
+def test_auto_uses_google_credentials_for_a_googleapis_https_store():
+    assert not isinstance(
+        dicomweb.credentials_for(STORE, "auto"), credential_factory.NoAuthCredentialsFactory
+    )
+
+
+@pytest.mark.parametrize("url", ["http://healthcare.googleapis.com/x", "https://u:p@h.example/x"])
+def test_google_auth_refuses_plain_http_and_user_info(url):
+    with pytest.raises(ValueError, match="https"):
+        dicomweb.credentials_for(url, "google")
+
+
+def test_none_means_none_for_a_manifest_row_without_dicomweb_url(record):
+    tagged = list(sources._tagged(record, frozenset(), "none", None, True))
+    assert [r.dicomweb_auth for r in tagged] == ["none"]
+
+
+def test_a_manifest_row_cannot_send_the_configured_store_token_elsewhere(record):
+    evil = _web(record, "https://evil.example/dicomWeb")
+    (tagged,) = sources._tagged(evil, frozenset(), "google", STORE, True)
+    failure = tagged.value
+    assert isinstance(failure, FolderFailure)
+    assert failure.error.reason.value == "untrusted_url"
+    (ok,) = sources._tagged(_web(record, STORE), frozenset(), "google", STORE, True)
+    assert isinstance(ok, SlideRecord) and ok.dicomweb_auth == "google"
+
+
+def test_a_manifest_store_without_a_configured_store_is_read_without_credentials(record):
+    row_store = _web(record, "https://healthcare.googleapis.com/v1/other/dicomWeb")
+    row_store = dataclasses.replace(row_store, dicomweb_auth="google")
+    with pytest.raises(ValueError, match="not under the configured store"):
+        sources.bound_to_source(row_store, "auto", None, manifest=True)
+    # from a non-manifest source the record is kept, but never with credentials
+    assert sources.bound_to_source(row_store, "auto", None, False).dicomweb_auth == "none"
+
+
+@pytest.mark.parametrize(
+    "uri", ["file:///etc/passwd", "ftp://h/x.dcm", "http://h/x.dcm", "https://u:p@h/x.dcm"]
+)
+def test_manifest_files_outside_the_allowed_schemes_are_untrusted(record, uri):
+    row = dataclasses.replace(record, files=((record.sop_instance_uid, uri),))
+    (tagged,) = sources._tagged(row, frozenset(), "auto", None, True)
+    failure = tagged.value
+    assert isinstance(failure, FolderFailure) and failure.error.reason.value == "untrusted_url"
+    assert "u:p" not in failure.error.message
+
+
+def test_grammar_checks_refuse_a_trailing_newline():
+    with pytest.raises(ValueError):
+        validate_uid("1.2.3\n")
+    with pytest.raises(ValueError):
+        validate_table_id("my-project.dataset.table\n")
+    with pytest.raises(ValueError):
+        idc.validate_table("my-project.idc_v20.dicom_all\n")
+    assert not dicomweb.is_instance_url("https://h/studies/1/series/2/instances/3\n")
+    with pytest.raises(Exception, match="UUID"):
+        from transforms.slides import validate_uuid
+
+        validate_uuid(str(uuid.uuid4()) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("https://alice:s3cret@dicom.example/wado/studies/1", "s3cret"),
+        ("https://b.s3.amazonaws.com/k.dcm?X-Amz-Signature=abcdef&X-Amz-Expires=60", "abcdef"),
+        ("https://storage.googleapis.com/b/o?X-Goog-Signature=f00d&x=1", "f00d"),
+    ],
+)
+def test_redaction_removes_user_info_and_signatures(url, secret):
+    shown = urls.redact_url(url)
+    assert secret not in shown and urls.REDACTED in shown
+    assert urls.host_of(shown) == urls.host_of(url)
+    assert secret not in urls.redact_text(f"failed reading {url}: 403")
+
+
+def test_terminal_text_has_no_control_characters():
+    shown = urls.for_terminal("1.2.840\x1b[2J\x07\rfake\nline")
+    assert not any(ord(c) < 32 or ord(c) == 127 for c in shown)
+    assert "\\x1b" in shown and "\\n" in shown
