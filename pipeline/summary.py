@@ -33,15 +33,23 @@ STAGES = {
     "write": "write_ms",
 }
 INFERENCE = "inference_batch_latency_micro_secs"
+REASON_PREFIX = "failures_"  # transforms/stages.py counts failure rows per reason code
 
 
 def collect(result: Any) -> dict[str, Any]:
     """Counters and per-stage totals from a finished Beam PipelineResult."""
     metrics = result.metrics().query(MetricsFilter())
     counters = {name: 0 for name in COUNTERS}
+    by_reason: dict[str, int] = {}
     for counter in metrics["counters"]:
-        if counter.key.metric.name in counters:
-            counters[counter.key.metric.name] += counter.committed or 0
+        name = counter.key.metric.name
+        if name in counters:
+            counters[name] += counter.committed or 0
+        elif name.startswith(REASON_PREFIX):
+            reason = name.removeprefix(REASON_PREFIX)
+            by_reason[reason] = by_reason.get(reason, 0) + (counter.committed or 0)
+    if by_reason:
+        counters["failures_by_reason"] = dict(sorted(by_reason.items()))
     seconds: dict[str, float] = {}
     for dist in metrics["distributions"]:
         name, value = dist.key.metric.name, dist.committed
@@ -91,6 +99,7 @@ def render(
         f"  already complete    {c['slides_skipped_complete']} (skipped; --force to redo)",
         f"  slides done         {c['slides_written']}",
         f"  slides failed       {failed} (of {tried} tried; {c['failures']} failure rows)",
+        *[f"    {reason:<20} {n}" for reason, n in c.get("failures_by_reason", {}).items()],
         f"  patches embedded    {c['patches_embedded']} (of {c['patches_planned']} planned)",
         f"  remote pixel reads  {c['pixel_source_requests']} requests, "
         f"{c['pixel_frames_read']} frames, {c['pixel_source_bytes_read'] / 1e6:.1f} MB",

@@ -172,8 +172,9 @@ class EnumerateSlides(beam.PTransform):
             from transforms.idc import render_slides_query
 
             self._query = render_slides_query(
-                source.bigquery_table, source.collections, sorted(uuids), source.limit
-            )
+                source.bigquery_table, source.collections, sorted(uuids), source.limit,
+                source.bigquery_mutable_table,
+            )  # fmt: skip
 
     def expand(self, pbegin):
         src = self._source

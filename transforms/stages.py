@@ -18,7 +18,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms import artifacts, clustering, patches
+from transforms import artifacts, clustering, patches, urls
 from transforms.errors import ReasonCode, SlideError
 from transforms.plan import PatchChunk, PlanParams, SlidePlan, plan_slide
 from transforms.slides import FolderFailure, SlideRecord
@@ -317,7 +317,8 @@ def failure_row(element: Any, stage: str, reason: str, message: str, run_id: str
         "SeriesInstanceUID": series_uid,
         "stage": stage,
         "reason_code": reason,
-        "message": message,
+        # Stored and shown: no user-info or URL signature may reach the failures table.
+        "message": urls.redact_text(message),
         "run_id": run_id,
         "time": datetime.datetime.now(datetime.UTC),
     }
@@ -336,8 +337,11 @@ def dead_letter_row(dead_letter: tuple, stage: str, run_id: str) -> dict:
             f"{exc_repr} at {''.join(trace[-3:-1]).strip()}",
         )
     row = failure_row(element, stage, reason, message, run_id)
-    _LOG.warning("slide %s failed at %s: %s: %s", row["instance_uuid"], stage, reason, message)
+    _LOG.warning(
+        "slide %s failed at %s: %s: %s", row["instance_uuid"], stage, reason, row["message"]
+    )
     Metrics.counter(NAMESPACE, "failures").inc()
+    Metrics.counter(NAMESPACE, f"failures_{reason}").inc()
     return row
 
 
@@ -345,6 +349,10 @@ def folder_failure_row(failure: FolderFailure, run_id: str) -> dict:
     row = failure_row(
         failure, "enumerate", failure.error.reason.value, failure.error.message, run_id
     )
-    _LOG.warning("slide %s failed at enumerate: %s", failure.instance_uuid, failure.error)
+    _LOG.warning(
+        "slide %s failed at enumerate: %s: %s", failure.instance_uuid, row["reason_code"],
+        row["message"],
+    )  # fmt: skip
     Metrics.counter(NAMESPACE, "failures").inc()
+    Metrics.counter(NAMESPACE, f"failures_{row['reason_code']}").inc()
     return row
