@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig, load_config, set_overrides
 from pipeline.summary import FAILED_SHARE_EXIT
+from transforms import urls
 
 _LOG = logging.getLogger("pathembed")
 
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # No URL user-info or signature, and no raw control character, reaches the log.
+    urls.install_log_redaction()
     # Beam logs every string type hint (from `from __future__ import annotations`) at INFO.
     logging.getLogger("apache_beam.typehints.native_type_compatibility").setLevel(logging.WARNING)
     return args.handler(args, rest)

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline import summary
 from pipeline.config import PipelineConfig
+from transforms import urls
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "idc.yaml"
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
@@ -298,7 +299,8 @@ def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
         raise SystemExit(f"cannot build the job: {exc}") from None
     print(f"run {run_id}: {cfg.source.kind} {cfg.source.bigquery_table} -> {cfg.output_root}")
     print("Dataflow options:")
-    print(json.dumps(options.get_all_options(drop_default=True), indent=1, sort_keys=True))
+    shown = urls.redact_options(options.get_all_options(drop_default=True))
+    print(json.dumps(shown, indent=1, sort_keys=True))
     print("embedding step resource hints:", json.dumps(cfg.dataflow.embed_resource_hints()))
     if args.dry_run:
         proto = dry_run_job(pipeline).proto_pipeline

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from transforms.urls import for_terminal
+
 _LOG = logging.getLogger("pathembed")
 
 
@@ -79,10 +81,15 @@ def failures_command(args: argparse.Namespace, _: list[str]) -> int:
         rows = local_failure_rows(args.table, args.run_id, args.reason)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"{args.table}: {exc}") from None
+    # Every value comes from a table a run (or anyone with write access) filled from slide
+    # headers: escaped and redacted before it reaches the terminal.
+    shown = [{k: for_terminal(str(v)) for k, v in r.items()} for r in rows]
     slides = {r["instance_uuid"] for r in rows}
     print(f"{len(rows)} failure rows, {len(slides)} slides")
-    for (reason, stage), n in sorted(Counter((r["reason_code"], r["stage"]) for r in rows).items()):
+    for (reason, stage), n in sorted(
+        Counter((r["reason_code"], r["stage"]) for r in shown).items()
+    ):
         print(f"  {reason:<30} {stage:<10} {n}")
-    for r in rows:
+    for r in shown:
         print(f"{r['instance_uuid']}  {r['stage']:<9} {r['reason_code']:<28} {r['message']}")
     return 0

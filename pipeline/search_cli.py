@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from transforms import access, qc, search
+from transforms import access, qc, search, urls
 from transforms.errors import SlideError
 
 # faiss logs at INFO which CPU build it loads, on every approximate search.
@@ -308,7 +308,7 @@ def _print_matches(
         writer.writeheader()
         writer.writerows(rows)
     else:
-        print(_results_table(described, args.backend, params, rows))
+        print(urls.for_terminal_lines(_results_table(described, args.backend, params, rows)))
 
 
 def _results_table(
@@ -484,7 +484,7 @@ def lookup_command(args: argparse.Namespace, _: list[str]) -> int:
     else:
         width = max(map(len, found))
         for key, value in found.items():
-            print(f"{key.ljust(width)}  {value}")
+            print(f"{key.ljust(width)}  {urls.for_terminal(str(value))}")
     return 0
 
 

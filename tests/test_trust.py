@@ -128,3 +128,93 @@ def test_terminal_text_has_no_control_characters():
     shown = urls.for_terminal("1.2.840\x1b[2J\x07\rfake\nline")
     assert not any(ord(c) < 32 or ord(c) == 127 for c in shown)
     assert "\\x1b" in shown and "\\n" in shown
+
+
+SECRET_URL = "https://alice:pw1@dicom.example/x.dcm?X-Amz-Signature=sig2&X-Amz-Date=1"
+
+
+def test_failure_rows_and_their_log_lines_carry_no_url_secret(caplog):
+    from transforms import stages
+
+    row = stages.failure_row(None, "plan", "read_error", f"GET {SECRET_URL}: 403", "run1")
+    assert "pw1" not in row["message"] and "sig2" not in row["message"]
+    assert "dicom.example/x.dcm" in row["message"]  # still says which object
+
+
+def test_a_written_manifest_carries_no_presigned_signature(record):
+    from transforms import manifest
+
+    signed = dataclasses.replace(record, files=tuple((sop, SECRET_URL) for sop, _ in record.files))
+    text = manifest.format_rows([signed], csv_format=False)
+    assert "sig2" not in text and "pw1" not in text and "dicom.example" in text
+
+
+def test_log_lines_are_redacted_by_the_cli_filter():
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("pathembed.test_trust")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        urls.install_log_redaction(logger)
+        logger.warning("reading %s\x1b[2J", SECRET_URL)
+    finally:
+        logger.removeHandler(handler)
+    out = stream.getvalue()
+    assert "sig2" not in out and "pw1" not in out and "\x1b" not in out
+    assert "dicom.example" in out
+
+
+def test_launch_options_hide_secret_looking_values():
+    shown = urls.redact_options(
+        {
+            "project": "p",
+            "dataflow_service_options": [f"url={SECRET_URL}"],
+            "hdfs_password": "hunter2",
+            "temp_location": "gs://b/tmp",
+        }
+    )
+    assert shown["project"] == "p" and shown["temp_location"] == "gs://b/tmp"
+    assert shown["hdfs_password"] == urls.REDACTED
+    assert "sig2" not in str(shown) and "pw1" not in str(shown)
+
+
+def test_failures_command_escapes_header_strings(tmp_path, capsys):
+    import argparse
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.rerun import failures_command
+
+    folder = tmp_path / "failures"
+    folder.mkdir()
+    row = {
+        "instance_uuid": str(uuid.uuid4()),
+        "stage": "plan",
+        "reason_code": "unsupported_transfer_syntax",
+        "message": "transfer syntax 1.2.3\x1b]0;owned\x07\r\x1b[2K",
+        "run_id": "r",
+        "time": datetime.datetime.now(datetime.UTC),
+    }
+    pq.write_table(pa.Table.from_pylist([row]), folder / "part-0.parquet")
+    args = argparse.Namespace(table=str(folder), run_id=None, reason=[])
+    assert failures_command(args, []) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert "\\x1b" in out
+
+
+def test_the_run_summary_counts_failures_per_reason():
+    from pipeline import summary
+
+    counters = {name: 0 for name in summary.COUNTERS}
+    counters |= {"failures": 3, "failures_by_reason": {"no_pyramid": 1, "not_brightfield": 2}}
+    text = summary.render({"counters": counters, "stage_seconds": {}}, "out", 1.0)
+    assert "not_brightfield" in text and "no_pyramid" in text
+    line = next(line for line in text.splitlines() if "not_brightfield" in line)
+    assert line.split()[-1] == "2"

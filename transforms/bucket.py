@@ -44,7 +44,7 @@ from ez_wsi_dicomweb import (
 )
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
-from transforms import retry
+from transforms import retry, urls
 from transforms.errors import ReasonCode, SlideError
 
 _LOG = logging.getLogger(__name__)
@@ -643,7 +643,8 @@ def log_fetch(what: str, uri: str, frames: int, requests_: int, bytes_: int, tot
             level,
             "%s %s: %d frames in %d requests (%.1f frames/request), %d bytes; "
             "slide total %d bytes in %d requests",
-            what, uri, frames, requests_, frames / requests_, bytes_, total[0], total[1],
+            what, urls.redact_url(uri), frames, requests_, frames / requests_, bytes_,
+            total[0], total[1],
         )  # fmt: skip
 
 

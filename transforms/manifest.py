@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from transforms import urls
 from transforms.errors import ReasonCode, SlideError
 from transforms.levels import LevelChoice, LevelInfo, PixelSpacing
 from transforms.slides import FolderFailure, SlideRecord, validate_uid, validate_uuid
@@ -190,8 +191,15 @@ def parse_manifest(path: str) -> Iterator[SlideRecord | FolderFailure]:
 
 
 def format_rows(records: Iterable[SlideRecord], csv_format: bool) -> str:
-    """Manifest text of these records."""
-    rows = [record_to_row(r) for r in records]
+    """Manifest text of these records; URLs without user-info or signatures (a presigned
+    URL is a credential: a written manifest must not carry it)."""
+    rows = []
+    for record in records:
+        row = record_to_row(record)
+        row["files"] = [[sop, urls.redact_url(uri)] for sop, uri in row["files"]]
+        if row.get("dicomweb_url"):
+            row["dicomweb_url"] = urls.redact_url(row["dicomweb_url"])
+        rows.append(row)
     if not csv_format:
         return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
     out = io.StringIO()

@@ -17,6 +17,7 @@ URL or any header text is shown.
 
 from __future__ import annotations
 
+import logging
 import re
 import urllib.parse
 
@@ -112,6 +113,11 @@ def for_terminal(text: str) -> str:
     return escape_control(redact_text(str(text)))
 
 
+def for_terminal_lines(text: str) -> str:
+    """for_terminal on each line of a multi-line text (the line breaks are ours)."""
+    return "\n".join(for_terminal(line) for line in str(text).split("\n"))
+
+
 def check_manifest_uri(uri: str, dicomweb_url: str | None, is_instance_url) -> str:
     """A manifest `files` URI, or ValueError when the source configuration does not allow it:
     a WADO-RS instance URL must lie under the configured store; a remote object must be gs://,
@@ -129,3 +135,39 @@ def check_manifest_uri(uri: str, dicomweb_url: str | None, is_instance_url) -> s
         if urllib.parse.urlsplit(uri).username is not None:
             raise ValueError(f"{redact_url(uri)}: user-info in an object URL")
     return uri
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that redacts URLs in every log line (messages and their arguments)
+    and escapes control characters, whoever logs them (our code, Beam, ez-wsi, urllib3)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: leave the record as it is
+            return True
+        record.msg, record.args = for_terminal(message), None
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Adds RedactingFilter to every handler of `logger` (default: the root logger)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+def redact_options(options: dict) -> dict:
+    """Beam / Dataflow options as shown: URLs redacted, secret-looking keys' values hidden."""
+    secret_key = re.compile(r"(secret|token|password|passwd|credential|api_?key)", re.I)
+    shown = {}
+    for key, value in options.items():
+        if secret_key.search(str(key)) and value not in (None, "", False):
+            shown[key] = REDACTED
+        elif isinstance(value, str):
+            shown[key] = redact_text(value)
+        elif isinstance(value, list | tuple):
+            shown[key] = [redact_text(v) if isinstance(v, str) else v for v in value]
+        else:
+            shown[key] = value
+    return shown
