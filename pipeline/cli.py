@@ -99,6 +99,12 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--uuids-file", type=Path, help="file with one instance UUID per line")
     run.add_argument("--force", action="store_true", help="redo slides that are already complete")
     run.add_argument(
+        "--verify-checksums",
+        action="store_true",
+        help="skip a complete slide only when its files' SHA-256 match its marker "
+        "(run.verify_checksums; sizes are always checked)",
+    )
+    run.add_argument(
         "--only-new",
         action="store_true",
         help="new IDC release: only slides not in the resource table or whose instance hash "
@@ -163,6 +169,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         overrides["run.uuids"] = [u.strip() for u in uuids]
     if args.force:
         overrides["run.force"] = True
+    if getattr(args, "verify_checksums", False):
+        overrides["run.verify_checksums"] = True
     if args.only_new or args.resource_table:
         overrides["run.resource_table"] = args.resource_table or "auto"
     if args.collections:

@@ -122,6 +122,9 @@ class RunConfig:
     # (null = never), once at least failure_check_min_slides were tried (transforms/breaker.py).
     max_failed_fraction: float | None = 0.5
     failure_check_min_slides: int = 20
+    # SkipDone checks the sizes of a complete slide's files against its marker; with this,
+    # their SHA-256 checksums too (reads every file of every complete slide).
+    verify_checksums: bool = False
 
 
 @dataclass(frozen=True)

@@ -509,8 +509,8 @@ def fetch_command(args: argparse.Namespace, _: list[str]) -> int:
         slide = access.SlideArtifacts.open(args.output_root, args.uuid, anonymous=args.anonymous)
         target = args.out / slide.instance_uuid
         target.mkdir(parents=True, exist_ok=True)
-        for name, uri in slide.files().items():
-            (target / name).write_bytes(access.read_bytes(uri, args.anonymous))
+        for name in slide.files():  # each checked against the slide's completion marker
+            (target / name).write_bytes(slide.read(name))
             print(target / name)
     return 0
 

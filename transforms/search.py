@@ -379,7 +379,7 @@ class SearchIndex:
                 f"{output_root}`"
             )
         with FileSystems.open(uri) as handle:
-            saved = np.load(io.BytesIO(handle.read()))
+            saved = np.load(io.BytesIO(handle.read()), allow_pickle=False)
         meta = json.loads(saved["meta"].tobytes())
         if meta["built_from"] != _table_file_sizes(output_root):
             raise ValueError(

@@ -278,8 +278,9 @@ class SkipDoneOrUnrequested(beam.DoFn):
     """Keeps slides that were asked for and are not complete with these parameters.
 
     Complete: the completion marker is present, its parameter hash is this run's, its
-    instance hash is the record's (when both are known), and the run that wrote it finished
-    (its tables hold the slide's rows). With `resource_table` (new-release
+    instance hash is the record's (when both are known), the run that wrote it finished
+    (its tables hold the slide's rows), and the files it records are there with their recorded
+    sizes (and SHA-256 checksums with `verify_checksums`). With `resource_table` (new-release
     mode) slides in that table with an unchanged instance hash are skipped without looking
     at their markers; the table is read once per worker, in `setup`.
     """
@@ -295,7 +296,9 @@ class SkipDoneOrUnrequested(beam.DoFn):
         force: bool,
         resource_table: str | None = None,
         run_id: str | None = None,
+        verify_checksums: bool = False,
     ):
+        self._verify_checksums = verify_checksums
         self._root = output_root
         self._version = dataset_version
         self._n_clusters = n_clusters
@@ -344,8 +347,12 @@ class SkipDoneOrUnrequested(beam.DoFn):
                 )
                 and self._run_committed(marker.get("run_id"))
             ):
-                self._skipped.inc()
-                return
+                # The marker vouches for the files only if they are still the ones it recorded.
+                problem = artifacts.marker_problem(paths, marker, self._verify_checksums)
+                if problem is None:
+                    self._skipped.inc()
+                    return
+                _LOG.warning("slide %s is redone: %s", record.instance_uuid, problem)
         self._to_process.inc()
         if self._run_id:
             from transforms import breaker
