@@ -222,8 +222,11 @@ def search_command(args: argparse.Namespace, _: list[str]) -> int:
                 )
         _print_matches(args, query, params, matches)
         if args.html:
+            # Thumbnail paths come from table rows: only those under the output roots of this
+            # search are read or linked (a tampered row must not inline /etc/passwd).
+            roots = [root] + ([query_root] if args.dicom is not None else [])
             args.html.write_text(
-                results_page(query, matches, _thumbnail_src(query, args.anonymous))
+                results_page(query, matches, _thumbnail_src(query, args.anonymous, roots), roots)
             )
             print(f"wrote {args.html}", file=sys.stderr)
     return 0
@@ -352,9 +355,10 @@ def _image_src(uri: str | None) -> str | None:
     return Path(uri).resolve().as_uri()
 
 
-def _thumbnail_src(query: search.SlideQuery, anonymous: bool) -> str | None:
-    """The query thumbnail inlined (a --dicom query's outputs may be temporary)."""
-    if not query.thumbnail_uri:
+def _thumbnail_src(query: search.SlideQuery, anonymous: bool, roots: list[str]) -> str | None:
+    """The query thumbnail inlined (a --dicom query's outputs may be temporary); only a file
+    under one of `roots` is read."""
+    if not query.thumbnail_uri or not urls.is_under_any(query.thumbnail_uri, roots):
         return None
     try:
         jpeg = access.read_bytes(query.thumbnail_uri, anonymous)
@@ -364,9 +368,13 @@ def _thumbnail_src(query: search.SlideQuery, anonymous: bool) -> str | None:
 
 
 def results_page(
-    query: search.SlideQuery, matches: list[search.SlideMatch], query_src: str | None
+    query: search.SlideQuery,
+    matches: list[search.SlideMatch],
+    query_src: str | None,
+    roots: list[str],
 ) -> str:
-    """An HTML page: the query thumbnail beside the thumbnails of the slides found."""
+    """An HTML page: the query thumbnail beside the thumbnails of the slides found (linked
+    only when under one of `roots`)."""
     e = html.escape
 
     def figure(src: str | None, caption: str, css: str = "") -> str:
@@ -376,7 +384,9 @@ def results_page(
 
     cards = [
         figure(
-            _image_src(m.thumbnail_uri),
+            _image_src(m.thumbnail_uri)
+            if m.thumbnail_uri and urls.is_under_any(m.thumbnail_uri, roots)
+            else None,
             f"<b>#{m.rank}</b> score {m.score:.3f} ({m.hits} hits)<br>{e(m.collection or '-')}"
             f"<br><code>{e(m.instance_uuid or '-')}</code>"
             f"<br><small>study {e(m.study_instance_uid)}<br>series {e(m.series_instance_uid)}"

@@ -99,7 +99,7 @@ def test_pixel_reads_authenticate_as_the_source_says(store, local_record, monkey
     `google` makes the reader ask Application Default Credentials (here pointed at a missing
     file, so it fails saying so), `none` reads without credentials."""
     (record,) = _enumerate(store)
-    [tagged] = sources._tagged(record, frozenset(), "google")
+    [tagged] = sources._tagged(record, frozenset(), "google", store)
     assert tagged.dicomweb_auth == "google" and tagged.files == record.files
     [local] = sources._tagged(local_record, frozenset(), "google")
     assert local.dicomweb_auth == "auto"  # local files: no DICOMweb
@@ -108,7 +108,7 @@ def test_pixel_reads_authenticate_as_the_source_says(store, local_record, monkey
     with pytest.raises(Exception, match=r"no-such-key\.json"):
         plan_slide(tagged, PlanParams())
     patches.open_slide.cache_clear()
-    [anonymous] = sources._tagged(record, frozenset(), "none")
+    [anonymous] = sources._tagged(record, frozenset(), "none", store)
     plan, _ = plan_slide(anonymous, PlanParams())
     assert len(plan.coords) > 0
     patches.open_slide.cache_clear()

@@ -310,6 +310,14 @@ class SlideArtifacts:
         directory = FileSystems.join(
             output_root.rstrip("/"), validate_uuid(instance_uuid), MODEL_DIR, version
         )
+        uri = FileSystems.join(directory, "metadata.json")
+        try:
+            data = read_bytes(uri, anonymous)
+        except FileNotFoundError:
+            raise SlideNotFoundError(
+                f"no metadata.json at {uri}; is {instance_uuid} embedded under this output "
+                "root? run `pathembed run` first or check --output-root"
+            ) from None
         marker = None
         if output_root.rstrip("/") != PUBLIC_OUTPUT_ROOT:
             marker_uri = FileSystems.join(directory, COMPLETE_MARKER)
@@ -320,14 +328,6 @@ class SlideArtifacts:
                     f"{instance_uuid} is not complete under this output root (no "
                     f"{COMPLETE_MARKER} at {marker_uri}); run `pathembed run` to finish it"
                 ) from None
-        uri = FileSystems.join(directory, "metadata.json")
-        try:
-            data = read_bytes(uri, anonymous)
-        except FileNotFoundError:
-            raise SlideNotFoundError(
-                f"no metadata.json at {uri}; is {instance_uuid} embedded under this output "
-                "root? run `pathembed run` first or check --output-root"
-            ) from None
         check_file(marker, "metadata.json", data)
         metadata = json.loads(data)
         return cls(validate_uuid(instance_uuid), directory, metadata, anonymous, marker)

@@ -42,6 +42,7 @@ from requests_toolbelt.multipart import decoder
 from transforms import retry, urls
 from transforms.bucket import level_frames_by_instance, log_fetch, region_frame_numbers
 from transforms.errors import SlideError
+from transforms.slides import validate_uid
 
 _LOG = logging.getLogger(__name__)
 _EZ_WSI_LOGGER = "ez_wsi_dicomweb.frame_cache"  # ez-wsi logs every cache fill at INFO
@@ -122,15 +123,44 @@ class DicomWebClient:
         return retry.raise_for_status(response, f"DICOMweb GET {url}")
 
     def search_series(self, modality: str = "SM", page: int = QIDO_PAGE) -> Iterator[dict]:
-        """QIDO-RS series of a modality, paged with limit/offset."""
-        offset = 0
+        """QIDO-RS series of a modality, paged with limit/offset, each series once.
+
+        A server may return fewer rows than `limit` (its own page cap) with more to come, so
+        paging stops only at an empty page. A server that ignores `offset` returns the same
+        rows again: paging stops at a page with nothing new, with a warning, since the listing
+        may then be incomplete. Rows without valid Study/Series UIDs are yielded as they are;
+        `series_of` refuses them before any UID reaches a URL path.
+        """
+        offset, seen = 0, set()
         while True:
             response = self._get(
                 "series", "application/dicom+json", Modality=modality, limit=page, offset=offset
             )
             found = response.json() if response.status_code != 204 and response.content else []
-            yield from found
-            if len(found) < page:
+            if not isinstance(found, list) or not found:
+                return
+            new = 0
+            for row in found:
+                key = (
+                    (_uid(row, "0020000D"), _uid(row, "0020000E"))
+                    if isinstance(row, dict)
+                    else None
+                )
+                if key is not None and key in seen:
+                    continue
+                if key is not None:
+                    seen.add(key)
+                    new += 1
+                yield row
+            if not new:
+                _LOG.warning(
+                    "DICOMweb %s returned the same series again at offset %d (it ignores "
+                    "`offset`?): stopped listing after %d series; the listing may be incomplete",
+                    urls.redact_url(self.base_url),
+                    offset,
+                    len(seen),
+                )
+                Metrics.counter(_NAMESPACE, "qido_offset_ignored").inc()
                 return
             offset += len(found)
 
@@ -175,11 +205,12 @@ def _uid(tags: dict, tag: str) -> str | None:
 
 
 def series_of(qido_row: dict) -> tuple[str, str]:
-    """(StudyInstanceUID, SeriesInstanceUID) of a QIDO-RS series result."""
+    """(StudyInstanceUID, SeriesInstanceUID) of a QIDO-RS series result, both validated
+    (they become URL path segments: `../` or `?` from a server must never get there)."""
     study, series = _uid(qido_row, "0020000D"), _uid(qido_row, "0020000E")
     if not (study and series):
         raise ValueError("QIDO result without Study/Series UIDs")
-    return study, series
+    return validate_uid(study), validate_uid(series)
 
 
 def icc_profile_of(tags: dict) -> bytes | str | None:

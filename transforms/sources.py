@@ -27,7 +27,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms import artifacts, urls
-from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder
+from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder, validate_uid
 
 _LOG = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def bound_to_source(
     bases = {parse_instance_url(uri)[0] for _, uri in record.files if is_instance_url(uri)}
     if record.dicomweb_url:
         bases.add(record.dicomweb_url.rstrip("/"))
-    mode = auth
+    mode = auth if bases else record.dicomweb_auth  # no DICOMweb URL: the mode is unused
     if bases:
         store = dicomweb_url.rstrip("/") if dicomweb_url else None
         if store is not None and bases != {store}:
@@ -96,13 +96,21 @@ def bound_to_source(
     return record
 
 
-def _dicomweb_series(base_url: str, auth: str, limit: int | None) -> Iterator[tuple[str, str]]:
+def _dicomweb_series(
+    base_url: str, auth: str, limit: int | None
+) -> Iterator[tuple[str, str] | FolderFailure]:
+    """(study, series) of every SM series the store lists; a row whose UIDs are not valid
+    becomes a failure (they would otherwise reach URL paths)."""
     from transforms.dicomweb import DicomWebClient, series_of
+    from transforms.errors import ReasonCode, SlideError
 
     for n, row in enumerate(DicomWebClient(base_url, auth).search_series("SM")):
         if limit is not None and n >= limit:
             return
-        yield series_of(row)
+        try:
+            yield series_of(row)
+        except ValueError as exc:
+            yield FolderFailure(None, None, SlideError(ReasonCode.READ_ERROR, f"QIDO row: {exc}"))
 
 
 def _series_failure(series_uid: str, exc: Exception) -> FolderFailure:
@@ -125,13 +133,17 @@ def _dicomweb_record(series: tuple[str, str], base_url: str, auth: str, levels: 
     from transforms.dicomweb import DicomWebClient, instance_url, metadata_dataset
     from transforms.slides import VL_WSI_SOP_CLASS, record_from_headers
 
+    if isinstance(series, FolderFailure):
+        yield series
+        return
     study, series_uid = series
     instances = []
     try:
         for tags in DicomWebClient(base_url, auth).series_metadata(study, series_uid):
             ds = metadata_dataset(tags)
             if ds.get("SOPClassUID") == VL_WSI_SOP_CLASS:
-                uri = instance_url(base_url, study, series_uid, str(ds.SOPInstanceUID))
+                sop = validate_uid(str(ds.SOPInstanceUID))  # a URL path segment next
+                uri = instance_url(base_url, study, series_uid, sop)
                 instances.append((uri, ds))
     except Exception as exc:  # one unreadable series must not stop the run
         yield _series_failure(series_uid, exc)

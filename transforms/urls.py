@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import urllib.parse
+from pathlib import Path
 
 GOOGLE_SUFFIX = ".googleapis.com"
 REDACTED = "REDACTED"
@@ -116,6 +117,26 @@ def for_terminal(text: str) -> str:
 def for_terminal_lines(text: str) -> str:
     """for_terminal on each line of a multi-line text (the line breaks are ours)."""
     return "\n".join(for_terminal(line) for line in str(text).split("\n"))
+
+
+def is_under(uri: str, root: str) -> bool:
+    """True when `uri` names a file under `root` (a local folder or a gs:// / s3:// prefix),
+    after resolving `..` and symlinks of local paths."""
+    if "://" in root or "://" in uri:
+        if "://" not in root or "://" not in uri:
+            return False
+        prefix = root.rstrip("/") + "/"
+        rest = uri[len(prefix) :] if uri.startswith(prefix) else None
+        return rest is not None and ".." not in rest.split("/") and "//" not in rest
+    try:
+        Path(uri).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def is_under_any(uri: str, roots) -> bool:
+    return any(root and is_under(uri, root) for root in roots)
 
 
 def check_manifest_uri(uri: str, dicomweb_url: str | None, is_instance_url) -> str:
