@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -47,6 +48,9 @@ COLUMNS = (
     *(f"mask_{f}" for f in _LEVEL_FIELDS),
     "files",
 )
+
+
+MAX_DOWNSAMPLE = 16.0
 
 
 def _level_row(prefix: str, level: LevelInfo) -> dict[str, Any]:
@@ -111,12 +115,17 @@ def record_from_row(row: dict[str, Any]) -> SlideRecord:
         raise ValueError("files do not name the embedding and mask instances")
     if embedding.spacing is None or mask.spacing is None:
         raise SlideError(ReasonCode.NO_PIXEL_SPACING, "manifest row without pixel spacing")
+    downsample = float(row["downsample"])
+    # It sizes the resized image (level size / downsample): bounded like choose_levels'
+    # (>= 1; 0.5 µm target over the finest plausible 0.05 µm spacing is 10).
+    if not (math.isfinite(downsample) and 1.0 <= downsample <= MAX_DOWNSAMPLE):
+        raise ValueError(f"downsample {row['downsample']!r} is not in [1, {MAX_DOWNSAMPLE}]")
     record = SlideRecord(
         instance_uuid=validate_uuid(str(row["instance_uuid"])),
         study_instance_uid=validate_uid(str(row["study_instance_uid"])),
         series_instance_uid=validate_uid(str(row["series_instance_uid"])),
         sop_instance_uid=validate_uid(str(row["sop_instance_uid"])),
-        levels=LevelChoice(embedding, mask, float(row["downsample"])),
+        levels=LevelChoice(embedding, mask, downsample),
         files=pairs,
         collection=_blank(row.get("collection")),
         idc_version=_blank(row.get("idc_version")),
