@@ -212,7 +212,20 @@ def test_a_header_without_pixel_data_is_not_read_whole(tmp_path, monkeypatch):
             bucket.open_source(f"s3://{BUCKET}/annotations/huge.dcm"), limit=256 * 1024
         )
     gets = [r for r in state.requests if r.startswith("GET")]
-    assert len(gets) <= 256 * 1024 // bucket.HEADER_BLOCK + 1
+    assert len(gets) <= 3  # 64 + 128 + 64 KiB (doubling, up to the limit), then refused
+
+
+def test_a_large_header_is_read_in_few_requests(store, monkeypatch):
+    key = _levels(store, "small-40x")[1]
+    path = store.folder / key
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00091001, "OB", b"\1" * (2 * 1024 * 1024))  # e.g. a large ICC profile
+    ds.save_as(path)
+    with s3_server(store, monkeypatch):
+        header, pixel_data_at = bucket.read_header(f"s3://{BUCKET}/{key}")
+    assert header.SOPInstanceUID == ds.SOPInstanceUID and pixel_data_at > 2 * 1024 * 1024
+    gets = [r for r in store.requests if r.startswith("GET")]
+    assert len(gets) <= 7  # 64 KiB blocks, doubling: not 2 MiB / 64 KiB = 32 requests
 
 
 @pytest.mark.parametrize("downsample", ["1e-9", "0", "-2", "nan", "inf", "1e6"])

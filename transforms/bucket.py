@@ -273,6 +273,7 @@ class RangeFile(io.RawIOBase):
         self._source = source
         self._block = block
         self._limit = limit
+        self._run = 1  # blocks read by the next miss
         self._blocks: dict[int, bytes] = {}
         self._pos = 0
 
@@ -303,7 +304,14 @@ class RangeFile(io.RawIOBase):
                     f"{urls.redact_url(self._source.uri)}: no PixelData in the first "
                     f"{self._limit} bytes; not read further",
                 )
-            self._blocks[index] = self._source.read(start, start + self._block)
+            # Headers are read front to back: each miss reads twice as many blocks as the
+            # last, so a large header (ICC profile, offset table) takes a few requests, not
+            # one per 64 KiB.
+            count = min(self._run, max(1, (self._limit - start) // self._block))
+            self._run *= 2
+            data = self._source.read(start, start + count * self._block)
+            for k in range(count):
+                self._blocks.setdefault(index + k, data[k * self._block : (k + 1) * self._block])
         return self._blocks[index]
 
     def readinto(self, buffer) -> int:
