@@ -6,7 +6,9 @@ stale cluster files."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -78,8 +80,6 @@ def test_the_marker_records_size_and_sha256_of_the_seven_files(tmp_path):
 
 
 def test_skip_done_redoes_a_slide_whose_files_are_missing_or_changed(tmp_path, base_record):
-    import dataclasses
-
     record = dataclasses.replace(base_record, instance_uuid=str(uuid.uuid4()))
     paths = _write_slide(tmp_path, record.instance_uuid)
     assert list(_skip_done(tmp_path).process(record)) == []  # complete: skipped
@@ -90,8 +90,6 @@ def test_skip_done_redoes_a_slide_whose_files_are_missing_or_changed(tmp_path, b
     assert list(_skip_done(tmp_path).process(record)) == []
     assert list(_skip_done(tmp_path, verify_checksums=True).process(record)) == [record]
     # a deleted file is found by the sizes, always
-    import os
-
     os.remove(paths.embeddings)
     assert list(_skip_done(tmp_path).process(record)) == [record]
 
@@ -110,8 +108,6 @@ def test_readers_refuse_an_incomplete_slide(tmp_path):
     instance = str(uuid.uuid4())
     paths = _write_slide(tmp_path, instance)
     assert access.SlideArtifacts.open(str(tmp_path), instance).embeddings().shape == (30, 384)
-    import os
-
     os.remove(paths.complete_marker)  # e.g. a slide being rewritten
     with pytest.raises(access.SlideNotFoundError, match="not complete"):
         access.SlideArtifacts.open(str(tmp_path), instance)

@@ -17,8 +17,9 @@ import pyarrow as pa
 import pytest
 import sqlglot
 
+from pipeline.config import SourceConfig, TablesConfig
 from tests.sql_duckdb import render, run, to_duckdb
-from transforms import idc
+from transforms import bigquery_sink, idc
 from transforms.search import SearchParams, exact_hits, rank_slides
 from transforms.slides import FolderFailure, SlideRecord
 
@@ -239,8 +240,6 @@ def test_query_rows_become_records_and_failure_rows(idc_db):
 
 
 def test_default_bigquery_release_is_the_offline_index_release():
-    from pipeline.config import SourceConfig
-
     assert idc.idc_version_of_table(idc.DEFAULT_TABLE) == idc.index_version()
     assert SourceConfig().bigquery_table == idc.DEFAULT_TABLE
     assert SourceConfig().bigquery_mutable_table == idc.DEFAULT_MUTABLE_TABLE
@@ -362,9 +361,6 @@ def _insert(con, table: str, **values) -> None:
 
 
 def test_merge_run_sql_replaces_rewritten_slides_and_drops_staging():
-    from pipeline.config import TablesConfig
-    from transforms import bigquery_sink
-
     con = duckdb.connect()
     tables = bigquery_sink.RunTables.of(
         TablesConfig(sink="bigquery", bigquery_dataset="p-roject.d"), "r2"

@@ -3,15 +3,32 @@ grammars, URL redaction and terminal escaping."""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import datetime
+import io
+import logging
+import subprocess
 import uuid
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from ez_wsi_dicomweb import credential_factory
 
-from transforms import dicomweb, idc, sources, urls
+from pipeline import summary
+from pipeline.rerun import failures_command
+from transforms import dicomweb, idc, manifest, sources, stages, urls
 from transforms.access import validate_table_id
-from transforms.slides import FolderFailure, SlideRecord, enumerate_dicom_folder, validate_uid
+from transforms.slides import (
+    FolderFailure,
+    SlideRecord,
+    enumerate_dicom_folder,
+    validate_uid,
+    validate_uuid,
+)
 
 STORE = (
     "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb"
@@ -104,8 +121,6 @@ def test_grammar_checks_refuse_a_trailing_newline():
         idc.validate_table("my-project.idc_v20.dicom_all\n")
     assert not dicomweb.is_instance_url("https://h/studies/1/series/2/instances/3\n")
     with pytest.raises(Exception, match="UUID"):
-        from transforms.slides import validate_uuid
-
         validate_uuid(str(uuid.uuid4()) + "\n")
 
 
@@ -134,25 +149,18 @@ SECRET_URL = "https://alice:pw1@dicom.example/x.dcm?X-Amz-Signature=sig2&X-Amz-D
 
 
 def test_failure_rows_and_their_log_lines_carry_no_url_secret(caplog):
-    from transforms import stages
-
     row = stages.failure_row(None, "plan", "read_error", f"GET {SECRET_URL}: 403", "run1")
     assert "pw1" not in row["message"] and "sig2" not in row["message"]
     assert "dicom.example/x.dcm" in row["message"]  # still says which object
 
 
 def test_a_written_manifest_carries_no_presigned_signature(record):
-    from transforms import manifest
-
     signed = dataclasses.replace(record, files=tuple((sop, SECRET_URL) for sop, _ in record.files))
     text = manifest.format_rows([signed], csv_format=False)
     assert "sig2" not in text and "pw1" not in text and "dicom.example" in text
 
 
 def test_log_lines_are_redacted_by_the_cli_filter():
-    import io
-    import logging
-
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     logger = logging.getLogger("pathembed.test_trust")
@@ -183,14 +191,6 @@ def test_launch_options_hide_secret_looking_values():
 
 
 def test_failures_command_escapes_header_strings(tmp_path, capsys):
-    import argparse
-    import datetime
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.rerun import failures_command
-
     folder = tmp_path / "failures"
     folder.mkdir()
     row = {
@@ -210,11 +210,34 @@ def test_failures_command_escapes_header_strings(tmp_path, capsys):
 
 
 def test_the_run_summary_counts_failures_per_reason():
-    from pipeline import summary
-
     counters = {name: 0 for name in summary.COUNTERS}
     counters |= {"failures": 3, "failures_by_reason": {"no_pyramid": 1, "not_brightfield": 2}}
     text = summary.render({"counters": counters, "stage_seconds": {}}, "out", 1.0)
     assert "not_brightfield" in text and "no_pyramid" in text
     line = next(line for line in text.splitlines() if "not_brightfield" in line)
     assert line.split()[-1] == "2"
+
+
+def test_every_np_load_refuses_pickles():
+    """A .npy under an output root is data: no np.load in the project may unpickle it."""
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
+    calls = 0
+    for name in files:
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "np"
+            ):
+                calls += 1
+                pickle = [k for k in node.keywords if k.arg == "allow_pickle"]
+                allowed = pickle and isinstance(pickle[0].value, ast.Constant)
+                assert allowed and pickle[0].value.value is False, (
+                    f"{name}:{node.lineno}: np.load without allow_pickle=False"
+                )
+    assert calls > 10
