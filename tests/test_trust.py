@@ -95,10 +95,11 @@ def test_a_manifest_row_cannot_send_the_configured_store_token_elsewhere(record)
 def test_a_manifest_store_without_a_configured_store_is_read_without_credentials(record):
     row_store = _web(record, "https://healthcare.googleapis.com/v1/other/dicomWeb")
     row_store = dataclasses.replace(row_store, dicomweb_auth="google")
-    with pytest.raises(ValueError, match="not under the configured store"):
-        sources.bound_to_source(row_store, "auto", None, manifest=True)
-    # from a non-manifest source the record is kept, but never with credentials
-    assert sources.bound_to_source(row_store, "auto", None, False).dicomweb_auth == "none"
+    for manifest_source in (True, False):
+        bound = sources.bound_to_source(row_store, "auto", None, manifest_source)
+        assert bound.dicomweb_auth == "none" and bound.files == row_store.files
+        bound = sources.bound_to_source(row_store, "google", None, manifest_source)
+        assert bound.dicomweb_auth == "none"
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ URL or any header text is shown.
   `.googleapis.com` with a dot boundary: `evilgoogleapis.com` and `googleapis.com.evil.org`
   are not Google.
 - A manifest is data: its `files` may name local paths, gs://, s3:// and https:// objects,
-  and WADO-RS instance URLs only under the configured DICOMweb store (never another host
-  with the source's credentials).
+  and WADO-RS instance URLs under the configured DICOMweb store (with none configured, they
+  are read without credentials: never another host with the source's credentials).
 - Secrets embedded in URLs (basic-auth user-info, presigned signature query parameters) are
   redacted wherever a URL is shown or stored: failure rows, logs, `--manifest-out`, launch
   options.
@@ -141,13 +141,14 @@ def is_under_any(uri: str, roots) -> bool:
 
 def check_manifest_uri(uri: str, dicomweb_url: str | None, is_instance_url) -> str:
     """A manifest `files` URI, or ValueError when the source configuration does not allow it:
-    a WADO-RS instance URL must lie under the configured store; a remote object must be gs://,
-    s3:// or https:// without user-info; no other scheme (file://, ftp://, http://)."""
+    a WADO-RS instance URL must lie under the configured store (with none configured it is
+    read without credentials: transforms/sources.py bound_to_source); a remote object must be
+    gs://, s3:// or https:// without user-info; no other scheme (file://, ftp://, http://)."""
     if is_instance_url(uri):
-        if not dicomweb_url or not uri.startswith(dicomweb_url.rstrip("/") + "/studies/"):
+        if dicomweb_url and not uri.startswith(dicomweb_url.rstrip("/") + "/studies/"):
             raise ValueError(
                 f"DICOMweb URL {redact_url(uri)} is not under the configured store "
-                f"{redact_url(dicomweb_url) if dicomweb_url else '(none configured)'}"
+                f"{redact_url(dicomweb_url)}"
             )
         return uri
     if "://" in uri:
