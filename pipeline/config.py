@@ -36,8 +36,9 @@ class SourceConfig:
     sample: int | None = None
     bigquery_table: str = "bigquery-public-data.idc_v25.dicom_all"
     bigquery_project: str | None = None
-    # Current gcs_url/aws_url per instance (a pinned release's URLs are never updated).
-    bigquery_mutable_table: str = "bigquery-public-data.idc_current.mutable_metadata"
+    # Current gcs_url/aws_url per instance (a pinned release's URLs are never updated);
+    # null = the release table's own URLs.
+    bigquery_mutable_table: str | None = "bigquery-public-data.idc_current.mutable_metadata"
     idc_bucket: str = "s3://idc-open-data"
     # Where IDC sources read pixels: bucket (BigQuery's gcs_url, idc_index's idc_bucket),
     # aws (BigQuery's aws_url) or dicomweb (dicomweb_url, e.g. IDC's DICOM store).

@@ -215,6 +215,16 @@ def test_slide_rows_carry_volume_levels_parsed_from_string_spacing(idc_db):
     assert rows["1.9.1"]["levels"][1]["gcs_url"].startswith("gs://idc-pinned/")
 
 
+def test_without_a_mutable_table_the_release_urls_are_kept(idc_db):
+    query = idc.render_slides_query(TABLE, ("tcga_luad",), (), None, None)
+    assert f"LEFT JOIN `{TABLE}`" in query.sql
+    params = {name: (list(value) if kind.startswith("ARRAY") else value)
+              for name, kind, value in query.parameters}  # fmt: skip
+    rows = {r["SeriesInstanceUID"]: r for r in run(idc_db, query.sql, params)}
+    assert {s: r["reason"] for s, r in rows.items()} == EXPECTED
+    assert all(lv["gcs_url"].startswith("gs://idc-pinned/") for lv in rows["1.9.1"]["levels"])
+
+
 def test_parameters_filter_and_limit_series(idc_db):
     every = _slides_query(idc_db, collections=())
     assert len(every) == len(EXPECTED) + 1  # the other collection's slide too

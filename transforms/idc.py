@@ -99,12 +99,15 @@ def render_slides_query(
     collections: Sequence[str] = (),
     uuids: Sequence[str] = (),
     limit: int | None = None,
-    mutable_table: str = DEFAULT_MUTABLE_TABLE,
+    mutable_table: str | None = DEFAULT_MUTABLE_TABLE,
 ) -> RenderedQuery:
-    """The slides query for a release table, filtered by collections / instance UUIDs."""
+    """The slides query for a release table, filtered by collections / instance UUIDs.
+    `mutable_table`: where current object URLs come from; None keeps the release's own (the
+    join is then onto the release table itself, which gives each instance its own URLs)."""
     template = string.Template(SQL_PATH.read_text())
     sql = template.substitute(
-        dicom_all=validate_table(table), mutable_metadata=validate_table(mutable_table)
+        dicom_all=validate_table(table),
+        mutable_metadata=validate_table(mutable_table or table),
     )
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
