@@ -146,3 +146,14 @@ def test_a_pickled_array_is_never_loaded(tmp_path):
     Path(paths.complete_marker).write_text(json.dumps(marker))
     with pytest.raises(ValueError, match="allow_pickle"):
         access.SlideArtifacts.open(str(tmp_path), instance).embeddings()
+
+
+def test_a_marker_from_before_sizes_vouches_only_for_present_files(tmp_path, base_record):
+    record = dataclasses.replace(base_record, instance_uuid=str(uuid.uuid4()))
+    paths = _write_slide(tmp_path, record.instance_uuid)
+    marker = json.loads(Path(paths.complete_marker).read_text())
+    del marker["files"]  # as written by an older version
+    Path(paths.complete_marker).write_text(json.dumps(marker))
+    assert list(_skip_done(tmp_path).process(record)) == []  # not redone on upgrade
+    Path(paths.labels).write_bytes(b"")
+    assert list(_skip_done(tmp_path).process(record)) == [record]

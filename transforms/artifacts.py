@@ -75,6 +75,13 @@ class ArtifactPaths:
             complete_marker=at(COMPLETE_MARKER),
         )
 
+    def files(self) -> list[str]:
+        """The URIs of the seven artifact files (not the marker)."""
+        return [
+            self.metadata, self.thumbnail, self.thumbnail_mask, self.embeddings,
+            self.coordinates, self.centroids, self.labels,
+        ]  # fmt: skip
+
 
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -200,11 +207,16 @@ def check_file(marker: Mapping[str, Any] | None, name: str, data: bytes) -> None
 def marker_problem(paths: ArtifactPaths, marker: Mapping[str, Any], checksums: bool) -> str | None:
     """Why the files under a completion marker are not the ones it recorded, or None.
     Sizes come from one listing of the directory; checksums read every file."""
-    recorded = marker.get("files")
-    if not recorded:
-        return "completion marker without file sizes (written by an older version)"
     listing = FileSystems.match([FileSystems.join(paths.directory, "*")])[0].metadata_list
     sizes = {posixpath.basename(m.path): m.size_in_bytes for m in listing}
+    recorded = marker.get("files")
+    if not recorded:
+        # A marker written before sizes were recorded: the seven files must at least be
+        # there and not empty (redoing a whole archive on upgrade would be the alternative).
+        for name in (posixpath.basename(uri) for uri in paths.files()):
+            if not sizes.get(name):
+                return f"{name} is missing or empty"
+        return None
     for name, entry in recorded.items():
         if name not in sizes:
             return f"{name} is missing"
