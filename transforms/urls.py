@@ -53,6 +53,12 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SCHEMES = ("gs://", "s3://", "https://")
 
 
+def is_remote(uri: str) -> bool:
+    """True for a URL (gs://, s3://, http(s)://, a WADO-RS instance URL), False for a local
+    path: local paths are resolved, created with os.makedirs and read with plain file I/O."""
+    return "://" in uri
+
+
 def host_of(url: str) -> str:
     return (urllib.parse.urlsplit(url).hostname or "").lower()
 
