@@ -116,7 +116,7 @@ def access_help(repo_id: str) -> str:
 
 def is_hf_repo_id(model: str) -> bool:
     """Whether `model` looks like `owner/name` and is not an existing local path."""
-    return bool(_REPO_ID.match(model)) and not pathlib.Path(model).exists()
+    return bool(_REPO_ID.fullmatch(model)) and not pathlib.Path(model).exists()
 
 
 def _download(repo_id: str, revision: str | None) -> pathlib.Path:
@@ -169,7 +169,7 @@ def resolve_model(
         return path, local_info(path, name)
     if is_hf_repo_id(model):
         snapshot = _download(model, revision)
-        commit = snapshot.name if _COMMIT_HASH.match(snapshot.name) else None
+        commit = snapshot.name if _COMMIT_HASH.fullmatch(snapshot.name) else None
         version = commit or local_info(snapshot).version
         info = ModelInfo(
             name=name or model.split("/")[-1], version=version, source=model, is_stand_in=False

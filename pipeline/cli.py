@@ -10,6 +10,7 @@ import os
 import sys
 
 from pipeline import launch, run, search_cli
+from transforms import urls
 
 # Each adds one subcommand parser whose defaults set `handler(args, extra_flags) -> exit code`.
 SUBCOMMANDS = [
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # No URL user-info or signature, and no raw control character, reaches the log.
+    urls.install_log_redaction()
     # Beam logs every string type hint (from `from __future__ import annotations`) at INFO.
     logging.getLogger("apache_beam.typehints.native_type_compatibility").setLevel(logging.WARNING)
     return args.handler(args, rest)

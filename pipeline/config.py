@@ -35,8 +35,11 @@ class SourceConfig:
     collections: tuple[str, ...] = ()
     limit: int | None = None
     sample: int | None = None
-    bigquery_table: str = "bigquery-public-data.idc_v20.dicom_all"
+    bigquery_table: str = "bigquery-public-data.idc_v25.dicom_all"
     bigquery_project: str | None = None
+    # Current gcs_url/aws_url per instance (a pinned release's URLs are never updated);
+    # null = the release table's own URLs.
+    bigquery_mutable_table: str | None = "bigquery-public-data.idc_current.mutable_metadata"
     idc_bucket: str = "s3://idc-open-data"
     # Where IDC sources read pixels: bucket (BigQuery's gcs_url, idc_index's idc_bucket),
     # aws (BigQuery's aws_url) or dicomweb (dicomweb_url, e.g. IDC's DICOM store).
@@ -126,6 +129,9 @@ class RunConfig:
     # (null = never), once at least failure_check_min_slides were tried (transforms/failures.py).
     max_failed_fraction: float | None = 0.5
     failure_check_min_slides: int = 20
+    # SkipDone checks the sizes of a complete slide's files against its marker; with this,
+    # their SHA-256 checksums too (reads every file of every complete slide).
+    verify_checksums: bool = False
 
 
 @dataclass(frozen=True)

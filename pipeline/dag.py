@@ -31,6 +31,7 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         output_root=root, dataset_version=DATASET_VERSION, n_clusters=cfg.kmeans.n_clusters,
         parameter_hash=p_hash, uuids=uuids, force=cfg.run.force,
         resource_table=cfg.run.resource_table, run_id=run_id,
+        verify_checksums=cfg.run.verify_checksums,
     )  # fmt: skip
     write_artifacts = stages.WriteArtifactsFn(RunContext(
         output_root=root, model=model, parameter_hash=p_hash, params=params,

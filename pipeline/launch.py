@@ -28,6 +28,7 @@ from apache_beam.portability.api import beam_runner_api_pb2
 
 from pipeline.config import PipelineConfig, config_from_flags
 from pipeline.run import checked_model, execute, new_run_id
+from transforms import urls
 from transforms.outputs.bigquery_sink import merge_run
 
 DEFAULT_CONFIG = resources.files("configs").joinpath("idc.yaml")
@@ -283,8 +284,8 @@ def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
         beam_args.append("--dry_run=True")
     print(f"run {run_id}: {cfg.source.kind} {cfg.source.bigquery_table} -> {cfg.output_root}")
     print("Dataflow options:")
-    print(json.dumps(PipelineOptions(beam_args).get_all_options(drop_default=True), indent=1,
-                     sort_keys=True))  # fmt: skip
+    shown = urls.redact_options(PipelineOptions(beam_args).get_all_options(drop_default=True))
+    print(json.dumps(shown, indent=1, sort_keys=True))
     print("embedding step resource hints:", json.dumps(cfg.dataflow.embed_resource_hints()))
     if not args.dry_run:
         return execute(cfg, beam_args, run_id=run_id)

@@ -34,7 +34,7 @@ from transforms.errors import SlideError
 from transforms.outputs import bigquery_sink, reruns
 from transforms.records import validate_uuid
 from transforms.samples.slides import SAMPLES, write_samples
-from transforms.urls import is_remote
+from transforms.urls import for_terminal, is_remote
 
 _LOG = logging.getLogger("pathembed")
 
@@ -183,6 +183,12 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     add("--uuids-file", type=Path, help="file with one instance UUID per line")
     add("--force", action="store_true", help="redo slides that are already complete")
     add(
+        "--verify-checksums",
+        action="store_true",
+        help="skip a complete slide only when its files' SHA-256 match its marker "
+        "(run.verify_checksums; sizes are always checked)",
+    )
+    add(
         "--only-new",
         action="store_true",
         help="new IDC release: only slides not in the resource table or whose instance hash "
@@ -224,6 +230,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         flags["run.uuids"] = [u.strip() for u in uuids]
     if args.force:
         flags["run.force"] = True
+    if getattr(args, "verify_checksums", False):
+        flags["run.verify_checksums"] = True
     if args.only_new or args.resource_table:
         flags["run.resource_table"] = args.resource_table or "auto"
     if args.collections:
@@ -313,9 +321,14 @@ def failures_command(args: argparse.Namespace, _: list[str]) -> int:
         raise SystemExit(f"{args.table}: {exc}") from None
     slides = {r["instance_uuid"] for r in rows}
     print(f"{len(rows)} failure rows, {len(slides)} slides")
-    for (reason, stage), n in sorted(Counter((r["reason_code"], r["stage"]) for r in rows).items()):
+    # Every value comes from a table a run (or anyone with write access) filled from slide
+    # headers: escaped and redacted before it reaches the terminal.
+    shown = [{k: for_terminal(str(v)) for k, v in r.items()} for r in rows]
+    for (reason, stage), n in sorted(
+        Counter((r["reason_code"], r["stage"]) for r in shown).items()
+    ):
         print(f"  {reason:<30} {stage:<10} {n}")
-    for r in rows:
+    for r in shown:
         print(f"{r['instance_uuid']}  {r['stage']:<9} {r['reason_code']:<28} {r['message']}")
     return 0
 

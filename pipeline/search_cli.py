@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.config import config_from_flags
 from pipeline.run import checked_config, execute, local_runner
-from transforms import bigquery
+from transforms import bigquery, urls
 from transforms.errors import SlideError
 from transforms.outputs import archive
 from transforms.search import qc, ranking
@@ -221,8 +221,11 @@ def search_command(args: argparse.Namespace, _: list[str]) -> int:
                 )
         _print_matches(args, query, params, matches)
         if args.html:
+            # Thumbnail paths come from table rows: only those under the output roots of this
+            # search are read or linked (a tampered row must not inline /etc/passwd).
+            roots = [root] + ([query_root] if args.dicom is not None else [])
             args.html.write_text(
-                results_page(query, matches, _thumbnail_src(query, args.anonymous))
+                results_page(query, matches, _thumbnail_src(query, args.anonymous, roots), roots)
             )
             print(f"wrote {args.html}", file=sys.stderr)
     return 0
@@ -299,7 +302,7 @@ def _print_matches(
         writer.writeheader()
         writer.writerows(rows)
     else:
-        print(_results_table(described, args.backend, params, rows))
+        print(urls.for_terminal_lines(_results_table(described, args.backend, params, rows)))
 
 
 def _results_table(
@@ -343,9 +346,10 @@ def _image_src(uri: str | None) -> str | None:
     return Path(uri).resolve().as_uri()
 
 
-def _thumbnail_src(query: ranking.SlideQuery, anonymous: bool) -> str | None:
-    """The query thumbnail inlined (a --dicom query's outputs may be temporary)."""
-    if not query.thumbnail_uri:
+def _thumbnail_src(query: ranking.SlideQuery, anonymous: bool, roots: list[str]) -> str | None:
+    """The query thumbnail inlined (a --dicom query's outputs may be temporary); only a file
+    under one of `roots` is read."""
+    if not query.thumbnail_uri or not urls.is_under_any(query.thumbnail_uri, roots):
         return None
     try:
         jpeg = archive.read_bytes(query.thumbnail_uri, anonymous)
@@ -355,9 +359,13 @@ def _thumbnail_src(query: ranking.SlideQuery, anonymous: bool) -> str | None:
 
 
 def results_page(
-    query: ranking.SlideQuery, matches: list[ranking.SlideMatch], query_src: str | None
+    query: ranking.SlideQuery,
+    matches: list[ranking.SlideMatch],
+    query_src: str | None,
+    roots: list[str],
 ) -> str:
-    """An HTML page: the query thumbnail beside the thumbnails of the slides found."""
+    """An HTML page: the query thumbnail beside the thumbnails of the slides found (linked
+    only when under one of `roots`)."""
     e = html.escape
 
     def figure(src: str | None, caption: str, css: str = "") -> str:
@@ -367,7 +375,9 @@ def results_page(
 
     cards = [
         figure(
-            _image_src(m.thumbnail_uri),
+            _image_src(m.thumbnail_uri)
+            if m.thumbnail_uri and urls.is_under_any(m.thumbnail_uri, roots)
+            else None,
             f"<b>#{m.rank}</b> score {m.score:.3f} ({m.hits} hits)<br>{e(m.collection or '-')}"
             f"<br><code>{e(m.instance_uuid or '-')}</code>"
             f"<br><small>study {e(m.study_instance_uid)}<br>series {e(m.series_instance_uid)}"
@@ -475,7 +485,7 @@ def lookup_command(args: argparse.Namespace, _: list[str]) -> int:
     else:
         width = max(map(len, found))
         for key, value in found.items():
-            print(f"{key.ljust(width)}  {value}")
+            print(f"{key.ljust(width)}  {urls.for_terminal(str(value))}")
     return 0
 
 
@@ -500,8 +510,8 @@ def fetch_command(args: argparse.Namespace, _: list[str]) -> int:
         slide = archive.SlideArtifacts.open(args.output_root, args.uuid, anonymous=args.anonymous)
         target = args.out / slide.instance_uuid
         target.mkdir(parents=True, exist_ok=True)
-        for name, uri in slide.files().items():
-            (target / name).write_bytes(archive.read_bytes(uri, args.anonymous))
+        for name in slide.files():  # each checked against the slide's completion marker
+            (target / name).write_bytes(slide.read(name))
             print(target / name)
     return 0
 

@@ -23,9 +23,16 @@ def collect(result: Any) -> dict[str, Any]:
     """Counters and per-stage totals from a finished Beam PipelineResult."""
     queried = result.metrics().query(MetricsFilter())
     counters = {name: 0 for name in metrics.COUNTERS}
+    by_reason: dict[str, int] = {}
     for counter in queried["counters"]:
-        if counter.key.metric.name in counters:
-            counters[counter.key.metric.name] += counter.committed or 0
+        name = counter.key.metric.name
+        if name in counters:
+            counters[name] += counter.committed or 0
+        elif name.startswith(metrics.REASON_PREFIX):
+            reason = name.removeprefix(metrics.REASON_PREFIX)
+            by_reason[reason] = by_reason.get(reason, 0) + (counter.committed or 0)
+    if by_reason:
+        counters["failures_by_reason"] = dict(sorted(by_reason.items()))
     seconds: dict[str, float] = {}
     for dist in queried["distributions"]:
         name, value = dist.key.metric.name, dist.committed
@@ -75,6 +82,7 @@ def render(
         f"  already complete    {c['slides_skipped_complete']} (skipped; --force to redo)",
         f"  slides done         {c['slides_written']}",
         f"  slides failed       {failed} (of {tried} tried; {c['failures']} failure rows)",
+        *[f"    {reason:<20} {n}" for reason, n in c.get("failures_by_reason", {}).items()],
         f"  patches embedded    {c['patches_embedded']} (of {c['patches_planned']} planned)",
         f"  pixel reads         {c['pixel_source_requests']} requests "
         "(local files and remote sources), "

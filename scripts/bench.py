@@ -260,7 +260,7 @@ def model_patches(sample: Sample, n: int) -> np.ndarray:
 
 
 def _load_chunk(index: int, stored: str, chunk: int) -> tuple[str, np.ndarray]:
-    pixels = np.load(stored, mmap_mode="r")
+    pixels = np.load(stored, mmap_mode="r", allow_pickle=False)
     return f"chunk-{index}", np.array(pixels[index * chunk : (index + 1) * chunk])
 
 

@@ -161,11 +161,11 @@ def test_the_good_slides_complete_and_nothing_partial_is_marked_complete(matrix)
 
 def test_fewer_patches_than_clusters_keeps_every_embedding_as_a_centroid(matrix):
     directory = matrix["out"] / matrix["good"] / "path_foundation" / "v1"
-    embeddings = np.load(directory / "slide_embedding.npy")
-    centroids = np.load(directory / "embeddings_500_cluster_centroid.npy")
+    embeddings = np.load(directory / "slide_embedding.npy", allow_pickle=False)
+    centroids = np.load(directory / "embeddings_500_cluster_centroid.npy", allow_pickle=False)
     assert 0 < len(embeddings) < 500
     assert np.array_equal(centroids, embeddings)
-    labels = np.load(directory / "embeddings_500_labels.npy")
+    labels = np.load(directory / "embeddings_500_labels.npy", allow_pickle=False)
     assert np.array_equal(labels, np.arange(len(centroids)))
 
 
@@ -180,7 +180,7 @@ def test_a_huge_grid_is_streamed_in_chunks(matrix):
     assert all(width != 32768 for width, _, _ in matrix["regions"])
     assert max(w * h for width, w, h in matrix["regions"]) <= 4096 * 4096  # the ~2X mask level
     directory = matrix["out"] / matrix["huge"] / "path_foundation" / "v1"
-    coords = np.load(directory / "slide_embedding_coord.npy")
+    coords = np.load(directory / "slide_embedding_coord.npy", allow_pickle=False)
     assert 9 <= len(coords) <= 25
     assert (coords >= 16384 - 224).all() and (coords < 16384 + 1024).all()
 

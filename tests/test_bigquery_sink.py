@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 
 import apache_beam as beam
+import fastavro
 import numpy as np
 import pytest
 from apache_beam.io.gcp import bigquery_tools
@@ -23,6 +24,7 @@ from transforms.outputs.bigquery_sink import (
     RunTables,
     bigquery_row,
     ddl_file_text,
+    load_arguments,
     merge_sql,
     prepare_sql,
     tables_ddl,
@@ -256,3 +258,66 @@ def test_before_the_job_the_staging_tables_are_made_to_expire():
         assert "INTERVAL 7 DAY" in staging
         # The staging table has the final table's columns, in order: INSERT ... SELECT * works.
         assert final.split("(", 1)[1].split(")")[0] == staging.split("(", 1)[1].split(")")[0]
+
+
+def _search_rows(n: int) -> list[dict]:
+    rng = np.random.default_rng(3)
+    return [
+        {
+            "instance_uuid": f"00000000-0000-4000-8000-{k:012d}",
+            "StudyInstanceUID": "1.2.3",
+            "SeriesInstanceUID": "1.2.3.4",
+            "SOPInstanceUID": "1.2.3.4.5",
+            "centroid_index": k,
+            "cluster_size": 7,
+            "embedding": rng.normal(size=384).tolist(),
+            **{c.name: None for c in TABLES["search"] if c.name not in {
+                "instance_uuid", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                "centroid_index", "cluster_size", "embedding"}},
+        }
+        for k in range(n)
+    ]  # fmt: skip
+
+
+def test_the_sink_loads_avro_files_which_are_much_smaller_than_json(tmp_path):
+    """The load files Beam writes for FILE_LOADS, by the writers WriteToBigQuery uses for each
+    temp_file_format, on search rows of 384 floats: Avro at least 2x smaller than JSON."""
+    args = load_arguments("my-project.d.search_staging_r", TABLES["search"])
+    assert args["temp_file_format"] == bigquery_tools.FileFormat.AVRO
+    assert args["method"] == beam.io.WriteToBigQuery.Method.FILE_LOADS
+    transform = beam.io.WriteToBigQuery(**args)
+    assert transform._temp_file_format == bigquery_tools.FileFormat.AVRO
+
+    rows = _search_rows(200)
+    for row in rows:
+        assert row_errors(row, TABLES["search"]) == []
+    schema = args["schema"]
+    with (tmp_path / "rows.avro").open("wb") as handle:
+        writer = bigquery_tools.AvroRowWriter(handle, schema)
+        for row in rows:
+            writer.write(row)
+        writer.flush()
+    with (tmp_path / "rows.json").open("wb") as handle:
+        writer = bigquery_tools.JsonRowWriter(handle)
+        for row in rows:
+            writer.write(row)
+        writer.flush()
+    avro = (tmp_path / "rows.avro").stat().st_size
+    json_size = (tmp_path / "rows.json").stat().st_size
+    assert json_size / avro >= 2.0, (json_size, avro)
+
+
+def test_avro_load_files_take_failure_timestamps_as_datetimes(tmp_path):
+    args = load_arguments("my-project.d.failures_staging_r", TABLES["failures"])
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    row = {"instance_uuid": None, "SeriesInstanceUID": None, "stage": "enumerate",
+           "reason_code": "no_tissue", "message": "m", "run_id": "r", "time": now}  # fmt: skip
+    row |= {c.name: None for c in TABLES["failures"] if c.name not in row}
+    path = tmp_path / "failures.avro"
+    with path.open("wb") as handle:
+        writer = bigquery_tools.AvroRowWriter(handle, args["schema"])
+        writer.write(row)  # no ISO-string conversion needed
+        writer.flush()
+    with path.open("rb") as handle:
+        (back,) = list(fastavro.reader(handle))
+    assert back["time"] == now

@@ -109,8 +109,8 @@ def test_users_read_the_gcs_outputs_anonymously_with_the_local_runs_content(runs
     with io.BytesIO() as mem:
         blob.download_to_file(mem)
         _ = mem.seek(0)
-        embeddings = np.load(mem)
-    local_embeddings = np.load(local_dir / "slide_embedding.npy")
+        embeddings = np.load(mem, allow_pickle=False)
+    local_embeddings = np.load(local_dir / "slide_embedding.npy", allow_pickle=False)
     assert embeddings.shape == (entry["embedding_count"], EMBEDDING_DIM)
     assert embeddings.dtype == np.float32 and np.array_equal(embeddings, local_embeddings)
 
@@ -122,7 +122,9 @@ def test_users_read_the_gcs_outputs_anonymously_with_the_local_runs_content(runs
 
     for name in ARTIFACTS[4:]:  # coordinates, centroids, labels: the same arrays
         with io.BytesIO(bucket.get_blob(f"{base}/{name}").download_as_bytes()) as mem:
-            assert np.array_equal(np.load(mem), np.load(local_dir / name)), name
+            assert np.array_equal(
+                np.load(mem, allow_pickle=False), np.load(local_dir / name, allow_pickle=False)
+            ), name
 
 
 def test_the_gcs_slide_folder_is_complete_with_its_marker_written_last(runs):
@@ -137,7 +139,7 @@ def test_the_gcs_slide_folder_is_complete_with_its_marker_written_last(runs):
     assert sorted(blobs) == sorted([*ARTIFACTS, COMPLETE_MARKER])
     marker = blobs.pop(COMPLETE_MARKER)
     assert json.loads(marker.download_as_bytes())["embedding_count"] == len(
-        np.load(local / uuid / "path_foundation" / "v1" / "slide_embedding.npy")
+        np.load(local / uuid / "path_foundation" / "v1" / "slide_embedding.npy", allow_pickle=False)
     )
     # The server's creation times: the marker was created after every artifact was in place.
     assert all(marker.time_created > b.time_created for b in blobs.values())

@@ -103,10 +103,10 @@ def slide_dirs(output: Path) -> dict[str, Path]:
 
 def load(directory: Path) -> dict[str, np.ndarray]:
     return {
-        "emb": np.load(directory / "slide_embedding.npy"),
-        "coords": np.load(directory / "slide_embedding_coord.npy"),
-        "centroids": np.load(directory / "embeddings_500_cluster_centroid.npy"),
-        "labels": np.load(directory / "embeddings_500_labels.npy"),
+        "emb": np.load(directory / "slide_embedding.npy", allow_pickle=False),
+        "coords": np.load(directory / "slide_embedding_coord.npy", allow_pickle=False),
+        "centroids": np.load(directory / "embeddings_500_cluster_centroid.npy", allow_pickle=False),
+        "labels": np.load(directory / "embeddings_500_labels.npy", allow_pickle=False),
     }
 
 

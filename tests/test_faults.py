@@ -69,7 +69,11 @@ def assert_complete(output: Path, instance_uuid: str) -> dict[str, np.ndarray]:
     directory = output / instance_uuid / "path_foundation" / "v1"
     assert sorted(p.name for p in directory.iterdir()) == sorted([*ARTIFACTS, COMPLETE_MARKER])
     marker = json.loads((directory / COMPLETE_MARKER).read_text())
-    arrays = {name: np.load(directory / name) for name in ARTIFACTS if name.endswith(".npy")}
+    arrays = {
+        name: np.load(directory / name, allow_pickle=False)
+        for name in ARTIFACTS
+        if name.endswith(".npy")
+    }
     coords = arrays["slide_embedding_coord.npy"]
     assert len(coords) == marker["embedding_count"] == len(arrays["slide_embedding.npy"]) > 0
     assert len(np.unique(coords, axis=0)) == len(coords)  # no duplicate patches

@@ -106,7 +106,7 @@ def test_the_real_folder_runs_to_its_summary(real, model_cache, tmp_path, capsys
     assert entry["embedding_level"]["pixel_spacing_mm"] == pytest.approx([0.000499] * 2, 1e-3)
     assert entry["embedding_level"]["downsample_to_patch_source"] == 1.0
     assert entry["mask_level"]["pixel_spacing_mm"][0] * 1000 == pytest.approx(4.0, rel=0.01)
-    assert np.load(directory / "slide_embedding.npy").shape == (42, 384)
+    assert np.load(directory / "slide_embedding.npy", allow_pickle=False).shape == (42, 384)
     # Every other WSI file: one failure row, its specific code, a message naming the file or
     # its instance; nothing else complete.
     failures = pq.read_table(out / "tables" / "failures").to_pylist()
@@ -295,8 +295,8 @@ def test_a_complete_sparse_level_reads_as_its_tiled_full_twin(corpus):
     and embeddings of the same frames stored TILED_FULL."""
     out, uuids = corpus["out"], corpus["uuids"]
     for name in ("slide_embedding.npy", "slide_embedding_coord.npy"):
-        sparse = np.load(slide_dir(out, uuids["sparse-full"]) / name)
-        full = np.load(slide_dir(out, uuids["cmu-rewrapped"]) / name)
+        sparse = np.load(slide_dir(out, uuids["sparse-full"]) / name, allow_pickle=False)
+        full = np.load(slide_dir(out, uuids["cmu-rewrapped"]) / name, allow_pickle=False)
         assert sparse.shape[0] == 42 and np.array_equal(sparse, full)
 
 
@@ -321,9 +321,13 @@ def test_a_sparse_level_reads_each_frame_at_its_position_and_absent_frames_as_ba
     patches reaching into an absent frame see background there (white), never black tissue."""
     out, uuids = corpus["out"], corpus["uuids"]
     sparse_dir, full_dir = slide_dir(out, uuids["sparse"]), slide_dir(out, uuids["cmu-rewrapped"])
-    coords = np.load(sparse_dir / "slide_embedding_coord.npy")
-    assert np.array_equal(coords, np.load(full_dir / "slide_embedding_coord.npy"))  # same mask
-    sparse, full = (np.load(d / "slide_embedding.npy") for d in (sparse_dir, full_dir))
+    coords = np.load(sparse_dir / "slide_embedding_coord.npy", allow_pickle=False)
+    assert np.array_equal(
+        coords, np.load(full_dir / "slide_embedding_coord.npy", allow_pickle=False)
+    )  # same mask
+    sparse, full = (
+        np.load(d / "slide_embedding.npy", allow_pickle=False) for d in (sparse_dir, full_dir)
+    )
     frame, across = 500, 5
     absent = [divmod(k, across) for k in rc.ABSENT]  # (row, column) of each absent frame
     touches = np.array([

@@ -239,7 +239,9 @@ def test_only_new_processes_new_and_changed_slides(tmp_path):
     # Without --only-new, the markers say the same: A is redone only when its hash changes.
     third = run(release(tmp_path / "v3.jsonl", {"a": "a2", "b": "b1", "c": "c1"}))
     assert third["slides_written"] == 0 and third["slides_skipped_complete"] == 3
-    assert np.load(out / uuid["b"] / "path_foundation" / "v1" / "slide_embedding.npy").size
+    assert np.load(
+        out / uuid["b"] / "path_foundation" / "v1" / "slide_embedding.npy", allow_pickle=False
+    ).size
 
 
 def test_gcs_errors_after_retries_are_transient_or_permanent():

@@ -10,6 +10,7 @@ computation written here.
 
 from __future__ import annotations
 
+import base64
 import csv
 import datetime
 import io
@@ -386,3 +387,49 @@ def test_bigquery_job_for_new_embeddings(archive):
             ranking.bigquery_search_job(query, params, ranking.BigQueryTables(search=bad))
     with pytest.raises(ValueError, match="fraction_lists_to_search"):
         ranking.bigquery_search_job(query, params, tables, 1.0)
+
+
+def test_a_tampered_index_or_table_is_refused_before_faiss_reads_it(archive, tmp_path):
+    root = tmp_path / "archive"
+    shutil.copytree(Path(archive["root"]) / "tables", root / "tables")
+    assert main(["index", "--output-root", str(root), "--nlist", "4"]) == 0
+    assert ranking.SearchIndex.load(str(root)).info["nlist"] == 4
+    index_file = Path(ranking.index_uri(str(root)))
+    saved = dict(np.load(index_file, allow_pickle=False))
+    # One byte of the serialized faiss index changed, the rest (meta included) kept.
+    ivf = saved["ivf"].copy()
+    ivf[len(ivf) // 2] ^= 0xFF
+    with index_file.open("wb") as handle:
+        np.savez(handle, **{**saved, "ivf": ivf})
+    with pytest.raises(ValueError, match="does not match its recorded checksum"):
+        ranking.SearchIndex.load(str(root))
+    # A search table file rewritten in place with the same size: the tables' hash differs.
+    assert main(["index", "--output-root", str(root), "--nlist", "4"]) == 0
+    (table,) = (root / "tables" / "search").glob(f"{NEW_RUN}.parquet")
+    data = bytearray(table.read_bytes())
+    data[-12] ^= 0x01  # inside the Parquet footer (its metadata)
+    table.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="rebuild it"):
+        ranking.SearchIndex.load(str(root))
+
+
+def test_search_html_reads_no_thumbnail_outside_the_output_root(archive, tmp_path, capsys):
+    root = tmp_path / "archive"
+    shutil.copytree(Path(archive["root"]), root)
+    secret = tmp_path / "secret.jpeg"
+    secret.write_bytes(b"\xff\xd8TOP-SECRET-BYTES")
+    real = archive["real"]
+    resource_dir = root / "tables" / "resource"
+    for part in resource_dir.glob("*.parquet"):
+        table = pq.read_table(part)
+        rows = table.to_pylist()
+        for row in rows:  # a tampered table: thumbnails pointing outside the root
+            row["thumbnail_uri"] = str(secret)
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), part)
+    page = tmp_path / "similar.html"
+    assert main(["search", real["instance_uuid"], "--output-root", str(root), "--limit", "3",
+                 "--html", str(page)]) == 0  # fmt: skip
+    text = page.read_text()
+    assert base64.b64encode(secret.read_bytes()).decode()[:12] not in text
+    assert str(secret) not in text and "data:image/jpeg" not in text
+    capsys.readouterr()

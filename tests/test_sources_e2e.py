@@ -46,7 +46,9 @@ def run(output: Path, model_cache: Path, *flags: str) -> dict:
 
 def arrays(output: Path) -> tuple[str, dict[str, np.ndarray]]:
     (directory,) = output.glob("*/path_foundation/v1")
-    return directory.parts[-3], {name: np.load(directory / name) for name in ARRAYS}
+    return directory.parts[-3], {
+        name: np.load(directory / name, allow_pickle=False) for name in ARRAYS
+    }
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ _TABLE_ID = re.compile(
 
 def validate_table_id(table_id: str) -> str:
     """A fully qualified BigQuery table id `project.dataset.table`, or ValueError."""
-    if not (isinstance(table_id, str) and _TABLE_ID.match(table_id)):
+    if not (isinstance(table_id, str) and _TABLE_ID.fullmatch(table_id)):
         raise ValueError(
             f"{table_id!r} is not a BigQuery table id of the form project.dataset.table"
         )

@@ -38,6 +38,12 @@ class ReasonCode(enum.StrEnum):
     READ_ERROR = "read_error"
     TRANSIENT_HTTP = "transient_http"
     INTERNAL_ERROR = "internal_error"
+    # A URL the source configuration does not allow (transforms/urls.py).
+    UNTRUSTED_URL = "untrusted_url"
+    # An SM series whose illumination is not transmitted light (scripts/bigquery/idc_slides.sql).
+    NOT_BRIGHTFIELD = "not_brightfield"
+    # A header value that would drive an unbounded allocation (frames, offset tables, ...).
+    OVERSIZED_HEADER = "oversized_header"
 
 
 class SlideError(Exception):

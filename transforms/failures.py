@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from transforms import metrics
+from transforms import metrics, urls
 from transforms.errors import ReasonCode, SlideError
 from transforms.plan import PatchChunk, SlidePlan, SlideResult
 from transforms.records import FolderFailure, SlideRecord
@@ -168,7 +168,8 @@ def failure_row(element: Any, stage: str, reason: str, message: str, run_id: str
         "SeriesInstanceUID": series_uid,
         "stage": stage,
         "reason_code": reason,
-        "message": message,
+        # Stored and shown: no user-info or URL signature may reach the failures table.
+        "message": urls.redact_text(message),
         "run_id": run_id,
         "time": datetime.datetime.now(datetime.UTC),
     }
@@ -192,8 +193,10 @@ def dead_letter_row(dead_letter: tuple, stage: str, run_id: str) -> dict:
         reason = code.value
         message = f"{what}: {exc_repr} at {''.join(trace[-3:-1]).strip()}"
     row = failure_row(element, stage, reason, message, run_id)
-    _LOG.warning("slide %s failed at %s: %s: %s", row["instance_uuid"], stage, reason, message)
-    metrics.counter(metrics.FAILURES).inc()
+    _LOG.warning(
+        "slide %s failed at %s: %s: %s", row["instance_uuid"], stage, reason, row["message"]
+    )
+    _count(row)
     return row
 
 
@@ -202,6 +205,15 @@ def source_failure_row(failure: FolderFailure, run_id: str) -> dict:
     row = failure_row(
         failure, "enumerate", failure.error.reason.value, failure.error.message, run_id
     )
-    _LOG.warning("slide %s failed at enumerate: %s", failure.instance_uuid, failure.error)
-    metrics.counter(metrics.FAILURES).inc()
+    _LOG.warning(
+        "slide %s failed at enumerate: %s: %s", failure.instance_uuid, row["reason_code"],
+        row["message"],
+    )  # fmt: skip
+    _count(row)
     return row
+
+
+def _count(row: dict) -> None:
+    """Failure rows in all, and per reason code (the run summary shows both)."""
+    metrics.counter(metrics.FAILURES).inc()
+    metrics.counter(metrics.REASON_PREFIX + row["reason_code"]).inc()

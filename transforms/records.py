@@ -37,7 +37,7 @@ def validate_uuid(value: str) -> str:
 
 def validate_uid(value: str) -> str:
     """A DICOM UID (digits and dots, at most 64 characters), or ValueError."""
-    if not (isinstance(value, str) and len(value) <= 64 and _UID_RE.match(value)):
+    if not (isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value)):
         raise ValueError(f"{value!r} is not a DICOM UID")
     return value
 

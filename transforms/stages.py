@@ -32,8 +32,9 @@ class SkipDoneOrUnrequested(beam.DoFn):
     """Keeps slides that were asked for and are not complete with these parameters.
 
     Complete: the completion marker is present, its parameter hash is this run's, its
-    instance hash is the record's (when both are known), and the run that wrote it finished
-    (its tables hold the slide's rows). With `resource_table` (new-release
+    instance hash is the record's (when both are known), the run that wrote it finished
+    (its tables hold the slide's rows), and the files it records are there with their recorded
+    sizes (and SHA-256 checksums with `verify_checksums`). With `resource_table` (new-release
     mode) slides in that table with an unchanged instance hash are skipped without looking
     at their markers; the table is read once per worker, in `setup`.
     """
@@ -49,6 +50,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         force: bool,
         resource_table: str | None = None,
         run_id: str | None = None,
+        verify_checksums: bool = False,
     ):
         self._root = output_root
         self._version = dataset_version
@@ -58,6 +60,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         self._force = force
         self._resource_table = resource_table
         self._run_id = run_id
+        self._verify_checksums = verify_checksums
         self._known: dict[str, str | None] = {}
         self._committed: dict[str, bool] = {}
         self._skipped = metrics.counter(metrics.SLIDES_SKIPPED_COMPLETE)
@@ -78,7 +81,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
             self._root, record.instance_uuid, self._version, self._n_clusters
         )
         marker = artifacts.completion_marker(paths)
-        return (
+        done = (
             marker is not None
             and marker.get("parameter_hash") == self._hash
             and (
@@ -87,6 +90,13 @@ class SkipDoneOrUnrequested(beam.DoFn):
             )
             and self._run_committed(marker.get("run_id"))
         )
+        if not done:
+            return False
+        # The marker vouches for the files only if they are still the ones it recorded.
+        problem = artifacts.marker_problem(paths, marker, self._verify_checksums)
+        if problem is not None:
+            _LOG.warning("slide %s is redone: %s", record.instance_uuid, problem)
+        return problem is None
 
     def process(self, record: SlideRecord) -> Iterator[SlideRecord]:
         if self._uuids and record.instance_uuid not in self._uuids:

@@ -24,6 +24,7 @@ import re
 import stat
 import struct
 import threading
+import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,6 +46,7 @@ from ez_wsi_dicomweb import (
 )
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
+from transforms import urls
 from transforms.dicom_io import geometry, retry
 from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
@@ -53,6 +55,10 @@ from transforms.urls import is_remote
 _LOG = logging.getLogger(__name__)
 
 HEADER_BLOCK = 64 * 1024  # header reads are whole blocks of this size
+# A header larger than this is not read on (an annotation object without PixelData under a
+# prefix would otherwise be fetched whole); nor are more frames than this indexed.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_FRAMES = 1 << 22
 MERGE_GAP = 16 * 1024  # frames closer than this are fetched in one range request
 FRAME_CACHE_BYTES = 64 * 1024 * 1024  # stored (compressed) frame bytes kept per instance
 S3_ENDPOINT = "https://{bucket}.s3.amazonaws.com/{key}"
@@ -205,12 +211,35 @@ class HttpSource(ByteSource):
         self._size: int | None = None
 
     def _request(self, method: str, **kwargs) -> requests.Response:
-        what = f"{method} {self._url}"
-        try:
-            response = self._session.request(method, self._url, **kwargs)
-        except requests.RequestException as exc:  # retries spent (connection, timeout)
-            raise retry.transient_http(what, exc) from exc
-        return retry.raise_for_status(response, what)
+        """One request, its body read whole. urllib3's Retry covers a request until its
+        headers arrive; a connection dropped while the body downloads (ChunkedEncodingError,
+        a short body) is retried here, with the same number of attempts and backoff."""
+        what = f"{method} {urls.redact_url(self._url)}"
+        for attempt in range(retry.RETRIES + 1):
+            try:
+                response = self._session.request(method, self._url, **kwargs)
+                expected = response.headers.get("Content-Length")
+                if (
+                    method == "GET"
+                    and expected is not None
+                    and "Content-Encoding" not in response.headers
+                    and len(response.content) != int(expected)
+                ):
+                    raise requests.exceptions.ChunkedEncodingError(
+                        f"body of {len(response.content)} bytes, Content-Length {expected}"
+                    )
+            except (
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+            ) as exc:
+                if attempt == retry.RETRIES:
+                    raise retry.transient_http(what, exc) from exc
+                time.sleep(min(retry.BACKOFF_SECONDS * 2**attempt, retry.MAX_BACKOFF_SECONDS))
+                continue
+            except requests.RequestException as exc:  # retries spent (connection, timeout)
+                raise retry.transient_http(what, exc) from exc
+            return retry.raise_for_status(response, what)
+        raise AssertionError("unreachable")
 
     def size(self) -> int:
         if self._size is None:
@@ -236,10 +265,14 @@ def open_source(uri: str, stats: IoStats | None = None) -> ByteSource:
 class RangeFile(io.RawIOBase):
     """A read-only, seekable file over a ByteSource that reads whole blocks (for pydicom)."""
 
-    def __init__(self, source: ByteSource, block: int = HEADER_BLOCK):
+    def __init__(
+        self, source: ByteSource, block: int = HEADER_BLOCK, limit: int = MAX_HEADER_BYTES
+    ):
         super().__init__()
         self._source = source
         self._block = block
+        self._limit = limit
+        self._run = 1  # blocks read by the next miss
         self._blocks: dict[int, bytes] = {}
         self._pos = 0
 
@@ -264,7 +297,20 @@ class RangeFile(io.RawIOBase):
     def _get_block(self, index: int) -> bytes:
         if index not in self._blocks:
             start = index * self._block
-            self._blocks[index] = self._source.read(start, start + self._block)
+            if start >= self._limit:
+                raise SlideError(
+                    ReasonCode.OVERSIZED_HEADER,
+                    f"{urls.redact_url(self._source.uri)}: no PixelData in the first "
+                    f"{self._limit} bytes; not read further",
+                )
+            # Headers are read front to back: each miss reads twice as many blocks as the
+            # last, so a large header (ICC profile, offset table) takes a few requests, not
+            # one per 64 KiB.
+            count = min(self._run, max(1, (self._limit - start) // self._block))
+            self._run *= 2
+            data = self._source.read(start, start + count * self._block)
+            for k in range(count):
+                self._blocks.setdefault(index + k, data[k * self._block : (k + 1) * self._block])
         return self._blocks[index]
 
     def readinto(self, buffer) -> int:
@@ -376,6 +422,14 @@ class DicomInstanceReader:
     def _build_index(self) -> None:
         value_at, length = self.pixel_data_value()
         n = self.number_of_frames
+        # NumberOfFrames sizes the frame index: a crafted value must not allocate beyond what
+        # the object can hold (every frame takes at least an 8-byte item header).
+        if not 1 <= n <= MAX_FRAMES or n * 8 > self.size:
+            raise SlideError(
+                ReasonCode.OVERSIZED_HEADER,
+                f"{urls.redact_url(self.uri)}: NumberOfFrames {n} is not possible in an object "
+                f"of {self.size} bytes (at most {MAX_FRAMES} frames are read)",
+            )
         if not self._encapsulated:
             size = self._native_frame_bytes()
             self._starts = [value_at + k * size for k in range(n)]
@@ -387,6 +441,12 @@ class DicomInstanceReader:
         if bot_head[:4] != _ITEM:
             raise ez_wsi_errors.EZWsiError(f"{self.uri}: no Basic Offset Table item")
         bot_length = struct.unpack("<I", bot_head[4:8])[0]
+        if bot_length % 4 or bot_length > 4 * n:  # a Basic Offset Table holds n offsets
+            raise SlideError(
+                ReasonCode.OVERSIZED_HEADER,
+                f"{urls.redact_url(self.uri)}: Basic Offset Table of {bot_length} bytes for "
+                f"{n} frames",
+            )
         first = value_at + 8 + bot_length  # first fragment's item tag
         eot = self.header.get("ExtendedOffsetTable")
         if eot is not None:
@@ -515,9 +575,10 @@ class DicomInstanceReader:
         return data
 
 
-def read_header_from(source: ByteSource) -> tuple[pydicom.Dataset, int]:
-    """(header, PixelData offset or -1) read through whole-block range reads."""
-    handle = RangeFile(source)
+def read_header_from(source: ByteSource, limit: int | None = None) -> tuple[pydicom.Dataset, int]:
+    """(header, PixelData offset or -1) read through whole-block range reads, at most
+    `limit` bytes (MAX_HEADER_BYTES) of them: SlideError(oversized_header) beyond."""
+    handle = RangeFile(source, limit=limit or MAX_HEADER_BYTES)
     ds = pydicom.dcmread(handle, stop_before_pixels=True)
     offset = handle.tell()
     handle.seek(offset)
@@ -669,7 +730,8 @@ def log_fetch(what: str, uri: str, frames: int, requests_: int, bytes_: int, tot
             level,
             "%s %s: %d frames in %d requests (%.1f frames/request), %d bytes; "
             "slide total %d bytes in %d requests",
-            what, uri, frames, requests_, frames / requests_, bytes_, total[0], total[1],
+            what, urls.redact_url(uri), frames, requests_, frames / requests_, bytes_,
+            total[0], total[1],
         )  # fmt: skip
 
 
@@ -787,14 +849,24 @@ def _list_local(folder: str) -> list[str]:
     return sorted(out)
 
 
+@functools.cache
+def _list_session() -> requests.Session:
+    return retry.http_session()
+
+
 def _list_s3(bucket: str, prefix: str) -> Iterator[str]:
     token = None
     while True:
         params = {"list-type": "2", "prefix": prefix}
         if token:
             params["continuation-token"] = token
-        response = requests.get(_S3_LIST.format(bucket=bucket), params=params, timeout=60)
-        response.raise_for_status()
+        # The project's retry policy (a `503 SlowDown` is retried, then transient_http).
+        url = _S3_LIST.format(bucket=bucket)
+        try:
+            response = _list_session().get(url, params=params)
+        except requests.RequestException as exc:
+            raise retry.transient_http(f"S3 list {url}", exc) from exc
+        retry.raise_for_status(response, f"S3 list {url}")
         root = ET.fromstring(response.content)
         for item in root.iter(f"{_S3_NS}Contents"):
             key = item.findtext(f"{_S3_NS}Key")

@@ -39,13 +39,12 @@ from ez_wsi_dicomweb import (
 from ez_wsi_dicomweb.ml_toolkit import dicom_path
 from requests_toolbelt.multipart import decoder
 
+from transforms import urls
 from transforms.dicom_io import retry
-from transforms.dicom_io.byte_ranges import (
-    level_frames_by_instance,
-    log_fetch,
-)
+from transforms.dicom_io.byte_ranges import level_frames_by_instance, log_fetch
 from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import SlideError
+from transforms.records import validate_uid
 
 _LOG = logging.getLogger(__name__)
 _EZ_WSI_LOGGER = "ez_wsi_dicomweb.frame_cache"  # ez-wsi logs every cache fill at INFO
@@ -64,7 +63,7 @@ _NAMESPACE = "pathembed"
 
 
 def is_instance_url(uri: str) -> bool:
-    return bool(_INSTANCE_URL.match(uri))
+    return bool(_INSTANCE_URL.fullmatch(uri))
 
 
 def instance_url(base: str, study: str, series: str, sop: str) -> str:
@@ -73,7 +72,7 @@ def instance_url(base: str, study: str, series: str, sop: str) -> str:
 
 def parse_instance_url(uri: str) -> tuple[str, str, str, str]:
     """(base URL, study, series, SOP instance UID) of a WADO-RS instance URL."""
-    match = _INSTANCE_URL.match(uri)
+    match = _INSTANCE_URL.fullmatch(uri)
     if not match:
         raise ValueError(f"{uri!r} is not a DICOMweb instance URL")
     return match["base"], match["study"], match["series"], match["sop"]
@@ -81,11 +80,19 @@ def parse_instance_url(uri: str) -> tuple[str, str, str, str]:
 
 def credentials_for(base_url: str, auth: str = "auto"):
     """ez-wsi credential factory: `google` (Application Default Credentials) or `none`.
-    `auto` uses Google credentials for *.googleapis.com stores and none elsewhere."""
+    `auto` uses Google credentials for https stores on a `.googleapis.com` host (dot
+    boundary) and none elsewhere; `google` refuses any URL that is not https without
+    user-info, so a token never travels in clear text. Which store a record may name at all
+    is checked when it is enumerated (sources/enumeration.py, against source.dicomweb_url)."""
     if auth == "auto":
-        host = urllib.parse.urlparse(base_url).hostname or ""
-        auth = "google" if host.endswith("googleapis.com") else "none"
+        auth = "google" if urls.google_credentials_allowed(base_url) else "none"
     if auth == "google":
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme != "https" or parts.username or parts.password:
+            raise ValueError(
+                f"Google credentials go only over https to the store's host, not to "
+                f"{urls.redact_url(base_url)}"
+            )
         return credential_factory.CredentialFactory()
     if auth == "none":
         return credential_factory.NoAuthCredentialsFactory()
@@ -118,15 +125,44 @@ class DicomWebClient:
         return retry.raise_for_status(response, f"DICOMweb GET {url}")
 
     def search_series(self, modality: str = "SM", page: int = QIDO_PAGE) -> Iterator[dict]:
-        """QIDO-RS series of a modality, paged with limit/offset."""
-        offset = 0
+        """QIDO-RS series of a modality, paged with limit/offset, each series once.
+
+        A server may return fewer rows than `limit` (its own page cap) with more to come, so
+        paging stops only at an empty page. A server that ignores `offset` returns the same
+        rows again: paging stops at a page with nothing new, with a warning, since the listing
+        may then be incomplete. Rows without valid Study/Series UIDs are yielded as they are;
+        `series_of` refuses them before any UID reaches a URL path.
+        """
+        offset, seen = 0, set()
         while True:
             response = self._get(
                 "series", "application/dicom+json", Modality=modality, limit=page, offset=offset
             )
             found = response.json() if response.status_code != 204 and response.content else []
-            yield from found
-            if len(found) < page:
+            if not isinstance(found, list) or not found:
+                return
+            new = 0
+            for row in found:
+                key = (
+                    (_uid(row, "0020000D"), _uid(row, "0020000E"))
+                    if isinstance(row, dict)
+                    else None
+                )
+                if key is not None and key in seen:
+                    continue
+                if key is not None:
+                    seen.add(key)
+                    new += 1
+                yield row
+            if not new:
+                _LOG.warning(
+                    "DICOMweb %s returned the same series again at offset %d (it ignores "
+                    "`offset`?): stopped listing after %d series; the listing may be incomplete",
+                    urls.redact_url(self.base_url),
+                    offset,
+                    len(seen),
+                )
+                Metrics.counter(_NAMESPACE, "qido_offset_ignored").inc()
                 return
             offset += len(found)
 
@@ -171,11 +207,12 @@ def _uid(tags: dict, tag: str) -> str | None:
 
 
 def series_of(qido_row: dict) -> tuple[str, str]:
-    """(StudyInstanceUID, SeriesInstanceUID) of a QIDO-RS series result."""
+    """(StudyInstanceUID, SeriesInstanceUID) of a QIDO-RS series result, both validated
+    (they become URL path segments: `../` or `?` from a server must never get there)."""
     study, series = _uid(qido_row, "0020000D"), _uid(qido_row, "0020000E")
     if not (study and series):
         raise ValueError("QIDO result without Study/Series UIDs")
-    return study, series
+    return validate_uid(study), validate_uid(series)
 
 
 def icc_profile_of(tags: dict) -> bytes | str | None:

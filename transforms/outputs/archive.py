@@ -30,7 +30,14 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms import bigquery
 from transforms.dicom_io.byte_ranges import gcs_client
-from transforms.outputs.layout import DATASET_VERSION, slide_directory, table_dir, table_file
+from transforms.outputs.artifacts import check_file
+from transforms.outputs.layout import (
+    COMPLETE_MARKER,
+    DATASET_VERSION,
+    slide_directory,
+    table_dir,
+    table_file,
+)
 from transforms.records import validate_uid, validate_uuid
 
 _LOG = logging.getLogger(__name__)
@@ -247,6 +254,9 @@ class SlideArtifacts:
     directory: str
     metadata: dict[str, Any]
     anonymous: bool = False
+    # The slide's _COMPLETE.json: every file read is checked against the size and SHA-256 it
+    # records. None only for the published dataset, which has no markers.
+    marker: dict[str, Any] | None = None
 
     @classmethod
     def open(
@@ -257,16 +267,39 @@ class SlideArtifacts:
         version: str = DATASET_VERSION,
         anonymous: bool = False,
     ) -> SlideArtifacts:
+        """The slide's artifacts; SlideNotFoundError unless its completion marker is there
+        (a slide being written, or left half-written by a killed run, is not read), except
+        under the published dataset's root, which has no markers."""
         directory = slide_directory(output_root, instance_uuid, version)
         uri = FileSystems.join(directory, "metadata.json")
         try:
-            metadata = json.loads(read_bytes(uri, anonymous))
+            data = read_bytes(uri, anonymous)
         except FileNotFoundError:
             raise SlideNotFoundError(
                 f"no metadata.json at {uri}; is {instance_uuid} embedded under this output "
                 "root? run `pathembed run` first or check --output-root"
             ) from None
-        return cls(validate_uuid(instance_uuid), directory, metadata, anonymous)
+        marker = None
+        if output_root.rstrip("/") != PUBLIC_OUTPUT_ROOT:
+            marker_uri = FileSystems.join(directory, COMPLETE_MARKER)
+            try:
+                marker = json.loads(read_bytes(marker_uri, anonymous))
+            except FileNotFoundError:
+                raise SlideNotFoundError(
+                    f"{instance_uuid} is not complete under this output root (no "
+                    f"{COMPLETE_MARKER} at {marker_uri}); run `pathembed run` to finish it"
+                ) from None
+        check_file(marker, "metadata.json", data)
+        metadata = json.loads(data)
+        return cls(validate_uuid(instance_uuid), directory, metadata, anonymous, marker)
+
+    def read(self, name: str) -> bytes:
+        """The bytes of one of the slide's files, checked against its completion marker."""
+        data = read_bytes(
+            FileSystems.join(self.directory, posixpath.basename(name)), self.anonymous
+        )
+        check_file(self.marker, posixpath.basename(name), data)
+        return data
 
     @property
     def embedding_entry(self) -> dict[str, Any]:
@@ -303,7 +336,7 @@ class SlideArtifacts:
         return FileSystems.join(self.directory, posixpath.basename(recorded))
 
     def _npy(self, recorded: str) -> np.ndarray:
-        return np.load(io.BytesIO(read_bytes(self._uri(recorded), self.anonymous)))
+        return np.load(io.BytesIO(self.read(recorded)), allow_pickle=False)
 
     def embeddings(self) -> np.ndarray:
         return self._npy(self.embedding_entry["patch_embeddings_gs_path"])
@@ -323,7 +356,7 @@ class SlideArtifacts:
         return self._uri(self.embedding_entry["thumbnail_gs_path"])
 
     def thumbnail_jpeg(self) -> bytes:
-        return read_bytes(self.thumbnail_uri, self.anonymous)
+        return self.read(self.embedding_entry["thumbnail_gs_path"])
 
     def thumbnail(self) -> np.ndarray:
         """The slide thumbnail as RGB uint8 [h, w, 3]."""

@@ -9,14 +9,21 @@ marked complete while any of its files is stale or half-written. A slide counts 
 when the run named in its marker also committed its tables (`{output_root}/runs/{run_id}.json`,
 written when a run finishes): a slide written by a run that was killed before its table rows
 were written is done again, so every slide ends with one set of files and of rows.
+
+The marker records the size and SHA-256 of each of the seven files (`files`): SkipDone checks
+the sizes of a complete slide (and, with run.verify_checksums, the checksums) and redoes a slide
+whose files were deleted, truncated or changed; readers (outputs/archive.py SlideArtifacts)
+check every file they read against it.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import io
 import json
 import logging
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -276,13 +283,23 @@ def _write(path: str, data: bytes) -> None:
 def write_artifacts(
     paths: ArtifactPaths, files: Mapping[str, bytes], marker: Mapping[str, Any], run_id: str
 ) -> None:
-    """Writes `{uri: bytes}` atomically per file, then the completion marker."""
+    """Writes `{uri: bytes}` atomically per file, then the completion marker (with every
+    file's size and SHA-256). Cluster files of another n_clusters (`embeddings_K_*.npy` left
+    by an earlier run) are deleted before the marker is written."""
     if FileSystems.exists(paths.complete_marker):
         FileSystems.delete([paths.complete_marker])
     temporary = {uri: f"{uri}.tmp-{run_id}" for uri in files}
     for uri, data in files.items():
         _write(temporary[uri], data)
     FileSystems.rename(list(temporary.values()), list(temporary.keys()))
+    written = {posixpath.basename(uri) for uri in files}
+    clusters = FileSystems.match([FileSystems.join(paths.directory, "embeddings_*.npy")])
+    old_clusters = [
+        m.path for m in clusters[0].metadata_list if posixpath.basename(m.path) not in written
+    ]
+    if old_clusters:
+        FileSystems.delete(old_clusters)
+    marker = {**marker, "files": file_digests(files)}
     _write(paths.complete_marker, json_bytes(marker))
     # Temporaries of a killed run would otherwise stay. This run's own names are left alone:
     # a concurrent attempt at the same bundle (a retry) may still be renaming them.
@@ -290,6 +307,59 @@ def write_artifacts(
     stale = [m.path for m in found if not m.path.endswith(f".tmp-{run_id}")]
     if stale:
         FileSystems.delete(stale)
+
+
+def file_digests(files: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    """{file name: {size, sha256}} of the files a slide's marker vouches for."""
+    return {
+        posixpath.basename(uri): {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for uri, data in files.items()
+    }
+
+
+def check_file(marker: Mapping[str, Any] | None, name: str, data: bytes) -> None:
+    """ValueError unless `data` is the file `name` the marker recorded (size and SHA-256).
+    A marker from before checksums were recorded (no `files`) vouches for nothing more."""
+    recorded = (marker or {}).get("files")
+    if recorded is None:
+        return
+    entry = recorded.get(name)
+    if entry is None:
+        raise ValueError(f"{name} is not one of the files the completion marker records")
+    if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise ValueError(
+            f"{name} does not match its completion marker (size {len(data)}, recorded "
+            f"{entry.get('size')}): the file was changed or truncated after it was written"
+        )
+
+
+def marker_problem(paths: ArtifactPaths, marker: Mapping[str, Any], checksums: bool) -> str | None:
+    """Why the files under a completion marker are not the ones it recorded, or None.
+    Sizes come from one listing of the directory; checksums read every file."""
+    listing = FileSystems.match([FileSystems.join(paths.directory, "*")])[0].metadata_list
+    sizes = {posixpath.basename(m.path): m.size_in_bytes for m in listing}
+    recorded = marker.get("files")
+    if not recorded:
+        # A marker written before sizes were recorded: the seven files must at least be
+        # there and not empty (redoing a whole archive on upgrade would be the alternative).
+        for name in (posixpath.basename(uri) for uri in paths.files()):
+            if not sizes.get(name):
+                return f"{name} is missing or empty"
+        return None
+    for name, entry in recorded.items():
+        if name not in sizes:
+            return f"{name} is missing"
+        if sizes[name] != entry.get("size"):
+            return f"{name} has {sizes[name]} bytes, the marker recorded {entry.get('size')}"
+    if checksums:
+        for name in recorded:
+            with FileSystems.open(FileSystems.join(paths.directory, name)) as handle:
+                data = handle.read()
+            try:
+                check_file(marker, name, data)
+            except ValueError as exc:
+                return str(exc)
+    return None
 
 
 def completion_marker(paths: ArtifactPaths) -> dict[str, Any] | None:

@@ -73,6 +73,13 @@ class ArtifactPaths:
             complete_marker=at(COMPLETE_MARKER),
         )
 
+    def files(self) -> list[str]:
+        """The URIs of the seven artifact files (not the marker)."""
+        return [
+            self.metadata, self.thumbnail, self.thumbnail_mask, self.embeddings,
+            self.coordinates, self.centroids, self.labels,
+        ]  # fmt: skip
+
 
 def table_dir(output_root: str, table: str) -> str:
     """The folder of one local table (resource, search or failures)."""

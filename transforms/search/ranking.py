@@ -19,6 +19,7 @@ Backends:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -351,16 +352,21 @@ class SearchIndex:
         buffer = io.BytesIO()
         tables = io.BytesIO()
         pq.write_table(self.slides, tables)
-        np.savez(
-            buffer,
-            ivf=faiss.serialize_index(self.ivf),
-            slides=np.frombuffer(tables.getvalue(), np.uint8),
-            slide=self.slide,
-            centroid_index=self.centroid_index,
-            meta=np.frombuffer(
-                json.dumps({"built_from": self.built_from, "info": self.info}).encode(), np.uint8
-            ),
-        )
+        arrays = {
+            "ivf": faiss.serialize_index(self.ivf),
+            "slides": np.frombuffer(tables.getvalue(), np.uint8),
+            "slide": self.slide,
+            "centroid_index": self.centroid_index,
+        }
+        meta = {
+            "built_from": self.built_from,
+            "info": self.info,
+            # faiss.deserialize_index is not hardened against crafted bytes: load checks
+            # these before it hands any byte to faiss.
+            "sha256": _index_digest(arrays),
+            "tables_sha256": _tables_digest(output_root),
+        }
+        np.savez(buffer, **arrays, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
         uri = index_uri(output_root)
         with FileSystems.create(uri) as handle:
             handle.write(buffer.getvalue())
@@ -378,12 +384,21 @@ class SearchIndex:
                 f"{output_root}`"
             )
         with FileSystems.open(uri) as handle:
-            saved = np.load(io.BytesIO(handle.read()))
+            saved = np.load(io.BytesIO(handle.read()), allow_pickle=False)
         meta = json.loads(saved["meta"].tobytes())
-        if meta["built_from"] != _table_file_sizes(output_root):
+        rebuild = f"rebuild it with `pathembed index --output-root {output_root}`"
+        if meta["built_from"] != _table_file_sizes(output_root) or meta.get(
+            "tables_sha256"
+        ) != _tables_digest(output_root):
             raise ValueError(
                 f"the search index at {uri} was built from other table files than are there "
-                f"now; rebuild it with `pathembed index --output-root {output_root}`"
+                f"now; {rebuild}"
+            )
+        arrays = {name: saved[name] for name in ("ivf", "slides", "slide", "centroid_index")}
+        if meta.get("sha256") != _index_digest(arrays):
+            raise ValueError(
+                f"the search index at {uri} does not match its recorded checksum (changed or "
+                f"corrupted after it was built); {rebuild}"
             )
         return cls(
             ivf=faiss.deserialize_index(saved["ivf"]),
@@ -397,6 +412,35 @@ class SearchIndex:
 
 def index_uri(output_root: str) -> str:
     return FileSystems.join(output_root.rstrip("/"), "tables", INDEX_FILE)
+
+
+def _index_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of an index's arrays (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+_FOOTER_BYTES = 64 * 1024
+
+
+def _tables_digest(output_root: str) -> str:
+    """SHA-256 of the resource and search table files an index indexes: names, sizes and
+    each file's last 64 KiB (the Parquet footer: schema, row groups, their offsets and
+    statistics). Cheap on a 100 GB search table, and any rewritten file changes it."""
+    digest = hashlib.sha256()
+    for table in ("resource", "search"):
+        pattern = FileSystems.join(table_dir(output_root, table), "*.parquet")
+        found = sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path)
+        for meta in found:
+            digest.update(f"{table}/{posixpath.basename(meta.path)}:{meta.size_in_bytes};".encode())
+            with FileSystems.open(meta.path) as handle:
+                handle.seek(max(0, meta.size_in_bytes - _FOOTER_BYTES))
+                digest.update(handle.read())
+    return digest.hexdigest()
 
 
 def _table_file_sizes(output_root: str) -> dict[str, int]:

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pydicom
+import requests
 
 from transforms import metrics
 from transforms.dicom_io import geometry
@@ -31,7 +32,7 @@ from transforms.records import (
     validate_uid,
     validate_uuid,
 )
-from transforms.urls import is_remote
+from transforms.urls import is_remote, redact_url
 
 _LOG = logging.getLogger(__name__)
 
@@ -308,13 +309,61 @@ def unreadable_series(series_uid: str, exc: Exception) -> FolderFailure:
 
 
 def _read_header(uri: str) -> pydicom.Dataset | None:
-    """The header of a DICOM file (local or by range reads), or None if it is not DICOM."""
+    """The header of a DICOM file (local or by range reads), or None if it is not DICOM.
+
+    A remote object that cannot be read (403, 404, retries spent) is not "not DICOM": it
+    raises SlideError (read_error or transient_http), so the listing can turn it into a
+    failure row for its series instead of letting a level or a slide silently disappear.
+    """
+    remote = is_remote(uri)
     try:
-        if is_remote(uri):
+        if remote:
             return read_header(uri)[0]
         return pydicom.dcmread(uri, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError):
+    except (requests.RequestException, OSError) as exc:
+        if not remote:
+            return None  # an unreadable local file: not a slide file (as before)
+        raise SlideError(ReasonCode.READ_ERROR, f"reading {redact_url(uri)}: {exc}") from exc
+    except (pydicom.errors.InvalidDicomError, EOFError, ValueError):
         return None  # not DICOM: README, thumbnails, ...
+
+
+def _parent(uri: str) -> str:
+    return uri.rsplit("/", 1)[0]
+
+
+def _pixels(ds: pydicom.Dataset) -> int:
+    try:
+        return int(ds.get("TotalPixelMatrixColumns", 0) or 0) * int(
+            ds.get("TotalPixelMatrixRows", 0) or 0
+        )
+    except (TypeError, ValueError):
+        return 0
+
+
+def _uuid_in_name(uri: str) -> str | None:
+    """IDC names objects `{crdc_series_uuid}/{crdc_instance_uuid}.dcm`: that UUID, if any."""
+    stem = uri.rsplit("/", 1)[-1].split(".", 1)[0]
+    try:
+        return validate_uuid(stem)
+    except SlideError:
+        return None
+
+
+def _unreadable_error(lost: list[tuple[str, SlideError]], where: str) -> SlideError:
+    """One failure for the objects of a series that could not be read (transient_http when
+    every one of them outlasted its retries, so a rerun of transient failures picks it up)."""
+    reason = (
+        ReasonCode.TRANSIENT_HTTP
+        if all(e.reason == ReasonCode.TRANSIENT_HTTP for _, e in lost)
+        else ReasonCode.READ_ERROR
+    )
+    first_uri, first = lost[0]
+    return SlideError(
+        reason,
+        f"{len(lost)} object(s) {where} could not be read, e.g. {redact_url(first_uri)}: "
+        f"{first.message}".replace("  ", " "),
+    )
 
 
 def _file_failure(uri: str, ds: pydicom.Dataset | None, error: SlideError) -> FolderFailure:
@@ -341,10 +390,15 @@ def enumerate_dicom_folder(
     if not is_remote(where) and not Path(where).is_dir():
         raise FileNotFoundError(f"input folder {folder} does not exist")
     series: dict[str, list[tuple[str, pydicom.Dataset]]] = defaultdict(list)
+    unreadable: dict[str, list[tuple[str, SlideError]]] = defaultdict(list)  # by parent
     for uri in list_uris(where):
         ds = None
         try:
-            ds = _read_header(uri)
+            try:
+                ds = _read_header(uri)
+            except SlideError as exc:  # remote object that could not be read: decided below
+                unreadable[_parent(uri)].append((uri, exc))
+                continue
             if ds is None:
                 _LOG.info("ignored %s: not a DICOM file", uri)
                 continue
@@ -369,8 +423,22 @@ def enumerate_dicom_folder(
                 ReasonCode.MALFORMED_HEADER, f"the header of {uri} could not be read: {exc!r}"
             )  # fmt: skip
             yield _file_failure(uri, ds, error)
-    _LOG.info("found %d slide series under %s", len(series), folder)
+    _LOG.info("found %d slide series under %s", len(series), redact_url(str(folder)))
+    claimed: set[str] = set()
     for series_uid, instances in sorted(series.items()):
+        parents = {_parent(uri) for uri, _ in instances}
+        lost = [item for parent in sorted(parents) for item in unreadable.get(parent, [])]
+        if lost:
+            # An object beside this series' instances could not be read: it may be one of
+            # its levels, so the series fails rather than being embedded from what is left.
+            claimed |= parents
+            sop = max(instances, key=lambda i: _pixels(i[1]))[1].get("SOPInstanceUID")
+            yield FolderFailure(
+                failure_uuid(sop, where=series_uid),
+                series_uid,
+                _unreadable_error(lost, f"beside the series' {len(instances)} instances"),
+            )
+            continue
         try:
             yield record_from_headers(series_uid, instances, rule)
         except Exception as exc:  # one series' odd header is that series' failure row
@@ -380,3 +448,6 @@ def enumerate_dicom_folder(
                 f"series {series_uid} ({len(instances)} files, first {uri}) could not be "
                 f"interpreted: {exc!r}",
             ))  # fmt: skip
+    for parent, lost in sorted(unreadable.items()):
+        if parent not in claimed:  # a whole series (or slide) that could not be read
+            yield FolderFailure(_uuid_in_name(lost[0][0]), None, _unreadable_error(lost, ""))

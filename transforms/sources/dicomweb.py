@@ -7,17 +7,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from transforms.dicom_io.dicomweb import DicomWebClient, instance_url, metadata_dataset, series_of
+from transforms.errors import ReasonCode, SlideError
 from transforms.levels import LevelRule
-from transforms.records import FolderFailure, SlideRecord
+from transforms.records import FolderFailure, SlideRecord, validate_uid
 from transforms.sources.dicom_files import VL_WSI_SOP_CLASS, record_from_headers, unreadable_series
 
 
-def list_series(base_url: str, auth: str, limit: int | None) -> Iterator[tuple[str, str]]:
-    """(StudyInstanceUID, SeriesInstanceUID) of the store's SM series, at most `limit`."""
+def list_series(
+    base_url: str, auth: str, limit: int | None
+) -> Iterator[tuple[str, str] | FolderFailure]:
+    """(StudyInstanceUID, SeriesInstanceUID) of the store's SM series, at most `limit`; a row
+    whose UIDs are not valid becomes a failure (they would otherwise reach URL paths)."""
     for n, row in enumerate(DicomWebClient(base_url, auth).search_series("SM")):
         if limit is not None and n >= limit:
             return
-        yield series_of(row)
+        try:
+            yield series_of(row)
+        except ValueError as exc:
+            yield FolderFailure(None, None, SlideError(ReasonCode.READ_ERROR, f"QIDO row: {exc}"))
 
 
 def series_records(
@@ -25,13 +32,17 @@ def series_records(
 ) -> Iterator[SlideRecord | FolderFailure]:
     """The record (or failure) of one series from its WADO-RS metadata; nothing for a series
     without WSI instances."""
+    if isinstance(series, FolderFailure):
+        yield series
+        return
     study, series_uid = series
     instances = []
     try:
         for tags in DicomWebClient(base_url, auth).series_metadata(study, series_uid):
             ds = metadata_dataset(tags)
             if ds.get("SOPClassUID") == VL_WSI_SOP_CLASS:
-                uri = instance_url(base_url, study, series_uid, str(ds.SOPInstanceUID))
+                sop = validate_uid(str(ds.SOPInstanceUID))  # a URL path segment next
+                uri = instance_url(base_url, study, series_uid, sop)
                 instances.append((uri, ds))
     except Exception as exc:  # one unreadable series must not stop the run
         yield unreadable_series(series_uid, exc)

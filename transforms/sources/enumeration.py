@@ -25,7 +25,9 @@ from collections.abc import Iterator
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import bigquery, metrics
+from transforms import bigquery, metrics, urls
+from transforms.dicom_io.dicomweb import is_instance_url, parse_instance_url
+from transforms.errors import ReasonCode, SlideError
 from transforms.levels import LevelRule
 from transforms.records import FolderFailure, SlideRecord
 from transforms.sources import dicomweb, idc
@@ -36,18 +38,64 @@ from transforms.urls import is_remote
 _LOG = logging.getLogger(__name__)
 
 
-def _tagged(item, uuids: frozenset[str], dicomweb_auth: str) -> Iterator[object]:
+def _tagged(
+    item,
+    uuids: frozenset[str],
+    dicomweb_auth: str,
+    dicomweb_url: str | None = None,
+    manifest: bool = False,
+) -> Iterator[object]:
     """A found slide on the main output (its DICOMweb reads set to authenticate as
     source.dicomweb_auth says), a failure on 'failed' (unless other slides were asked for);
-    counted either way."""
+    counted either way. A slide whose URLs the source configuration does not allow (see
+    `bound_to_source`) becomes an `untrusted_url` failure."""
     metrics.counter(metrics.SLIDES_FOUND).inc()
     if not isinstance(item, FolderFailure):
-        if item.dicomweb_url and item.dicomweb_auth != dicomweb_auth:
-            item = dataclasses.replace(item, dicomweb_auth=dicomweb_auth)
+        try:
+            item = bound_to_source(item, dicomweb_auth, dicomweb_url, manifest)
+        except ValueError as exc:
+            item = FolderFailure(
+                item.instance_uuid, item.series_instance_uid,
+                SlideError(ReasonCode.UNTRUSTED_URL, str(exc)),
+            )  # fmt: skip
+    if not isinstance(item, FolderFailure):
         yield item
     elif not uuids or item.instance_uuid in uuids:
         metrics.counter(metrics.ENUMERATE_FAILURES).inc()
         yield beam.pvalue.TaggedOutput("failed", item)
+
+
+def bound_to_source(
+    record: SlideRecord, auth: str, dicomweb_url: str | None, manifest: bool
+) -> SlideRecord:
+    """The record with the source's DICOMweb auth mode, or ValueError when it names URLs the
+    source configuration does not allow.
+
+    Credentials are bound to the configured store: a record whose WADO-RS URLs lie elsewhere
+    (a manifest row naming its own `dicomweb_url`) is refused when a store is configured and
+    read without credentials when none is; `none` means none for every record, with or
+    without a `dicomweb_url`. Manifest `files` must be local paths, gs://, s3:// or https://
+    objects, or instance URLs under the configured store (transforms.urls.check_manifest_uri).
+    """
+    if manifest:
+        for _, uri in record.files:
+            urls.check_manifest_uri(uri, dicomweb_url, is_instance_url)
+    bases = {parse_instance_url(uri)[0] for _, uri in record.files if is_instance_url(uri)}
+    if record.dicomweb_url:
+        bases.add(record.dicomweb_url.rstrip("/"))
+    mode = auth if bases else record.dicomweb_auth  # no DICOMweb URL: the mode is unused
+    if bases:
+        store = dicomweb_url.rstrip("/") if dicomweb_url else None
+        if store is not None and bases != {store}:
+            shown = ", ".join(sorted(urls.redact_url(b) for b in bases))
+            raise ValueError(f"DICOMweb store {shown} is not the configured store")
+        if store is None:
+            mode = "none"  # no store configured: nobody's credentials go to a row's host
+    if auth == "none":
+        mode = "none"
+    if mode != record.dicomweb_auth:
+        record = dataclasses.replace(record, dicomweb_auth=mode)
+    return record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +202,9 @@ class EnumerateSlides(beam.PTransform):
         query = None
         if source.kind == "bigquery":  # render (and validate) in the driver
             query = idc.render_slides_query(
-                source.bigquery_table, source.collections, sorted(uuids), source.limit
-            )
+                source.bigquery_table, source.collections, sorted(uuids), source.limit,
+                source.bigquery_mutable_table,
+            )  # fmt: skip
         self._source = source
         self._run = _Run(rule, uuids, idc_version, query)
 
@@ -163,7 +212,7 @@ class EnumerateSlides(beam.PTransform):
         src = self._source
         found = SOURCES[src.kind](pbegin, src, self._run)
         outputs = found | "Split" >> beam.FlatMap(
-            _tagged, self._run.uuids, src.dicomweb_auth
+            _tagged, self._run.uuids, src.dicomweb_auth, src.dicomweb_url, src.kind == "manifest"
         ).with_outputs("failed", main="slides")
         if src.manifest_out:
             _ = outputs.slides | "WriteManifest" >> _WriteManifest(src.manifest_out)

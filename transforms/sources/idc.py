@@ -1,10 +1,14 @@
 """IDC as a slide source: the BigQuery `dicom_all` table, and the offline idc-index-data index.
 
 BigQuery (production): one parameterised standard-SQL query, transforms/sql/idc_slides.sql,
-over a pinned release (`bigquery-public-data.idc_v20.dicom_all` by default). The table id is a
-validated identifier; collections, UUIDs and the limit are query parameters. It returns one row
-per slide with all its VOLUME levels; `records_from_rows` chooses the levels with
-`transforms.levels.choose_levels`, like every source. It runs with the google-cloud-bigquery
+over a pinned release (`bigquery-public-data.idc_v25.dicom_all` by default, the release of
+the offline index idc-index-data 25.0.5, so both IDC sources see the same archive). Every SM
+series in scope comes back as a slide or as a reason row (no_pyramid, multiple_planes,
+not_brightfield), which becomes a failure row; object URLs come from
+`idc_current.mutable_metadata` when it has them (a pinned release's URLs are never updated).
+The table ids are validated identifiers; collections, UUIDs and the limit are query
+parameters. A slide row holds all its VOLUME levels; `records_from_rows` chooses the levels
+with `transforms.levels.choose_levels`, like every source. It runs with the google-cloud-bigquery
 client (Beam's ReadFromBigQuery takes no query parameters) and needs credentials; rendering
 and row conversion are pure functions, tested offline.
 
@@ -33,7 +37,12 @@ from transforms.levels import DEFAULT_RULE, LevelInfo, LevelRule, PixelSpacing
 from transforms.records import FolderFailure, SlideRecord, failure_uuid, validate_uuid
 from transforms.sources.dicom_files import build_record, record_from_headers, unreadable_series
 
-DEFAULT_TABLE = "bigquery-public-data.idc_v20.dicom_all"
+DEFAULT_TABLE = "bigquery-public-data.idc_v25.dicom_all"
+# Current gcs_url / aws_url of every instance (IDC updates these when objects move; a pinned
+# release's dicom_all keeps the URLs of its publication).
+DEFAULT_MUTABLE_TABLE = "bigquery-public-data.idc_current.mutable_metadata"
+# Reason codes the query may return for an SM series that is not embedded.
+QUERY_REASONS = ("no_pyramid", "multiple_planes", "not_brightfield")
 DEFAULT_BUCKET = "s3://idc-open-data"
 _RELEASE_RE = re.compile(r"\bidc_(v\d+)\b")
 MAX_SLIDES = 2**62  # "no limit" for @max_slides
@@ -55,9 +64,14 @@ def render_slides_query(
     collections: Sequence[str] = (),
     uuids: Sequence[str] = (),
     limit: int | None = None,
+    mutable_table: str | None = DEFAULT_MUTABLE_TABLE,
 ) -> bigquery.Query:
-    """The slides query for a release table, filtered by collections / instance UUIDs."""
-    sql = bigquery.render_sql("idc_slides.sql", {"dicom_all": table})
+    """The slides query for a release table, filtered by collections / instance UUIDs.
+    `mutable_table`: where current object URLs come from; None keeps the release's own (the
+    join is then onto the release table itself, which gives each instance its own URLs)."""
+    sql = bigquery.render_sql(
+        "idc_slides.sql", {"dicom_all": table, "mutable_metadata": mutable_table or table}
+    )
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
     return bigquery.Query(
@@ -94,6 +108,9 @@ def records_from_rows(
         raise ValueError("read_from=dicomweb needs a DICOMweb base URL")
     for row in rows:
         study, series = str(row["StudyInstanceUID"]), str(row["SeriesInstanceUID"])
+        if row.get("reason"):
+            yield _reason_failure(row)
+            continue
         levels, files, uuids, hashes = [], [], {}, {}
         for level in row["levels"]:
             sop = str(level["SOPInstanceUID"])
@@ -130,6 +147,39 @@ def records_from_rows(
             idc_version=idc_version,
             dicomweb_url=dicomweb_url if read_from == "dicomweb" else None,
         )
+
+
+def _reason_failure(row: Mapping[str, Any]) -> FolderFailure:
+    """The failure of an SM series the query says is not a slide (see idc_slides.sql)."""
+    reason = str(row["reason"])
+    code = ReasonCode(reason) if reason in QUERY_REASONS else ReasonCode.INTERNAL_ERROR
+    levels = row.get("levels") or []
+    candidates = [lv.get("crdc_instance_uuid") for lv in levels] + [row.get("any_instance_uuid")]
+    instance_uuid = None
+    for candidate in candidates:  # the widest VOLUME level's, else any instance's
+        try:
+            instance_uuid = validate_uuid(str(candidate)) if candidate else None
+        except SlideError:
+            instance_uuid = None
+        if instance_uuid:
+            break
+    details = {
+        "no_pyramid": "no VOLUME instance of VL Whole Slide Microscopy Image Storage",
+        "multiple_planes": (
+            f"up to {row.get('max_optical_paths')} optical paths and "
+            f"{row.get('max_focal_planes')} focal planes per level; only single-plane "
+            "brightfield pyramids are embedded"
+        ),
+        "not_brightfield": (
+            "a VOLUME level's optical path has no transmitted-light illumination code "
+            "(accepted: DCM 111741 Transmission illumination, DCM 111744 Brightfield)"
+        ),
+    }
+    message = f"BigQuery source, series {row.get('SeriesInstanceUID')}: " + details.get(
+        reason, f"unknown query reason {reason!r}"
+    )
+    series = row.get("SeriesInstanceUID")
+    return FolderFailure(instance_uuid, str(series) if series else None, SlideError(code, message))
 
 
 # ---------------------------------------------------------------------------------------------

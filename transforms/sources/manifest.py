@@ -16,11 +16,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import urls
 from transforms.errors import ReasonCode, SlideError
 from transforms.levels import LevelChoice, LevelInfo, PixelSpacing
 from transforms.records import FolderFailure, SlideRecord, validate_uid, validate_uuid
@@ -49,6 +51,9 @@ COLUMNS = (
     *(f"mask_{f}" for f in _LEVEL_FIELDS),
     "files",
 )
+
+
+MAX_DOWNSAMPLE = 16.0
 
 
 def _level_row(prefix: str, level: LevelInfo) -> dict[str, Any]:
@@ -113,12 +118,17 @@ def record_from_row(row: dict[str, Any]) -> SlideRecord:
         raise ValueError("files do not name the embedding and mask instances")
     if embedding.spacing is None or mask.spacing is None:
         raise SlideError(ReasonCode.NO_PIXEL_SPACING, "manifest row without pixel spacing")
+    downsample = float(row["downsample"])
+    # It sizes the resized image (level size / downsample): bounded like choose_levels'
+    # (>= 1; 0.5 µm target over the finest plausible 0.05 µm spacing is 10).
+    if not (math.isfinite(downsample) and 1.0 <= downsample <= MAX_DOWNSAMPLE):
+        raise ValueError(f"downsample {row['downsample']!r} is not in [1, {MAX_DOWNSAMPLE}]")
     record = SlideRecord(
         instance_uuid=validate_uuid(str(row["instance_uuid"])),
         study_instance_uid=validate_uid(str(row["study_instance_uid"])),
         series_instance_uid=validate_uid(str(row["series_instance_uid"])),
         sop_instance_uid=validate_uid(str(row["sop_instance_uid"])),
-        levels=LevelChoice(embedding, mask, float(row["downsample"])),
+        levels=LevelChoice(embedding, mask, downsample),
         files=pairs,
         collection=_blank(row.get("collection")),
         idc_version=_blank(row.get("idc_version")),
@@ -191,8 +201,15 @@ def parse_manifest(path: str) -> Iterator[SlideRecord | FolderFailure]:
 
 
 def format_rows(records: Iterable[SlideRecord], csv_format: bool) -> str:
-    """Manifest text of these records."""
-    rows = [record_to_row(r) for r in records]
+    """Manifest text of these records; URLs without user-info or signatures (a presigned
+    URL is a credential: a written manifest must not carry it)."""
+    rows = []
+    for record in records:
+        row = record_to_row(record)
+        row["files"] = [[sop, urls.redact_url(uri)] for sop, uri in row["files"]]
+        if row.get("dicomweb_url"):
+            row["dicomweb_url"] = urls.redact_url(row["dicomweb_url"])
+        rows.append(row)
     if not csv_format:
         return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
     out = io.StringIO()

@@ -1,5 +1,5 @@
 -- One slide of a resource table (DESIGN.md §5), by instance UUID or by Study + Series UIDs.
--- Rendered by transforms/access.py: ${resource_table} is a validated table id; the slide is named
+-- Rendered by transforms/outputs/archive.py: ${resource_table} is a validated table id; the slide is named
 -- only through query parameters: @instance_uuid, or @study_instance_uid and @series_instance_uid
 -- (the others NULL, which match nothing).
 SELECT instance_uuid, StudyInstanceUID, SeriesInstanceUID

@@ -1,7 +1,7 @@
 -- Merges one run's staging tables into the final tables, so that reruns never duplicate rows.
 --
 -- Each run loads its rows (WriteToBigQuery, FILE_LOADS) into its own staging tables; this
--- script, run once the job has finished (transforms/bigquery_sink.py merge_run, after the
+-- script, run once the job has finished (transforms/outputs/bigquery_sink.py merge_run, after the
 -- CREATE TABLE IF NOT EXISTS of tables.sql for the final and the staging tables):
 --   resource, search  the rows of every slide the run wrote replace that slide's rows (all of
 --                     its centroids, so a slide re-embedded with fewer centroids keeps none of

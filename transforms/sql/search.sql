@@ -10,7 +10,7 @@
 -- "CosineSimilarity" and sorted it DESC, so the slides FARTHEST from the query came first.
 -- Here similarity = 1 - distance is what is summed (or maxed) and sorted DESC.
 --
--- Rendered by transforms/search.py (bigquery_search_job): ${search_table}, ${resource_table}
+-- Rendered by transforms/search/ranking.py (bigquery_search_job): ${search_table}, ${resource_table}
 -- and ${idc_table} are validated table ids, and ${fraction_lists_to_search} a number in (0, 1)
 -- (BigQuery takes `options` only as a literal). Every other value is a query parameter:
 --   @query_study_uid, @query_series_uid  STRING  query by a slide already in the search table
