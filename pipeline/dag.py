@@ -8,6 +8,8 @@ run when most slides fail: transforms/breaker.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import apache_beam as beam
 
 from pipeline.config import DATASET_VERSION, PIPELINE_VERSION, PipelineConfig, parameter_hash
@@ -35,6 +37,7 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
     write_artifacts = stages.WriteArtifactsFn(
         output_root=root, model=model, parameter_hash=p_hash, params=params,
         dataset_version=DATASET_VERSION, pipeline_version=PIPELINE_VERSION, run_id=run_id,
+        hashing=dataclasses.asdict(cfg.hashing),
     )  # fmt: skip
 
     found = p | "Enumerate" >> enumerate_slides

@@ -29,7 +29,8 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 _SLIDE_ERRORS = (LookupError, ValueError, FileNotFoundError, SlideError)
 _RESULT_COLUMNS = [
     "rank", "score", "hits", "collection", "protocol", "StudyInstanceUID", "SeriesInstanceUID",
-    "instance_uuid", "thumbnail_uri",
+    "instance_uuid", "thumbnail_uri", "source_license", "source_doi",
+    *search.SEED_COLUMNS,
 ]  # fmt: skip
 
 
@@ -284,7 +285,7 @@ def _print_matches(
     params: search.SearchParams,
     matches: list[search.SlideMatch],
 ) -> None:
-    rows = search.matches_as_rows(matches)
+    rows = search.matches_as_rows(matches, params.aggregate)
     for row in rows:  # DICOM's column names, as in the tables
         row["StudyInstanceUID"] = row.pop("study_instance_uid")
         row["SeriesInstanceUID"] = row.pop("series_instance_uid")
@@ -329,6 +330,8 @@ def _results_table(
                "SeriesInstanceUID"]  # fmt: skip
     if any(row["protocol"] for row in rows):
         columns.insert(4, "protocol")
+    if any(row["source_license"] for row in rows):
+        columns += ["source_license", "source_doi"]
     cells = [
         [
             f"{row[c]:.4f}" if c == "score" else "-" if row[c] is None else str(row[c])
@@ -477,7 +480,8 @@ def lookup_command(args: argparse.Namespace, _: list[str]) -> int:
             row = access.find_resource(_local_root(args, "lookup"), **slide)
     keys = ["instance_uuid", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
             "collection", "metadata_uri", "thumbnail_uri", "embedding_count",
-            "number_of_centroids", "model_name", "run_id", "created_time"]  # fmt: skip
+            "number_of_centroids", "model_name", "run_id", "created_time",
+            "clustering_method", "source_license", "source_doi"]  # fmt: skip
     found = {key: row[key] for key in keys if key in row}
     if args.json:
         print(json.dumps(found, indent=1, default=str))

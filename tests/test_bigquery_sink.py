@@ -119,7 +119,7 @@ def test_the_checked_in_ddl_is_generated_from_the_schemas():
     )
     rendered = render_sql(
         "tables.sql",
-        {f"{k}_table": f"{DATASET}.{k}" for k in ("resource", "search", "failures")},
+        {f"{k}_table": f"{DATASET}.{k}" for k in TABLES},
     )
     assert f"CREATE TABLE IF NOT EXISTS `{DATASET}.search` (" in rendered
     assert "  embedding ARRAY<FLOAT64>\n" in rendered
@@ -163,13 +163,17 @@ def _create(db: sqlite3.Connection, table_id: str, kind: str) -> None:
     db.execute(f"CREATE TABLE `{table_id}` ({columns})")
 
 
-def _stage(db, run: RunTables, run_id: str, slides: dict[str, int], failures: int) -> None:
-    """Staging rows of one run: a resource row and `k` search rows per slide."""
+def _stage(
+    db, run: RunTables, run_id: str, slides: dict[str, int], failures: int, series=None
+) -> None:
+    """Staging rows of one run: a resource row and `k` search rows per slide (`series`:
+    {uuid: SeriesInstanceUID} where a slide's series is not its own)."""
     for kind in ("resource", "search", "failures"):
         _create(db, run.staging[kind], kind)
     for uuid, k in slides.items():
         values = {c.name: f"{c.name}-{uuid}" for c in TABLES["resource"]}
         values |= {"instance_uuid": uuid, "run_id": run_id, "number_of_centroids": k}
+        values["SeriesInstanceUID"] = (series or {}).get(uuid, f"series-{uuid}")
         _insert(db, run.staging["resource"], "resource", values)
         for i in range(k):
             row = _search_row(instance_uuid=uuid, centroid_index=i, embedding=json.dumps([i]))
@@ -193,7 +197,7 @@ def test_merging_runs_replaces_slides_rows_instead_of_duplicating_them():
     cfg = TablesConfig(sink="bigquery", bigquery_dataset=DATASET)
     db = sqlite3.connect(":memory:")
     first, second = RunTables.of(cfg, "run1"), RunTables.of(cfg, "run2")
-    for kind in ("resource", "search", "failures"):
+    for kind in first.final:
         _create(db, first.final[kind], kind)
     a, b = "aaaaaaaa-0000-4000-8000-000000000000", "bbbbbbbb-0000-4000-8000-000000000000"
 
@@ -223,6 +227,40 @@ def test_merging_runs_replaces_slides_rows_instead_of_duplicating_them():
     # The staging tables are gone.
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert names == set(first.final.values())
+
+
+def test_a_new_release_of_a_series_retires_the_old_uuid_into_the_history_table():
+    """IDC re-issued the UUID of a changed instance: after the merge, the series has one
+    resource row (the new UUID) and only its search rows; the old row is in the history table
+    with what replaced it; a slide of another series is untouched."""
+    cfg = TablesConfig(sink="bigquery", bigquery_dataset=DATASET)
+    db = sqlite3.connect(":memory:")
+    first, second = RunTables.of(cfg, "run1"), RunTables.of(cfg, "run2")
+    for kind in first.final:
+        _create(db, first.final[kind], kind)
+    old, new, other = (f"{c * 8}-0000-4000-8000-000000000000" for c in "abc")
+    _stage(db, first, "run1", {old: 3, other: 2}, failures=0, series={old: "1.2.3"})
+    db.executescript(merge_sql(first))
+    _stage(db, second, "run2", {new: 2}, failures=0, series={new: "1.2.3"})
+    db.executescript(merge_sql(second))
+
+    final = first.final
+    assert _rows(db, final["resource"], "instance_uuid", "SeriesInstanceUID") == [
+        (new, "1.2.3"),
+        (other, f"series-{other}"),
+    ]
+    assert {r[0] for r in _rows(db, final["search"], "instance_uuid")} == {new, other}
+    assert len(_rows(db, final["search"], "instance_uuid")) == 4
+    history = _rows(
+        db, final["resource_history"], "instance_uuid", "run_id",
+        "superseded_by_instance_uuid", "superseded_by_run_id",
+    )  # fmt: skip
+    assert history == [(old, "run1", new, "run2")]
+    # Merging the same run again retires nothing more.
+    _stage(db, second, "run2", {new: 2}, failures=0, series={new: "1.2.3"})
+    db.executescript(merge_sql(second))
+    assert len(_rows(db, final["resource_history"], "instance_uuid")) == 1
+    assert len(_rows(db, final["resource"], "instance_uuid")) == 2
 
 
 def test_the_merge_sql_is_one_transaction_then_drops():

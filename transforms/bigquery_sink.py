@@ -26,6 +26,7 @@ import apache_beam as beam
 from transforms.tables import TABLES, Column, bigquery_ddl_columns, bigquery_schema, row_errors
 
 TABLE_KINDS = ("resource", "search", "failures")
+HISTORY_KIND = "resource_history"
 STAGING_DAYS = 7
 _RUN_TOKEN = re.compile(r"[^A-Za-z0-9_]")
 
@@ -76,6 +77,9 @@ class RunTables:
         token = _RUN_TOKEN.sub("_", run_id)
         final = {kind: f"{dataset}.{getattr(tables_cfg, kind)}" for kind in TABLE_KINDS}
         staging = {kind: f"{table}_staging_{token}" for kind, table in final.items()}
+        # Superseded resource rows move here at merge time (no staging table: only the merge
+        # writes it).
+        final[HISTORY_KIND] = f"{final['resource']}_history"
         for table_id in [*final.values(), *staging.values()]:
             _validate_table_id(table_id)
         return cls(final, staging)
@@ -137,11 +141,13 @@ def ddl_file_text() -> str:
         "-- pathembed's three tables (DESIGN.md §5), generated from transforms/tables.py by\n"
         "-- transforms.bigquery_sink.ddl_file_text(); tests/test_bigquery_sink.py checks that\n"
         "-- this file is current. Render with transforms.access.render_sql('tables.sql', ...):\n"
-        "-- ${resource_table}, ${search_table} and ${failures_table} are validated table ids.\n"
+        "-- ${resource_table}, ${search_table}, ${failures_table} and ${resource_history_table}\n"
+        "-- are validated table ids.\n"
         "-- `embedding` holds 384 FLOAT64 per row: BigQuery cannot declare an array's length,\n"
         "-- so both sinks check it (transforms/tables.py row_errors).\n\n"
     )
-    return header + _create_tables({kind: f"${{{kind}_table}}" for kind in TABLE_KINDS})
+    kinds = (*TABLE_KINDS, HISTORY_KIND)
+    return header + _create_tables({kind: f"${{{kind}_table}}" for kind in kinds})
 
 
 def merge_sql(run: RunTables) -> str:

@@ -169,6 +169,9 @@ def records_from_rows(
             instance_hashes=hashes,
             collection=row.get("collection_id"),
             idc_version=idc_version,
+            # dicom_all's per-series license and DOI, when the query selects them.
+            source_license=row.get("license_short_name"),
+            source_doi=row.get("source_DOI"),
             dicomweb_url=dicomweb_url if read_from == "dicomweb" else None,
         )
 
@@ -199,6 +202,8 @@ class IdcSeries:
     series_size_mb: float
     transfer_syntax: str | None
     series_aws_url: str | None
+    license_short_name: str | None = None
+    source_doi: str | None = None
 
 
 _INDEX_COLUMNS = {
@@ -210,6 +215,8 @@ _INDEX_COLUMNS = {
     "series_size_MB": "series_size_mb",
     "TransferSyntaxUID": "transfer_syntax",
     "series_aws_url": "series_aws_url",
+    "license_short_name": "license_short_name",
+    "source_DOI": "source_doi",
 }
 
 
@@ -311,6 +318,8 @@ def resolve_series(
         instance_uuids=uuids,
         collection=series.collection_id,
         idc_version=idc_version or index_version(),
+        source_license=series.license_short_name,
+        source_doi=series.source_doi,
     )
 
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from transforms import bucket, patches, tissue
+from transforms import bucket, patches, pixel_hash, tissue
 from transforms.errors import ReasonCode, SlideError
 from transforms.slides import SlideRecord
+
+PIXELDATA_SHA512_MODES = ("local", "all")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,17 @@ class PlanParams:
     chunk_size: int = 256
     thumbnail_max_size: int = 1024
     jpeg_quality: int = 90
+    # Whose PixelData SHA-512 is computed: "local" (local files only, read from disk anyway)
+    # or "all" (also gs://, s3://, http(s) and DICOMweb instances, streamed once more:
+    # transforms/pixel_hash.py; costs reading the embedding level's whole PixelData value).
+    pixeldata_sha512: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.pixeldata_sha512 not in PIXELDATA_SHA512_MODES:
+            raise ValueError(
+                f"hashing.pixeldata_sha512: one of {PIXELDATA_SHA512_MODES}, "
+                f"not {self.pixeldata_sha512!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -139,8 +152,14 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
     thumbnail_mask = tissue.thumbnail_with_patches(
         thumbnail, grid.coords, params.patch_size, choice.source_width, choice.source_height
     )
-    # Remote instances are never downloaded whole: their hashes are IDC's MD5 or null.
-    md5, sha512 = instance_hashes(record.embedding_file) if record.is_local else (None, None)
+    # Local files: both hashes (cheap). Remote instances: the MD5 is what the source reports
+    # (IDC's instance_hash, the bucket's object MD5); the SHA-512 only when asked for, since it
+    # streams the whole PixelData value once more.
+    md5 = sha512 = None
+    if record.is_local:
+        md5, sha512 = instance_hashes(record.embedding_file)
+    elif params.pixeldata_sha512 == "all":
+        sha512, _ = pixel_hash.pixeldata_sha512(record.embedding_file, record.dicomweb_auth)
     plan = SlidePlan(
         record=record,
         coords=grid.coords,

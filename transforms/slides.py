@@ -92,6 +92,10 @@ class SlideRecord:
     # How WADO-RS reads authenticate (source.dicomweb_auth: auto, google, none); a mode,
     # never a credential: credentials come from ADC on the worker that reads.
     dicomweb_auth: str = "auto"
+    # The series' license and DOI as IDC lists them (idc-index `license_short_name`,
+    # `source_DOI`; BigQuery dicom_all the same), None where the source does not know them.
+    source_license: str | None = None
+    source_doi: str | None = None
 
     def __repr__(self) -> str:
         return f"SlideRecord({self.instance_uuid}, series={self.series_instance_uid})"
@@ -208,6 +212,8 @@ def build_record(
     collection: str | None = None,
     idc_version: str | None = None,
     dicomweb_url: str | None = None,
+    source_license: str | None = None,
+    source_doi: str | None = None,
 ) -> SlideRecord | FolderFailure:
     """Chooses the levels of one series (DESIGN.md §3) and makes its record (or failure).
 
@@ -240,6 +246,8 @@ def build_record(
             idc_version=idc_version,
             instance_hash=(instance_hashes or {}).get(sop),
             dicomweb_url=dicomweb_url,
+            source_license=source_license,
+            source_doi=source_doi,
         )
     except SlideError as error:
         return FolderFailure(fallback_uuid, series_uid, error)

@@ -8,6 +8,7 @@ and artifacts.py. Failures are not handled here: the DAG wraps every stage with 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ from transforms.slides import FolderFailure, SlideRecord
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "pathembed"
+# The license of the embeddings this pipeline publishes (as the seed's dataset: CC BY 4.0);
+# the source images keep their own, recorded per slide as source_license.
+EMBEDDINGS_LICENSE = "CC BY 4.0"
 
 
 def _timed(name: str):
@@ -147,8 +151,10 @@ class WriteArtifactsFn(beam.DoFn):
         dataset_version: str,
         pipeline_version: str,
         run_id: str,
+        hashing: dict | None = None,
     ):
         self._root = output_root
+        self._hashing = hashing or {"pixeldata_sha512": "local"}
         self._model = model  # models.ModelInfo
         self._hash = parameter_hash
         self._params = params
@@ -188,12 +194,19 @@ class WriteArtifactsFn(beam.DoFn):
             },
             "grid": {"columns": plan.grid_columns, "rows": plan.grid_rows},
             "patch_tissue_fraction": [round(float(f), 4) for f in plan.tissue_fraction],
+            # The configured parameters first, then what was actually done: a slide with at
+            # most n_clusters embeddings is "identity" whatever method is configured.
             "clustering": {
+                **self._params["kmeans"],
+                "configured_method": self._params["kmeans"]["method"],
                 "method": result.clusters.method,
                 "random_state": result.clusters.random_state,
-                **self._params["kmeans"],
             },
+            "source_license": record.source_license,
+            "source_doi": record.source_doi,
+            "embeddings_license": EMBEDDINGS_LICENSE,
             "parameters": self._params,
+            "hashing": self._hashing,
             "parameter_hash": self._hash,
             "pipeline_version": self._pipeline_version,
             "idc_version": record.idc_version,
@@ -282,6 +295,14 @@ class WriteArtifactsFn(beam.DoFn):
             "parameter_hash": self._hash,
             "run_id": self._run_id,
             "created_time": now,
+            "clustering_method": result.clusters.method,
+            "clustering_parameters": json.dumps(
+                self._params["kmeans"], sort_keys=True, separators=(",", ":")
+            ),
+            "clustering_random_state": result.clusters.random_state,
+            "source_license": record.source_license,
+            "source_doi": record.source_doi,
+            "instance_pixeldata_SHA512_hash": plan.pixeldata_sha512,
         }
         for k, centroid in enumerate(result.clusters.centroids):
             yield beam.pvalue.TaggedOutput(
