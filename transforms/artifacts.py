@@ -89,11 +89,14 @@ def build_metadata(
     level_width: int,
     level_height: int,
     extra: Mapping[str, Any],
+    slide_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """metadata.json: every published key, names exactly as in the public dataset, plus extras.
 
     `identity` holds instance_uuid, instance_hash, instance_pixeldata_SHA512_hash and the
-    study/series/sop instance UIDs.
+    study/series/sop instance UIDs. `extra` goes into the embedding entry (how these embeddings
+    were made); `slide_extra` at the top level, after the published keys (what holds for the
+    slide whatever model embeds it: its source license and DOI).
     """
     return {
         "instance_uuid": identity["instance_uuid"],
@@ -126,6 +129,7 @@ def build_metadata(
                 **extra,
             }
         ],
+        **(slide_extra or {}),
     }
 
 

@@ -202,9 +202,6 @@ class WriteArtifactsFn(beam.DoFn):
                 "method": result.clusters.method,
                 "random_state": result.clusters.random_state,
             },
-            "source_license": record.source_license,
-            "source_doi": record.source_doi,
-            "embeddings_license": EMBEDDINGS_LICENSE,
             "parameters": self._params,
             "hashing": self._hashing,
             "parameter_hash": self._hash,
@@ -231,6 +228,11 @@ class WriteArtifactsFn(beam.DoFn):
             level_width=choice.source_width,
             level_height=choice.source_height,
             extra=extra,
+            slide_extra={
+                "source_license": record.source_license,
+                "source_doi": record.source_doi,
+                "embeddings_license": EMBEDDINGS_LICENSE,
+            },
         )
         files = {
             paths.metadata: artifacts.json_bytes(metadata),
