@@ -111,3 +111,11 @@ def test_the_resource_table_records_clustering_license_and_pixel_hash():
         "source_license", "source_doi", "instance_pixeldata_SHA512_hash",
     ):  # fmt: skip
         assert column in names
+
+
+def test_an_s3_etag_is_an_md5_only_for_a_single_part_upload():
+    from transforms.bucket import _etag_md5
+
+    assert _etag_md5('"9E107D9D372BB6826BD81D3542A419D6"') == "9e107d9d372bb6826bd81d3542a419d6"
+    assert _etag_md5('"9e107d9d372bb6826bd81d3542a419d6-12"') is None  # multipart: not the MD5
+    assert _etag_md5(None) is None

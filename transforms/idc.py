@@ -289,17 +289,21 @@ def resolve_series(
     IDC names each instance `{crdc_series_uuid}/{crdc_instance_uuid}.dcm`, so the instance
     UUIDs come from the object names (validated).
     """
-    from transforms.bucket import list_uris, read_header
+    from transforms.bucket import list_object_md5s, read_header
     from transforms.errors import ReasonCode, SlideError
     from transforms.slides import local_instance_uuid
 
-    instances, uuids = [], {}
-    for uri in list_uris(series_prefix(series, bucket)):
+    instances, uuids, hashes = [], {}, {}
+    # The listing gives each object's MD5 as the store reports it: IDC's instance_hash is the
+    # MD5 of the instance file, so --only-new can tell a changed instance from this source too.
+    for uri, md5 in sorted(list_object_md5s(series_prefix(series, bucket)).items()):
         if not uri.endswith(".dcm"):
             continue
         header, _ = read_header(uri)
         sop = str(header.SOPInstanceUID)
         uuids[sop] = validate_uuid(uri.rsplit("/", 1)[-1][: -len(".dcm")])
+        if md5:
+            hashes[sop] = md5
         instances.append((uri, header))
     if not instances:
         return FolderFailure(
@@ -316,6 +320,7 @@ def resolve_series(
         tolerance,
         mask_spacing_mm,
         instance_uuids=uuids,
+        instance_hashes=hashes,
         collection=series.collection_id,
         idc_version=idc_version or index_version(),
         source_license=series.license_short_name,
