@@ -16,16 +16,20 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from models.path_foundation import is_hf_repo_id
 from pipeline import summary
 from pipeline.config import PipelineConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "idc.yaml"
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")  # a Hugging Face commit id
 
 # flag dest -> config key (the flag's help names the key)
 _CONFIG_FLAGS = {
@@ -147,6 +151,13 @@ def check_dataflow_config(cfg: PipelineConfig) -> None:
         problems.append("a worker image (--image, dataflow.sdk_container_image)")
     if not cfg.output_root.startswith("gs://"):
         problems.append("a gs:// output root (--output-root, output_root)")
+    if is_hf_repo_id(cfg.model.name) and not _COMMIT.match(cfg.model.revision or ""):
+        # Workers resolve the model themselves: a branch (or none: `main`) can move between the
+        # driver's resolution and theirs, and the image may have baked another snapshot.
+        problems.append(
+            f"a model revision pinned to a 40-hex commit of {cfg.model.name} "
+            f"(--set model.revision=COMMIT, model.revision; got {cfg.model.revision!r})"
+        )
     try:
         cfg.tables.validate()
         cfg.source.validate()
