@@ -200,6 +200,7 @@ class PipelineConfig:
             thumbnail_max_size=self.thumbnail.max_size,
             jpeg_quality=self.thumbnail.jpeg_quality,
             pixeldata_sha512=self.hashing.pixeldata_sha512,
+            mask_spacing_mm=self.levels.mask_spacing_um / 1000,
         )
 
     def output_params(self, model_name: str, model_version: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from transforms import bucket, patches, pixel_hash, tissue
+from transforms import mask_level as mask_level_image
 from transforms.errors import ReasonCode, SlideError
 from transforms.slides import SlideRecord
 
@@ -33,6 +34,8 @@ class PlanParams:
     # or "all" (also gs://, s3://, http(s) and DICOMweb instances, streamed once more:
     # transforms/pixel_hash.py; costs reading the embedding level's whole PixelData value).
     pixeldata_sha512: str = "local"
+    # ~2X: a mask level at least twice finer is read in tiles and reduced (transforms/mask_level)
+    mask_spacing_mm: float = 0.005
 
     def __post_init__(self) -> None:
         if self.pixeldata_sha512 not in PIXELDATA_SHA512_MODES:
@@ -56,6 +59,10 @@ class SlidePlan:
     thumbnail_mask_jpeg: bytes
     instance_md5: str
     pixeldata_sha512: str
+    # How the mask image was made from the mask level: reduced by this integer factor
+    # (1: the level as is), giving an image of mask_image_size (width, height).
+    mask_factor: int = 1
+    mask_image_size: tuple[int, int] = (0, 0)
 
     def __repr__(self) -> str:
         return f"SlidePlan({self.record.instance_uuid}, {len(self.coords)} patches)"
@@ -131,9 +138,10 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
     """Computes the mask, grid, thumbnails and chunks of one slide."""
     slide = patches.open_slide(record.files, record.dicomweb_auth)
     mask_level = patches.level_of(slide, record.levels.mask.sop_instance_uid)
-    mask_image = patches.read_level_image(slide, mask_level)
-    mask = tissue.tissue_mask(mask_image, params.v_min, params.v_max)
     choice = record.levels
+    factor = mask_level_image.mask_factor(choice.mask.spacing.mm, params.mask_spacing_mm)
+    mask_image = mask_level_image.read_mask_image(slide, mask_level, factor).image
+    mask = tissue.tissue_mask(mask_image, params.v_min, params.v_max)
     grid = tissue.patch_grid(
         mask,
         choice.source_width,
@@ -171,6 +179,8 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
         thumbnail_mask_jpeg=_jpeg(thumbnail_mask, params.jpeg_quality),
         instance_md5=record.instance_hash or md5,
         pixeldata_sha512=sha512,
+        mask_factor=factor,
+        mask_image_size=(mask_image.shape[1], mask_image.shape[0]),
     )
     side = patches.block_side(params.chunk_size)
     chunks = [

@@ -190,6 +190,12 @@ class WriteArtifactsFn(beam.DoFn):
                 "width": choice.mask.width,
                 "height": choice.mask.height,
                 "pixel_spacing_mm": [choice.mask.spacing.row_mm, choice.mask.spacing.column_mm],
+                # The level was reduced by this integer factor (INTER_AREA, read in tiles) when
+                # it is >= 2x finer than ~2X (a shallow pyramid); 1 = used as is.
+                "downsample_to_mask": plan.mask_factor,
+                "mask_width": plan.mask_image_size[0],
+                "mask_height": plan.mask_image_size[1],
+                "resize_interpolation": "INTER_AREA" if plan.mask_factor > 1 else None,
                 "tissue_share": plan.mask_tissue_share,
             },
             "grid": {"columns": plan.grid_columns, "rows": plan.grid_rows},
