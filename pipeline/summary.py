@@ -9,6 +9,8 @@ from typing import Any
 
 from apache_beam.metrics.metric import MetricsFilter
 
+from transforms.stages import FAILURES_BY_REASON
+
 _LOG = logging.getLogger("pathembed")
 FAILED_SHARE_EXIT = 3  # more than run.max_failed_fraction of the slides failed
 
@@ -39,9 +41,14 @@ def collect(result: Any) -> dict[str, Any]:
     """Counters and per-stage totals from a finished Beam PipelineResult."""
     metrics = result.metrics().query(MetricsFilter())
     counters = {name: 0 for name in COUNTERS}
+    by_reason: dict[str, int] = {}
     for counter in metrics["counters"]:
-        if counter.key.metric.name in counters:
-            counters[counter.key.metric.name] += counter.committed or 0
+        name = counter.key.metric.name
+        if name in counters:
+            counters[name] += counter.committed or 0
+        elif name.startswith(FAILURES_BY_REASON):
+            reason = name.removeprefix(FAILURES_BY_REASON)
+            by_reason[reason] = by_reason.get(reason, 0) + (counter.committed or 0)
     seconds: dict[str, float] = {}
     for dist in metrics["distributions"]:
         name, value = dist.key.metric.name, dist.committed
@@ -52,7 +59,11 @@ def collect(result: Any) -> dict[str, Any]:
                 seconds[stage] = seconds.get(stage, 0.0) + value.sum / 1000
         if name.endswith(INFERENCE):
             seconds["model"] = seconds.get("model", 0.0) + value.sum / 1e6
-    return {"counters": counters, "stage_seconds": seconds}
+    return {
+        "counters": counters,
+        "failures_by_reason": dict(sorted(by_reason.items())),
+        "stage_seconds": seconds,
+    }
 
 
 def failed_slides(counters: dict[str, int]) -> tuple[int, int]:
@@ -91,6 +102,10 @@ def render(
         f"  already complete    {c['slides_skipped_complete']} (skipped; --force to redo)",
         f"  slides done         {c['slides_written']}",
         f"  slides failed       {failed} (of {tried} tried; {c['failures']} failure rows)",
+        *(
+            f"    {reason:<24} {count}"
+            for reason, count in summary.get("failures_by_reason", {}).items()
+        ),
         f"  patches embedded    {c['patches_embedded']} (of {c['patches_planned']} planned)",
         f"  remote pixel reads  {c['pixel_source_requests']} requests, "
         f"{c['pixel_frames_read']} frames, {c['pixel_source_bytes_read'] / 1e6:.1f} MB",

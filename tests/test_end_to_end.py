@@ -342,3 +342,17 @@ def test_clustering_provenance_is_what_was_done_in_metadata_and_tables(first_run
         assert meta["embeddings_license"] == "CC BY 4.0"
         assert row["instance_pixeldata_SHA512_hash"] == meta["instance_pixeldata_SHA512_hash"]
     assert seen, "no slide written"
+
+
+def test_the_run_summary_counts_failures_per_reason_code(first_run, capsys):
+    (summary_file,) = (first_run / "runs").glob("*.json")
+    summary = json.loads(summary_file.read_text())
+    failures = pq.read_table(first_run / "tables" / "failures").to_pylist()
+    expected = {}
+    for row in failures:
+        expected[row["reason_code"]] = expected.get(row["reason_code"], 0) + 1
+    assert summary["failures_by_reason"] == expected == {"no_high_resolution_level": 1}
+    from pipeline.summary import render
+
+    text = render(summary, str(first_run), 1.0)
+    assert "no_high_resolution_level" in text

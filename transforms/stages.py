@@ -26,6 +26,9 @@ from transforms.slides import FolderFailure, SlideRecord
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "pathembed"
+# Failure rows are also counted per reason code, as counters named with this prefix, so the
+# run summary says how many slides failed for each reason (pipeline/summary.py).
+FAILURES_BY_REASON = "failures_reason_"
 # The license of the embeddings this pipeline publishes (as the seed's dataset: CC BY 4.0);
 # the source images keep their own, recorded per slide as source_license.
 EMBEDDINGS_LICENSE = "CC BY 4.0"
@@ -367,6 +370,7 @@ def dead_letter_row(dead_letter: tuple, stage: str, run_id: str) -> dict:
     row = failure_row(element, stage, reason, message, run_id)
     _LOG.warning("slide %s failed at %s: %s: %s", row["instance_uuid"], stage, reason, message)
     Metrics.counter(NAMESPACE, "failures").inc()
+    Metrics.counter(NAMESPACE, f"{FAILURES_BY_REASON}{reason}").inc()
     return row
 
 
@@ -376,4 +380,5 @@ def folder_failure_row(failure: FolderFailure, run_id: str) -> dict:
     )
     _LOG.warning("slide %s failed at enumerate: %s", failure.instance_uuid, failure.error)
     Metrics.counter(NAMESPACE, "failures").inc()
+    Metrics.counter(NAMESPACE, f"{FAILURES_BY_REASON}{failure.error.reason.value}").inc()
     return row
