@@ -344,7 +344,7 @@ def test_clustering_provenance_is_what_was_done_in_metadata_and_tables(first_run
     assert seen, "no slide written"
 
 
-def test_the_run_summary_counts_failures_per_reason_code(first_run, capsys):
+def test_the_run_summary_counts_failures_per_reason_code(first_run):
     (summary_file,) = (first_run / "runs").glob("*.json")
     summary = json.loads(summary_file.read_text())
     failures = pq.read_table(first_run / "tables" / "failures").to_pylist()
