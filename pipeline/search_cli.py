@@ -481,7 +481,8 @@ def lookup_command(args: argparse.Namespace, _: list[str]) -> int:
     keys = ["instance_uuid", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
             "collection", "metadata_uri", "thumbnail_uri", "embedding_count",
             "number_of_centroids", "model_name", "run_id", "created_time",
-            "clustering_method", "source_license", "source_doi"]  # fmt: skip
+            "clustering_method", "source_license", "source_doi",
+            "superseded_by_instance_uuid", "superseded_by_run_id"]  # fmt: skip
     found = {key: row[key] for key in keys if key in row}
     if args.json:
         print(json.dumps(found, indent=1, default=str))
