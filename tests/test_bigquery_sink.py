@@ -28,7 +28,7 @@ from transforms.bigquery_sink import (
     tables_ddl,
 )
 from transforms.sinks import WriteTable
-from transforms.tables import TABLES, arrow_schema, bigquery_schema, row_errors
+from transforms.tables import SCHEMAS, TABLES, arrow_schema, bigquery_schema, row_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 SQL = ROOT / "scripts" / "bigquery"
@@ -119,11 +119,11 @@ def test_the_checked_in_ddl_is_generated_from_the_schemas():
     )
     rendered = render_sql(
         "tables.sql",
-        {f"{k}_table": f"{DATASET}.{k}" for k in TABLES},
+        {f"{k}_table": f"{DATASET}.{k}" for k in SCHEMAS},
     )
     assert f"CREATE TABLE IF NOT EXISTS `{DATASET}.search` (" in rendered
     assert "  embedding ARRAY<FLOAT64>\n" in rendered
-    for table, columns in TABLES.items():
+    for table, columns in SCHEMAS.items():
         block = rendered.split(f"`{DATASET}.{table}` (")[1].split(");")[0]
         assert [line.split()[0] for line in block.strip().splitlines()] == [c.name for c in columns]
     with pytest.raises(ValueError, match="not a BigQuery table id"):
@@ -159,7 +159,7 @@ def test_staging_tables_are_named_per_run_and_validated():
 
 
 def _create(db: sqlite3.Connection, table_id: str, kind: str) -> None:
-    columns = ", ".join(c.name for c in TABLES[kind])
+    columns = ", ".join(c.name for c in SCHEMAS[kind])
     db.execute(f"CREATE TABLE `{table_id}` ({columns})")
 
 

@@ -23,7 +23,14 @@ from typing import Any
 
 import apache_beam as beam
 
-from transforms.tables import TABLES, Column, bigquery_ddl_columns, bigquery_schema, row_errors
+from transforms.tables import (
+    SCHEMAS,
+    TABLES,
+    Column,
+    bigquery_ddl_columns,
+    bigquery_schema,
+    row_errors,
+)
 
 TABLE_KINDS = ("resource", "search", "failures")
 HISTORY_KIND = "resource_history"
@@ -113,7 +120,7 @@ def _create_tables(names: dict[str, str], options: str = "") -> str:
     """CREATE TABLE IF NOT EXISTS per {kind: name as it goes between backticks}."""
     return (
         "\n\n".join(
-            f"CREATE TABLE IF NOT EXISTS `{name}` (\n{bigquery_ddl_columns(TABLES[kind])}\n)"
+            f"CREATE TABLE IF NOT EXISTS `{name}` (\n{bigquery_ddl_columns(SCHEMAS[kind])}\n)"
             f"{options};"
             for kind, name in names.items()
         )

@@ -107,12 +107,9 @@ RESOURCE_HISTORY = [
     Column("superseded_by_run_id", "STRING", nullable=False),
 ]
 
-TABLES = {
-    "resource": RESOURCE,
-    "search": SEARCH,
-    "failures": FAILURES,
-    "resource_history": RESOURCE_HISTORY,
-}
+TABLES = {"resource": RESOURCE, "search": SEARCH, "failures": FAILURES}  # what a run writes
+# Every table's schema, the history table included (only the BigQuery merge writes it).
+SCHEMAS = {**TABLES, "resource_history": RESOURCE_HISTORY}
 
 
 def arrow_schema(columns: list[Column]) -> pa.Schema:
