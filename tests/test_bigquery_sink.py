@@ -292,3 +292,20 @@ def test_before_the_job_the_staging_tables_are_made_to_expire():
         assert "INTERVAL 7 DAY" in staging
         # The staging table has the final table's columns, in order: INSERT ... SELECT * works.
         assert final.split("(", 1)[1].split(")")[0] == staging.split("(", 1)[1].split(")")[0]
+
+
+def test_before_the_job_older_final_tables_get_the_newer_nullable_columns():
+    run = RunTables.of(TablesConfig(sink="bigquery", bigquery_dataset=DATASET), "run8")
+    sql = prepare_sql(run)
+    (alter,) = [s for s in sql.split(";") if f"ALTER TABLE `{run.final['resource']}`" in s]
+    added = [line.split()[5] for line in alter.strip().splitlines()[1:]]
+    nullable = [c.name for c in TABLES["resource"] if c.nullable]
+    assert added == nullable
+    assert "clustering_method" in added and "source_license" in added
+    # The appended columns are the schema's last ones, so ALTER ADD keeps SELECT * in order.
+    names = [c.name for c in TABLES["resource"]]
+    assert names[-6:] == [
+        "clustering_method", "clustering_parameters", "clustering_random_state",
+        "source_license", "source_doi", "instance_pixeldata_SHA512_hash",
+    ]  # fmt: skip
+    assert not any(f"ALTER TABLE `{t}`" in sql for t in run.staging.values())

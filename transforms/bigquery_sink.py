@@ -166,9 +166,29 @@ def merge_sql(run: RunTables) -> str:
     return render_sql("merge_run.sql", tables)
 
 
+def upgrade_sql(tables: dict[str, str]) -> str:
+    """ALTER TABLE ... ADD COLUMN IF NOT EXISTS for every nullable column of the final tables.
+
+    Final tables made by an older version lack the columns added since (clustering, license,
+    pixel hash: all nullable and appended at the end of their schema), and the merge's
+    `INSERT ... SELECT *` needs the staging table's columns, in order: adding the missing ones
+    at the end restores that order. Existing columns are left alone.
+    """
+    statements = []
+    for kind, table_id in tables.items():
+        columns = [c for c in SCHEMAS[kind] if c.nullable and not c.repeated]
+        if columns:
+            clauses = ",\n".join(f"  ADD COLUMN IF NOT EXISTS {c.name} {c.type}" for c in columns)
+            statements.append(f"ALTER TABLE `{_validate_table_id(table_id)}`\n{clauses};")
+    return "\n".join(statements) + "\n"
+
+
 def prepare_sql(run: RunTables) -> str:
-    """The final tables when missing, and the run's empty staging tables (which expire)."""
-    return "\n".join([tables_ddl(run.final), tables_ddl(run.staging, STAGING_DAYS)])
+    """The final tables when missing (or missing newer columns), and the run's empty staging
+    tables (which expire)."""
+    return "\n".join(
+        [tables_ddl(run.final), upgrade_sql(run.final), tables_ddl(run.staging, STAGING_DAYS)]
+    )
 
 
 def _run_script(sql: str, project: str | None) -> None:
