@@ -10,7 +10,8 @@ the project's handler), clustering (the default Lloyd's k-means vs the seed's Mi
 20k and 100k x 384 embeddings: Gaussian clusters and stub-tiny embeddings of the samples),
 artifact writing, then two end-to-end DirectRunner runs in child processes: medium-20x with
 stub-tiny (seconds per stage), and a generated 100k-patch slide (20k with --quick) for peak
-memory, with a cheap pooling model so it finishes in minutes.
+memory, with a cheap pooling model so it finishes in minutes; and (`--only hashing`) the bytes
+read per slide with and without the PixelData SHA-512 (hashing.pixeldata_sha512: all).
 
 Every timing is the best of a few interleaved rounds (other processes share the machine);
 "per core" is items per CPU second of this process (all its threads). Ratios compare two

@@ -5,8 +5,11 @@ tests/test_bigquery_sink.py.)"""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
+from pipeline.cli import main
 from tests.test_access import RUN_1, RUN_2, write_slide, write_tables
 from transforms import access, search
 
@@ -21,7 +24,7 @@ def _new_release_of(slide: dict, new: dict) -> dict:
     }
 
 
-def test_a_reissued_uuid_retires_the_old_one_from_search_and_lookups(tmp_path):
+def test_a_reissued_uuid_retires_the_old_one_from_search_and_lookups(tmp_path, capsys):
     root = tmp_path / "out"
     old, other = write_slide(root, "a", RUN_1, 1, 1), write_slide(root, "b", RUN_1, 1, 2)
     write_tables(root, RUN_1, [old, other])
@@ -51,6 +54,12 @@ def test_a_reissued_uuid_retires_the_old_one_from_search_and_lookups(tmp_path):
     assert retired["superseded_by_run_id"] == RUN_2
     by_uuid = access.find_resource(str(root), instance_uuid=old_uuid)
     assert by_uuid["superseded_by_instance_uuid"] == new_uuid
+    # `pathembed lookup OLD_UUID` says so.
+    assert main(["lookup", old_uuid, "--output-root", str(root), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["instance_uuid"] == old_uuid
+    assert shown["superseded_by_instance_uuid"] == new_uuid
+    assert shown["superseded_by_run_id"] == RUN_2
 
 
 def test_exact_search_finds_a_reissued_series_once(tmp_path):
