@@ -32,14 +32,18 @@ RUN sed -i 's/"tensorflow-cpu==\([0-9.]*\)"/"tensorflow[and-cuda]==\1"/' pyproje
  && pip install -c /tmp/constraints.txt . \
  && python -c "import apache_beam, tensorflow; print(apache_beam.__version__, tensorflow.__version__)"
 
-# Optional: bake gated Hugging Face weights into the image, so workers need no token:
-#   docker build --secret id=hf_token,env=HF_TOKEN --build-arg PREFETCH_MODEL=google/path-foundation .
+# Optional: bake gated Hugging Face weights into the image, so workers need no token; pass the
+# commit that configs/idc.yaml pins (model.revision): each worker checks that the snapshot it
+# loads is the one the run records (models/handler.py), so the image must hold that commit:
+#   docker build --secret id=hf_token,env=HF_TOKEN --build-arg PREFETCH_MODEL=google/path-foundation \
+#     --build-arg PREFETCH_REVISION=<40-hex commit> .
 ARG PREFETCH_MODEL=""
+ARG PREFETCH_REVISION="main"
 RUN --mount=type=secret,id=hf_token,required=false \
     if [ -n "$PREFETCH_MODEL" ]; then \
       HF_TOKEN="$(cat /run/secrets/hf_token)" python -c \
-        "import sys, huggingface_hub; huggingface_hub.snapshot_download(sys.argv[1])" \
-        "$PREFETCH_MODEL"; \
+        "import sys, huggingface_hub; huggingface_hub.snapshot_download(sys.argv[1], revision=sys.argv[2])" \
+        "$PREFETCH_MODEL" "$PREFETCH_REVISION"; \
     fi
 
 # The Beam SDK harness: Dataflow starts workers through the base image's boot program.

@@ -34,6 +34,10 @@ from models.path_foundation import (
 )
 
 
+class ModelSnapshotMismatchError(RuntimeError):
+    """A worker resolved a different model snapshot than the one the run records."""
+
+
 class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
     """Embeds chunks of uint8 [n, 224, 224, 3] patches, `batch_size` patches per model call.
 
@@ -101,8 +105,25 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         return self._info
 
     def load_model(self) -> Embedder:
-        """Resolves (building a stub or fetching from Hugging Face if needed) and loads."""
-        model_dir, self._info = resolve_model(self._model, self._cache_dir, self._revision)
+        """Resolves (building a stub or fetching from Hugging Face if needed) and loads.
+
+        When the driver has recorded the model (`model_info()` before the handler was sent to
+        the workers), the snapshot this worker resolved must be that one: outputs record the
+        driver's model name and version, so a worker whose image baked another snapshot (or
+        whose `main` moved) would make embeddings that claim to be what they are not.
+        """
+        recorded = self._info
+        model_dir, info = resolve_model(self._model, self._cache_dir, self._revision)
+        if recorded is not None and (info.name, info.version) != (
+            recorded.name,
+            recorded.version,
+        ):
+            raise ModelSnapshotMismatchError(
+                f"this worker loaded {info.name} {info.version} from {model_dir}, but the run "
+                f"records {recorded.name} {recorded.version}; pin model.revision to a commit "
+                "and bake that snapshot into the worker image"
+            )
+        self._info = info
         configure_threads(*self._threads)
         return load_embedder(model_dir, self._options)
 

@@ -118,6 +118,14 @@ class ThumbnailConfig:
 
 
 @dataclass(frozen=True)
+class HashingConfig:
+    # instance_pixeldata_SHA512_hash for "local" files only, or for "all" slides (remote ones
+    # streamed once more: dicom_io/pixel_hash.py). Recorded in metadata.json; not part of the
+    # parameter hash (it changes no embedding).
+    pixeldata_sha512: str = "local"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     uuids: tuple[str, ...] = ()
     force: bool = False
@@ -189,6 +197,7 @@ class PipelineConfig:
     color: ColorConfig = field(default_factory=ColorConfig)
     kmeans: KMeansParams = field(default_factory=KMeansParams)
     thumbnail: ThumbnailConfig = field(default_factory=ThumbnailConfig)
+    hashing: HashingConfig = field(default_factory=HashingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tables: TablesConfig = field(default_factory=TablesConfig)
     dataflow: DataflowConfig = field(default_factory=DataflowConfig)
@@ -202,6 +211,8 @@ class PipelineConfig:
             chunk_size=self.grid.chunk_size,
             thumbnail_max_size=self.thumbnail.max_size,
             jpeg_quality=self.thumbnail.jpeg_quality,
+            pixeldata_sha512=self.hashing.pixeldata_sha512,
+            mask_spacing_mm=self.levels.rule().mask_spacing_mm,
         )
 
     def output_params(self, model_name: str, model_version: str) -> dict[str, Any]:

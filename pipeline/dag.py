@@ -8,6 +8,8 @@ run when most slides fail: transforms/failures.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import apache_beam as beam
 
 from pipeline.config import PIPELINE_VERSION, PipelineConfig, parameter_hash
@@ -36,6 +38,7 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
     write_artifacts = stages.WriteArtifactsFn(RunContext(
         output_root=root, model=model, parameter_hash=p_hash, params=params,
         dataset_version=DATASET_VERSION, pipeline_version=PIPELINE_VERSION, run_id=run_id,
+        hashing=dataclasses.asdict(cfg.hashing),
     ))  # fmt: skip
 
     found = p | "Enumerate" >> enumerate_slides

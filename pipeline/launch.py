@@ -17,6 +17,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
+from models.path_foundation import is_hf_repo_id
 from pipeline.config import PipelineConfig, config_from_flags
 from pipeline.run import checked_model, execute, new_run_id
 from transforms import urls
@@ -33,6 +35,8 @@ from transforms.outputs.bigquery_sink import merge_run
 
 DEFAULT_CONFIG = resources.files("configs").joinpath("idc.yaml")
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")  # a Hugging Face commit id
 
 # flag dest -> config key (the flag's help names the key)
 _CONFIG_FLAGS = {
@@ -151,6 +155,13 @@ def check_dataflow_config(cfg: PipelineConfig) -> None:
         problems.append("a worker image (--image, dataflow.sdk_container_image)")
     if not cfg.output_root.startswith("gs://"):
         problems.append("a gs:// output root (--output-root, output_root)")
+    if is_hf_repo_id(cfg.model.name) and not _COMMIT.match(cfg.model.revision or ""):
+        # Workers resolve the model themselves: a branch (or none: `main`) can move between the
+        # driver's resolution and theirs, and the image may have baked another snapshot.
+        problems.append(
+            f"a model revision pinned to a 40-hex commit of {cfg.model.name} "
+            f"(--set model.revision=COMMIT, model.revision; got {cfg.model.revision!r})"
+        )
     try:
         cfg.tables.validate()
         cfg.source.validate()

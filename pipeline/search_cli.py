@@ -34,7 +34,8 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 _SLIDE_ERRORS = (LookupError, ValueError, FileNotFoundError, SlideError)
 _RESULT_COLUMNS = [
     "rank", "score", "hits", "collection", "protocol", "StudyInstanceUID", "SeriesInstanceUID",
-    "instance_uuid", "thumbnail_uri",
+    "instance_uuid", "thumbnail_uri", "source_license", "source_doi",
+    *ranking.SEED_COLUMNS,
 ]  # fmt: skip
 
 
@@ -278,7 +279,7 @@ def _print_matches(
     params: ranking.SearchParams,
     matches: list[ranking.SlideMatch],
 ) -> None:
-    rows = ranking.matches_as_rows(matches)
+    rows = ranking.matches_as_rows(matches, params.aggregate)
     for row in rows:  # DICOM's column names, as in the tables
         row["StudyInstanceUID"] = row.pop("study_instance_uid")
         row["SeriesInstanceUID"] = row.pop("series_instance_uid")
@@ -323,6 +324,8 @@ def _results_table(
                "SeriesInstanceUID"]  # fmt: skip
     if any(row["protocol"] for row in rows):
         columns.insert(4, "protocol")
+    if any(row["source_license"] for row in rows):
+        columns += ["source_license", "source_doi"]
     cells = [
         [
             f"{row[c]:.4f}" if c == "score" else "-" if row[c] is None else str(row[c])
@@ -478,7 +481,9 @@ def lookup_command(args: argparse.Namespace, _: list[str]) -> int:
             row = archive.find_resource(_local_root(args, "lookup"), **slide)
     keys = ["instance_uuid", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
             "collection", "metadata_uri", "thumbnail_uri", "embedding_count",
-            "number_of_centroids", "model_name", "run_id", "created_time"]  # fmt: skip
+            "number_of_centroids", "model_name", "run_id", "created_time",
+            "clustering_method", "source_license", "source_doi",
+            "superseded_by_instance_uuid", "superseded_by_run_id"]  # fmt: skip
     found = {key: row[key] for key in keys if key in row}
     if args.json:
         print(json.dumps(found, indent=1, default=str))

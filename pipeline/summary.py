@@ -43,7 +43,11 @@ def collect(result: Any) -> dict[str, Any]:
                 seconds[stage] = seconds.get(stage, 0.0) + value.sum / 1000
         if name.endswith(INFERENCE):
             seconds["model"] = seconds.get("model", 0.0) + value.sum / 1e6
-    return {"counters": counters, "stage_seconds": seconds}
+    return {
+        "counters": counters,
+        "failures_by_reason": dict(sorted(by_reason.items())),
+        "stage_seconds": seconds,
+    }
 
 
 def failed_slides(counters: dict[str, int]) -> tuple[int, int]:

@@ -10,7 +10,8 @@ the project's handler), clustering (the default Lloyd's k-means vs the seed's Mi
 20k and 100k x 384 embeddings: Gaussian clusters and stub-tiny embeddings of the samples),
 artifact writing, then two end-to-end DirectRunner runs in child processes: medium-20x with
 stub-tiny (seconds per stage), and a generated 100k-patch slide (20k with --quick) for peak
-memory, with a cheap pooling model so it finishes in minutes.
+memory, with a cheap pooling model so it finishes in minutes; and (`--only hashing`) the bytes
+read per slide with and without the PixelData SHA-512 (hashing.pixeldata_sha512: all).
 
 Every timing is the best of a few interleaved rounds (other processes share the machine);
 "per core" is items per CPU second of this process (all its threads). Ratios compare two
@@ -51,6 +52,7 @@ from pydicom.encaps import generate_frames  # noqa: E402
 
 from scripts import bench_slides  # noqa: E402
 from transforms import clustering, patches, tissue  # noqa: E402
+from transforms.dicom_io import byte_ranges, pixel_hash  # noqa: E402
 from transforms.dicom_io.frames import FrameGrid  # noqa: E402
 from transforms.plan import PlanParams, plan_slide  # noqa: E402
 from transforms.records import SlideRecord  # noqa: E402
@@ -58,7 +60,7 @@ from transforms.samples.slides import write_samples  # noqa: E402
 from transforms.sources.dicom_files import enumerate_dicom_folder  # noqa: E402
 
 GIB = 1024**3
-PARTS = ("mask", "assembly", "model", "clustering", "e2e", "memory")
+PARTS = ("mask", "assembly", "model", "clustering", "e2e", "memory", "hashing")
 PATCH = 224
 DIM = 384
 RSS_LIMIT = 4 * GIB
@@ -707,6 +709,46 @@ def part_memory(
     return rows, [ratio], {"patches": big_embedded, "dicom_bytes": size, **big}
 
 
+def hashing_bytes(record: SlideRecord, coords: np.ndarray) -> dict[str, int]:
+    """Bytes a worker reads from the store for one slide, without and with the PixelData
+    SHA-512 (hashing.pixeldata_sha512: all), counted by the byte-range reader the remote
+    sources use (a local file read the same way stands in for the bucket object):
+    without = the mask level plus every frame under the planned patches; the hash adds one
+    sequential pass over the embedding level's header and PixelData value."""
+    slide = byte_ranges.open_range_slide([uri for _, uri in record.files])
+    mask = patches.level_of(slide, record.levels.mask.sop_instance_uid)
+    patches.read_level_image(slide, mask)
+    level = patches.level_of(slide, record.sop_instance_uid)
+    patches.read_patches(slide, level, coords, record.levels.downsample, PATCH)
+    without = slide.io.bytes
+    _, hashed = pixel_hash.sha512_from_uri(record.embedding_file)
+    return {
+        "without": without,
+        "with": without + hashed,
+        "hash_pass": hashed,
+        "embedding_instance": os.path.getsize(record.embedding_file),
+    }
+
+
+def part_hashing(samples: dict[str, Sample]) -> tuple[list[Ratio], dict]:
+    ratios, records = [], {}
+    for name, sample in samples.items():
+        log(f"bytes read with and without the PixelData SHA-512: {name}")
+        counted = records[name] = hashing_bytes(sample.record, sample.coords)
+        ratios.append(
+            Ratio(
+                f"bytes read per slide with / without pixeldata SHA-512, {name}",
+                counted["with"] / counted["without"],
+                "(info)",
+                True,
+                f"{counted['without'] / 1e6:.1f} MB without, {counted['with'] / 1e6:.1f} MB "
+                f"with (the hash reads {counted['hash_pass'] / 1e6:.1f} MB; embedding-level "
+                f"instance {counted['embedding_instance'] / 1e6:.1f} MB)",
+            )
+        )
+    return ratios, records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a faster subset (~4 min)")
@@ -812,6 +854,11 @@ def main(argv: list[str] | None = None) -> int:
         new_rows, new_ratios, large = part_memory(workdir, cache_dir, quick, model_rss)
         rows, ratios = rows + new_rows, ratios + new_ratios
 
+    hashing = None
+    if "hashing" in parts:
+        new_ratios, hashing = part_hashing(samples)
+        ratios += new_ratios
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = time.perf_counter() - _STARTED
     print()
@@ -842,6 +889,7 @@ def main(argv: list[str] | None = None) -> int:
             "clustering": c_records,
             "e2e": e2e,
             "large_slide": large,
+            "hashing_bytes": hashing,
         }
         args.json.write_text(json.dumps(document, indent=1, default=float))
         print(f"\nresults: {args.json}")

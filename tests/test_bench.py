@@ -68,3 +68,14 @@ def test_rows_and_best_of():
     calls = []
     [(wall, cpu)] = bench.best_of(3, lambda: calls.append(1))
     assert len(calls) == 3 and wall >= 0 and cpu >= 0
+
+
+def test_hashing_bytes_counts_one_more_pass_over_the_pixel_data(sample_slides):
+    (record,) = list(enumerate_dicom_folder(sample_slides / "small-40x"))
+    plan, _ = plan_slide(record, PlanParams())
+    counted = bench.hashing_bytes(record, plan.coords)
+    value = len(pydicom.dcmread(record.embedding_file).PixelData)
+    assert 0 < counted["without"] < counted["with"]
+    assert counted["with"] - counted["without"] == counted["hash_pass"]
+    # the value once, plus the header read in whole 64 KiB blocks
+    assert value <= counted["hash_pass"] <= counted["embedding_instance"] + 256 * 1024

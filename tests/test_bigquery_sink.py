@@ -30,7 +30,7 @@ from transforms.outputs.bigquery_sink import (
     tables_ddl,
 )
 from transforms.outputs.sinks import WriteTable
-from transforms.outputs.tables import TABLES, arrow_schema, bigquery_schema, row_errors
+from transforms.outputs.tables import SCHEMAS, TABLES, arrow_schema, bigquery_schema, row_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 SQL = ROOT / "transforms" / "sql"
@@ -123,11 +123,11 @@ def test_the_checked_in_ddl_is_generated_from_the_schemas():
     )
     rendered = render_sql(
         "tables.sql",
-        {f"{k}_table": f"{DATASET}.{k}" for k in ("resource", "search", "failures")},
+        {f"{k}_table": f"{DATASET}.{k}" for k in SCHEMAS},
     )
     assert f"CREATE TABLE IF NOT EXISTS `{DATASET}.search` (" in rendered
     assert "  embedding ARRAY<FLOAT64>\n" in rendered
-    for table, columns in TABLES.items():
+    for table, columns in SCHEMAS.items():
         block = rendered.split(f"`{DATASET}.{table}` (")[1].split(");")[0]
         assert [line.split()[0] for line in block.strip().splitlines()] == [c.name for c in columns]
     with pytest.raises(ValueError, match="not a BigQuery table id"):
@@ -163,17 +163,21 @@ def test_staging_tables_are_named_per_run_and_validated():
 
 
 def _create(db: sqlite3.Connection, table_id: str, kind: str) -> None:
-    columns = ", ".join(c.name for c in TABLES[kind])
+    columns = ", ".join(c.name for c in SCHEMAS[kind])
     db.execute(f"CREATE TABLE `{table_id}` ({columns})")
 
 
-def _stage(db, run: RunTables, run_id: str, slides: dict[str, int], failures: int) -> None:
-    """Staging rows of one run: a resource row and `k` search rows per slide."""
+def _stage(
+    db, run: RunTables, run_id: str, slides: dict[str, int], failures: int, series=None
+) -> None:
+    """Staging rows of one run: a resource row and `k` search rows per slide (`series`:
+    {uuid: SeriesInstanceUID} where a slide's series is not its own)."""
     for kind in ("resource", "search", "failures"):
         _create(db, run.staging[kind], kind)
     for uuid, k in slides.items():
         values = {c.name: f"{c.name}-{uuid}" for c in TABLES["resource"]}
         values |= {"instance_uuid": uuid, "run_id": run_id, "number_of_centroids": k}
+        values["SeriesInstanceUID"] = (series or {}).get(uuid, f"series-{uuid}")
         _insert(db, run.staging["resource"], "resource", values)
         for i in range(k):
             row = _search_row(instance_uuid=uuid, centroid_index=i, embedding=json.dumps([i]))
@@ -197,7 +201,7 @@ def test_merging_runs_replaces_slides_rows_instead_of_duplicating_them():
     cfg = TablesConfig(sink="bigquery", bigquery_dataset=DATASET)
     db = sqlite3.connect(":memory:")
     first, second = RunTables.of(cfg, "run1"), RunTables.of(cfg, "run2")
-    for kind in ("resource", "search", "failures"):
+    for kind in first.final:
         _create(db, first.final[kind], kind)
     a, b = "aaaaaaaa-0000-4000-8000-000000000000", "bbbbbbbb-0000-4000-8000-000000000000"
 
@@ -227,6 +231,40 @@ def test_merging_runs_replaces_slides_rows_instead_of_duplicating_them():
     # The staging tables are gone.
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert names == set(first.final.values())
+
+
+def test_a_new_release_of_a_series_retires_the_old_uuid_into_the_history_table():
+    """IDC re-issued the UUID of a changed instance: after the merge, the series has one
+    resource row (the new UUID) and only its search rows; the old row is in the history table
+    with what replaced it; a slide of another series is untouched."""
+    cfg = TablesConfig(sink="bigquery", bigquery_dataset=DATASET)
+    db = sqlite3.connect(":memory:")
+    first, second = RunTables.of(cfg, "run1"), RunTables.of(cfg, "run2")
+    for kind in first.final:
+        _create(db, first.final[kind], kind)
+    old, new, other = (f"{c * 8}-0000-4000-8000-000000000000" for c in "abc")
+    _stage(db, first, "run1", {old: 3, other: 2}, failures=0, series={old: "1.2.3"})
+    db.executescript(merge_sql(first))
+    _stage(db, second, "run2", {new: 2}, failures=0, series={new: "1.2.3"})
+    db.executescript(merge_sql(second))
+
+    final = first.final
+    assert _rows(db, final["resource"], "instance_uuid", "SeriesInstanceUID") == [
+        (new, "1.2.3"),
+        (other, f"series-{other}"),
+    ]
+    assert {r[0] for r in _rows(db, final["search"], "instance_uuid")} == {new, other}
+    assert len(_rows(db, final["search"], "instance_uuid")) == 4
+    history = _rows(
+        db, final["resource_history"], "instance_uuid", "run_id",
+        "superseded_by_instance_uuid", "superseded_by_run_id",
+    )  # fmt: skip
+    assert history == [(old, "run1", new, "run2")]
+    # Merging the same run again retires nothing more.
+    _stage(db, second, "run2", {new: 2}, failures=0, series={new: "1.2.3"})
+    db.executescript(merge_sql(second))
+    assert len(_rows(db, final["resource_history"], "instance_uuid")) == 1
+    assert len(_rows(db, final["resource"], "instance_uuid")) == 2
 
 
 def test_the_merge_sql_is_one_transaction_then_drops():
@@ -321,3 +359,20 @@ def test_avro_load_files_take_failure_timestamps_as_datetimes(tmp_path):
     with path.open("rb") as handle:
         (back,) = list(fastavro.reader(handle))
     assert back["time"] == now
+
+
+def test_before_the_job_older_final_tables_get_the_newer_nullable_columns():
+    run = RunTables.of(TablesConfig(sink="bigquery", bigquery_dataset=DATASET), "run8")
+    sql = prepare_sql(run)
+    (alter,) = [s for s in sql.split(";") if f"ALTER TABLE `{run.final['resource']}`" in s]
+    added = [line.split()[5] for line in alter.strip().splitlines()[1:]]
+    nullable = [c.name for c in TABLES["resource"] if c.nullable]
+    assert added == nullable
+    assert "clustering_method" in added and "source_license" in added
+    # The appended columns are the schema's last ones, so ALTER ADD keeps SELECT * in order.
+    names = [c.name for c in TABLES["resource"]]
+    assert names[-6:] == [
+        "clustering_method", "clustering_parameters", "clustering_random_state",
+        "source_license", "source_doi", "instance_pixeldata_SHA512_hash",
+    ]  # fmt: skip
+    assert not any(f"ALTER TABLE `{t}`" in sql for t in run.staging.values())

@@ -4,6 +4,7 @@ IDC's bucket layout, reading a slide the way the pipeline does."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from pathlib import Path
 
@@ -125,6 +126,10 @@ def test_idc_series_resolves_from_bucket_headers_with_instance_uuids(
     assert record.collection == "test_collection" and record.idc_version == "v25"
     assert all(uri.startswith(f"gs://idc-test/{series_uuid}/") for _, uri in record.files)
     assert not record.is_local
+    # instance_hash: the object's MD5 as the store lists it, which is the file's MD5.
+    embedding_file = Path(local.embedding_file).read_bytes()
+    assert record.instance_hash == hashlib.md5(embedding_file, usedforsecurity=False).hexdigest()
+    assert (record.source_license, record.source_doi) == ("CC BY 4.0", "10.5281/zenodo.0")
 
 
 def test_pipeline_reads_from_the_bucket_only_the_frames_it_needs(idc_like_bucket, sample_slides):
@@ -165,6 +170,8 @@ def _series(series_uuid: str, local) -> idc.IdcSeries:
         series_size_mb=20.0,
         transfer_syntax=None,
         series_aws_url=None,
+        license_short_name="CC BY 4.0",
+        source_doi="10.5281/zenodo.0",
     )
 
 

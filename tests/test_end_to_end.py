@@ -310,3 +310,49 @@ def test_complete_slides_are_skipped_and_force_reruns_one_uuid(slides_dir, model
     assert forced["counters"]["slides_written"] == 1
     other = run_cli(only_small, out, model_cache, "--uuids", "00000000-0000-4000-8000-000000000000")
     assert other["counters"]["slides_planned"] == 0
+
+
+def test_clustering_provenance_is_what_was_done_in_metadata_and_tables(first_run):
+    """A slide with at most 500 embeddings is recorded as "identity" (its centroids are its
+    embeddings), whatever method is configured; a larger one under the configured method; the
+    resource table carries the same method and the configured parameters."""
+    rows = {
+        r["instance_uuid"]: r for r in pq.read_table(first_run / "tables" / "resource").to_pylist()
+    }
+    seen = set()
+    for directory in slide_dirs(first_run).values():
+        meta = json.loads((directory / "metadata.json").read_text())
+        (entry,) = meta["instance_patch_embeddings"]
+        clustering = entry["clustering"]
+        n = entry["embedding_count"]
+        arrays = load(directory)
+        if n <= 500:
+            assert clustering["method"] == "identity"
+            assert np.array_equal(arrays["centroids"], arrays["emb"])
+        else:
+            assert clustering["method"] == "lloyd"
+        seen.add(clustering["method"])
+        assert clustering["configured_method"] == entry["parameters"]["kmeans"]["method"] == "lloyd"
+        row = rows[meta["instance_uuid"]]
+        assert row["clustering_method"] == clustering["method"]
+        assert json.loads(row["clustering_parameters"]) == entry["parameters"]["kmeans"]
+        assert row["clustering_random_state"] == clustering["random_state"]
+        # Local slides: no IDC license; the embeddings' own license is stated.
+        assert meta["source_license"] is None and row["source_license"] is None
+        assert meta["embeddings_license"] == "CC BY 4.0"
+        assert row["instance_pixeldata_SHA512_hash"] == meta["instance_pixeldata_SHA512_hash"]
+    assert seen, "no slide written"
+
+
+def test_the_run_summary_counts_failures_per_reason_code(first_run):
+    (summary_file,) = (first_run / "runs").glob("*.json")
+    summary = json.loads(summary_file.read_text())
+    failures = pq.read_table(first_run / "tables" / "failures").to_pylist()
+    expected = {}
+    for row in failures:
+        expected[row["reason_code"]] = expected.get(row["reason_code"], 0) + 1
+    assert summary["counters"]["failures_by_reason"] == expected == {"no_high_resolution_level": 1}
+    from pipeline.summary import render
+
+    text = render(summary, str(first_run), 1.0)
+    assert "no_high_resolution_level" in text

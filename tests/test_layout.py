@@ -36,7 +36,7 @@ ROOMS = [
         ],
     ),
     ("DICOM I/O", ["transforms.dicom_io"]),
-    ("reading and planning", ["transforms.patches", "transforms.plan"]),
+    ("reading and planning", ["transforms.patches", "transforms.mask_level", "transforms.plan"]),
     ("sources", ["transforms.sources"]),
     ("outputs", ["transforms.outputs"]),
     ("search", ["transforms.search"]),

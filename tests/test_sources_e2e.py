@@ -64,7 +64,7 @@ def test_dicomweb_source_gives_the_local_artifacts(small, local_run, model_cache
         servers.stow(url, sorted(small.glob("*.dcm")))
         summary = run(
             tmp_path / "out", model_cache, "--source", "dicomweb", "--dicomweb-url", url,
-            "--manifest-out", str(written),
+            "--manifest-out", str(written), "--set", "hashing.pixeldata_sha512=all",
         )  # fmt: skip
     assert summary["counters"]["slides_written"] == 1
     # The run summary reports the remote reads: batched, so far fewer requests than frames.
@@ -83,7 +83,14 @@ def test_dicomweb_source_gives_the_local_artifacts(small, local_run, model_cache
     meta = json.loads(
         next((tmp_path / "out").glob("*/path_foundation/v1/metadata.json")).read_text()
     )
-    assert meta["instance_pixeldata_SHA512_hash"] is None  # never downloaded whole
+    # hashing.pixeldata_sha512=all: the PixelData value streamed from the store hashes as the
+    # local file's does (computed from the file on disk in the local run).
+    local_meta = json.loads(next(local_run.glob("*/path_foundation/v1/metadata.json")).read_text())
+    assert len(meta["instance_pixeldata_SHA512_hash"]) == 128
+    assert meta["instance_pixeldata_SHA512_hash"] == local_meta["instance_pixeldata_SHA512_hash"]
+    assert meta["instance_patch_embeddings"][0]["hashing"] == {"pixeldata_sha512": "all"}
+    (row,) = pq.read_table(tmp_path / "out" / "tables" / "resource").to_pylist()
+    assert row["instance_pixeldata_SHA512_hash"] == meta["instance_pixeldata_SHA512_hash"]
 
 
 def test_bucket_pixels_from_a_manifest_give_the_local_artifacts(
@@ -108,3 +115,5 @@ def test_bucket_pixels_from_a_manifest_give_the_local_artifacts(
         assert np.array_equal(got[name], expected[name]), name
     (row,) = pq.read_table(tmp_path / "out" / "tables" / "resource").to_pylist()
     assert row["instance_uuid"] == record.instance_uuid
+    # hashing.pixeldata_sha512 is "local" by default: a remote value is not streamed again.
+    assert row["instance_pixeldata_SHA512_hash"] is None

@@ -13,9 +13,13 @@ import cv2
 import numpy as np
 
 from transforms import clustering, patches, tissue
+from transforms import mask_level as mask_level_image
+from transforms.dicom_io import pixel_hash
 from transforms.dicom_io.pixel_data import instance_hashes
 from transforms.errors import ReasonCode, SlideError
 from transforms.records import SlideRecord
+
+PIXELDATA_SHA512_MODES = ("local", "all")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,19 @@ class PlanParams:
     chunk_size: int = 256
     thumbnail_max_size: int = 1024
     jpeg_quality: int = 90
+    # Whose PixelData SHA-512 is computed: "local" (local files only, read from disk anyway)
+    # or "all" (also gs://, s3://, http(s) and DICOMweb instances, streamed once more:
+    # dicom_io/pixel_hash.py; costs reading the embedding level's whole PixelData value).
+    pixeldata_sha512: str = "local"
+    # ~2X: a mask level at least twice finer is read in tiles and reduced (transforms/mask_level)
+    mask_spacing_mm: float = 0.005
+
+    def __post_init__(self) -> None:
+        if self.pixeldata_sha512 not in PIXELDATA_SHA512_MODES:
+            raise ValueError(
+                f"hashing.pixeldata_sha512: one of {PIXELDATA_SHA512_MODES}, "
+                f"not {self.pixeldata_sha512!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,10 @@ class SlidePlan:
     thumbnail_mask_jpeg: bytes
     instance_md5: str
     pixeldata_sha512: str
+    # How the mask image was made from the mask level: reduced by this integer factor
+    # (1: the level as is), giving an image of mask_image_size (width, height).
+    mask_factor: int = 1
+    mask_image_size: tuple[int, int] = (0, 0)
 
     def __repr__(self) -> str:
         return f"SlidePlan({self.record.instance_uuid}, {len(self.coords)} patches)"
@@ -102,7 +123,8 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
         )
     slide = patches.open_slide(record.files, record.dicomweb_auth)
     mask_level = patches.level_of(slide, record.levels.mask.sop_instance_uid)
-    mask_image = patches.read_level_image(slide, mask_level)
+    factor = mask_level_image.mask_factor(choice.mask.spacing.mm, params.mask_spacing_mm)
+    mask_image = mask_level_image.read_mask_image(slide, mask_level, factor).image
     mask = tissue.tissue_mask(mask_image, params.v_min, params.v_max)
     grid = tissue.patch_grid(
         mask,
@@ -122,8 +144,14 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
     thumbnail_mask = tissue.thumbnail_with_patches(
         thumbnail, grid.coords, params.patch_size, choice.source_width, choice.source_height
     )
-    # Remote instances are never downloaded whole: their hashes are IDC's MD5 or null.
-    md5, sha512 = instance_hashes(record.embedding_file) if record.is_local else (None, None)
+    # Local files: both hashes (cheap). Remote instances: the MD5 is what the source reports
+    # (IDC's instance_hash, the bucket's object MD5); the SHA-512 only when asked for, since it
+    # streams the whole PixelData value once more.
+    md5 = sha512 = None
+    if record.is_local:
+        md5, sha512 = instance_hashes(record.embedding_file)
+    elif params.pixeldata_sha512 == "all":
+        sha512, _ = pixel_hash.pixeldata_sha512(record.embedding_file, record.dicomweb_auth)
     plan = SlidePlan(
         record=record,
         coords=grid.coords,
@@ -135,6 +163,8 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
         thumbnail_mask_jpeg=_jpeg(thumbnail_mask, params.jpeg_quality),
         instance_md5=record.instance_hash or md5,
         pixeldata_sha512=sha512,
+        mask_factor=factor,
+        mask_image_size=(mask_image.shape[1], mask_image.shape[0]),
     )
     side = patches.block_side(params.chunk_size)
     chunks = [

@@ -82,6 +82,10 @@ class SlideRecord:
     # How WADO-RS reads authenticate (source.dicomweb_auth: auto, google, none); a mode,
     # never a credential: credentials come from ADC on the worker that reads.
     dicomweb_auth: str = "auto"
+    # The series' license and DOI as IDC lists them (idc-index `license_short_name`,
+    # `source_DOI`; BigQuery dicom_all the same), None where the source does not know them.
+    source_license: str | None = None
+    source_doi: str | None = None
 
     def __repr__(self) -> str:
         return f"SlideRecord({self.instance_uuid}, series={self.series_instance_uid})"

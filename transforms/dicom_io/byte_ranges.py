@@ -15,6 +15,7 @@ bucket's public HTTPS endpoint with Range headers, local paths through `os.pread
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import io
@@ -854,7 +855,30 @@ def _list_session() -> requests.Session:
     return retry.http_session()
 
 
-def _list_s3(bucket: str, prefix: str) -> Iterator[str]:
+def list_object_md5s(prefix: str) -> dict[str, str | None]:
+    """{URI: hex MD5 of the object as the store reports it, or None} of every object under a
+    gs:// or s3:// prefix, from the listing itself (no request per object). GCS reports each
+    object's MD5 (base64); S3 its ETag, which is the MD5 unless the object was uploaded in
+    parts (then it holds a '-' and says nothing about the bytes: None)."""
+    if prefix.startswith("gs://"):
+        bucket, name = split_bucket_uri(prefix)
+        out = {}
+        for blob in gcs_client().list_blobs(bucket, prefix=name):
+            if not blob.name.endswith("/"):
+                md5 = base64.b64decode(blob.md5_hash).hex() if blob.md5_hash else None
+                out[f"gs://{bucket}/{blob.name}"] = md5
+        return out
+    if prefix.startswith("s3://"):
+        return dict(_list_s3(*split_bucket_uri(prefix), with_etag=True))
+    raise ValueError(f"cannot list object MD5s under {prefix!r}: use a gs:// or s3:// prefix")
+
+
+def _etag_md5(etag: str | None) -> str | None:
+    value = (etag or "").strip('"').lower()
+    return value if re.fullmatch(r"[0-9a-f]{32}", value) else None
+
+
+def _list_s3(bucket: str, prefix: str, with_etag: bool = False) -> Iterator:
     token = None
     while True:
         params = {"list-type": "2", "prefix": prefix}
@@ -871,7 +895,8 @@ def _list_s3(bucket: str, prefix: str) -> Iterator[str]:
         for item in root.iter(f"{_S3_NS}Contents"):
             key = item.findtext(f"{_S3_NS}Key")
             if key and not key.endswith("/"):
-                yield f"s3://{bucket}/{key}"
+                uri = f"s3://{bucket}/{key}"
+                yield (uri, _etag_md5(item.findtext(f"{_S3_NS}ETag"))) if with_etag else uri
         if root.findtext(f"{_S3_NS}IsTruncated") != "true":
             return
         token = root.findtext(f"{_S3_NS}NextContinuationToken")

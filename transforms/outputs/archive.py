@@ -30,6 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms import bigquery
 from transforms.dicom_io.byte_ranges import gcs_client
+from transforms.outputs import releases
 from transforms.outputs.artifacts import check_file
 from transforms.outputs.layout import (
     COMPLETE_MARKER,
@@ -89,11 +90,23 @@ def _read_parquet(uri: str) -> pa.Table:
 
 
 def newest_resources(output_root: str) -> pa.Table:
-    """One resource row per instance UUID: the newest by created_time, then run id.
+    """One resource row per instance UUID: the newest by created_time, then run id; and one
+    slide per series: a UUID whose series a newer run embedded under another UUID (a new IDC
+    release) is retired (transforms/releases.py; listed by `resource_history`).
 
     A slide rerun (with --force, or new parameters) has a row in several run files; only the
     newest describes the artifacts on disk and the search rows that count.
     """
+    return releases.split_superseded(_newest_per_uuid(output_root))[0]
+
+
+def resource_history(output_root: str) -> pa.Table:
+    """The resource rows retired because a newer run embedded their series under another
+    instance UUID, each with `superseded_by_instance_uuid` and `superseded_by_run_id`."""
+    return releases.split_superseded(_newest_per_uuid(output_root))[1]
+
+
+def _newest_per_uuid(output_root: str) -> pa.Table:
     files = table_files(output_root, "resource")
     if not files:
         raise SlideNotFoundError(
@@ -123,6 +136,11 @@ def find_resource(
         match = pc.equal(resources[column], value)
         mask = match if mask is None else pc.and_(mask, match)
     found = resources.filter(mask).sort_by([("created_time", "descending")]).to_pylist()
+    if not found and instance_uuid is not None:
+        # A UUID retired by a newer release stays findable, saying what replaced it.
+        history = resource_history(output_root)
+        found = history.filter(pc.equal(history["instance_uuid"], where["instance_uuid"]))
+        found = found.to_pylist()
     if not found:
         described = ", ".join(f"{k} {v}" for k, v in where.items())
         raise SlideNotFoundError(

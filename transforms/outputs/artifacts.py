@@ -37,6 +37,9 @@ from transforms.outputs.tables import TABLES, row_errors
 from transforms.plan import SlideResult
 
 _LOG = logging.getLogger(__name__)
+# The license of the embeddings this pipeline publishes (as the seed's dataset: CC BY 4.0);
+# the source images keep their own, recorded per slide as source_license.
+EMBEDDINGS_LICENSE = "CC BY 4.0"
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -62,11 +65,14 @@ def build_metadata(
     level_width: int,
     level_height: int,
     extra: Mapping[str, Any],
+    slide_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """metadata.json: every published key, names exactly as in the public dataset, plus extras.
 
     `identity` holds instance_uuid, instance_hash, instance_pixeldata_SHA512_hash and the
-    study/series/sop instance UIDs.
+    study/series/sop instance UIDs. `extra` goes into the embedding entry (how these embeddings
+    were made); `slide_extra` at the top level, after the published keys (what holds for the
+    slide whatever model embeds it: its source license and DOI).
     """
     return {
         "instance_uuid": identity["instance_uuid"],
@@ -99,6 +105,7 @@ def build_metadata(
                 **extra,
             }
         ],
+        **(slide_extra or {}),
     }
 
 
@@ -113,6 +120,7 @@ class RunContext:
     dataset_version: str
     pipeline_version: str
     run_id: str
+    hashing: dict | None = None  # hashing.* of the config (recorded in metadata)
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,12 @@ def _level_metadata(result: SlideResult) -> dict[str, Any]:
             "width": choice.mask.width,
             "height": choice.mask.height,
             "pixel_spacing_mm": [choice.mask.spacing.row_mm, choice.mask.spacing.column_mm],
+            # The level was reduced by this integer factor (INTER_AREA, read in tiles) when
+            # it is >= 2x finer than ~2X (a shallow pyramid); 1 = used as is.
+            "downsample_to_mask": plan.mask_factor,
+            "mask_width": plan.mask_image_size[0],
+            "mask_height": plan.mask_image_size[1],
+            "resize_interpolation": "INTER_AREA" if plan.mask_factor > 1 else None,
             "tissue_share": plan.mask_tissue_share,
         },
         "grid": {"columns": plan.grid_columns, "rows": plan.grid_rows},
@@ -168,12 +182,16 @@ def slide_outputs(result: SlideResult, run: RunContext) -> SlideOutputs:
         "model_is_stand_in": model.is_stand_in,
         "model_source": model.source,
         **_level_metadata(result),
+        # The configured parameters first, then what was actually done: a slide with at most
+        # n_clusters embeddings is "identity" whatever method is configured.
         "clustering": {
+            **run.params["kmeans"],
+            "configured_method": run.params["kmeans"]["method"],
             "method": clusters.method,
             "random_state": clusters.random_state,
-            **run.params["kmeans"],
         },
         "parameters": run.params,
+        "hashing": run.hashing,
         "parameter_hash": run.parameter_hash,
         "pipeline_version": run.pipeline_version,
         "idc_version": record.idc_version,
@@ -198,6 +216,11 @@ def slide_outputs(result: SlideResult, run: RunContext) -> SlideOutputs:
         level_width=choice.source_width,
         level_height=choice.source_height,
         extra=extra,
+        slide_extra={
+            "source_license": record.source_license,
+            "source_doi": record.source_doi,
+            "embeddings_license": EMBEDDINGS_LICENSE,
+        },
     )
     files = {
         paths.metadata: json_bytes(metadata),
@@ -246,6 +269,14 @@ def slide_outputs(result: SlideResult, run: RunContext) -> SlideOutputs:
         "model_name": model.name,
         "model_version": model.version,
         "model_is_stand_in": model.is_stand_in,
+        "clustering_method": clusters.method,
+        "clustering_parameters": json.dumps(
+            run.params["kmeans"], sort_keys=True, separators=(",", ":")
+        ),
+        "clustering_random_state": clusters.random_state,
+        "source_license": record.source_license,
+        "source_doi": record.source_doi,
+        "instance_pixeldata_SHA512_hash": plan.pixeldata_sha512,
         "idc_version": record.idc_version,
         "pipeline_version": run.pipeline_version,
         "parameter_hash": run.parameter_hash,

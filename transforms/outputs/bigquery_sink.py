@@ -26,6 +26,7 @@ from apache_beam.io.gcp.bigquery_tools import FileFormat
 
 from transforms.bigquery import render_sql, run_script, validate_table_id
 from transforms.outputs.tables import (
+    SCHEMAS,
     TABLES,
     Column,
     bigquery_ddl_columns,
@@ -34,6 +35,7 @@ from transforms.outputs.tables import (
 )
 
 TABLE_KINDS = ("resource", "search", "failures")
+HISTORY_KIND = "resource_history"
 STAGING_DAYS = 7
 _RUN_TOKEN = re.compile(r"[^A-Za-z0-9_]")
 
@@ -78,6 +80,9 @@ class RunTables:
         token = _RUN_TOKEN.sub("_", run_id)
         final = {kind: f"{dataset}.{getattr(tables_cfg, kind)}" for kind in TABLE_KINDS}
         staging = {kind: f"{table}_staging_{token}" for kind, table in final.items()}
+        # Superseded resource rows move here at merge time (no staging table: only the merge
+        # writes it).
+        final[HISTORY_KIND] = f"{final['resource']}_history"
         for table_id in [*final.values(), *staging.values()]:
             validate_table_id(table_id)
         return cls(final, staging)
@@ -116,7 +121,7 @@ def _create_tables(names: dict[str, str], options: str = "") -> str:
     """CREATE TABLE IF NOT EXISTS per {kind: name as it goes between backticks}."""
     return (
         "\n\n".join(
-            f"CREATE TABLE IF NOT EXISTS `{name}` (\n{bigquery_ddl_columns(TABLES[kind])}\n)"
+            f"CREATE TABLE IF NOT EXISTS `{name}` (\n{bigquery_ddl_columns(SCHEMAS[kind])}\n)"
             f"{options};"
             for kind, name in names.items()
         )
@@ -141,15 +146,17 @@ def tables_ddl(tables: dict[str, str], staging_days: int | None = None) -> str:
 def ddl_file_text() -> str:
     """transforms/sql/tables.sql: the final tables' DDL with ${...} table placeholders."""
     header = (
-        "-- pathembed's three tables (DESIGN.md §5), generated from\n"
+        "-- pathembed's tables (DESIGN.md §5), generated from\n"
         "-- transforms/outputs/tables.py by transforms.outputs.bigquery_sink.ddl_file_text();\n"
         "-- tests/test_bigquery_sink.py checks that this file is current.\n"
         "-- Render with transforms.bigquery.render_sql('tables.sql', ...):\n"
-        "-- ${resource_table}, ${search_table} and ${failures_table} are validated table ids.\n"
+        "-- ${resource_table}, ${search_table}, ${failures_table} and ${resource_history_table}\n"
+        "-- are validated table ids.\n"
         "-- `embedding` holds 384 FLOAT64 per row: BigQuery cannot declare an array's length,\n"
         "-- so both sinks check it (transforms/outputs/tables.py row_errors).\n\n"
     )
-    return header + _create_tables({kind: f"${{{kind}_table}}" for kind in TABLE_KINDS})
+    kinds = (*TABLE_KINDS, HISTORY_KIND)
+    return header + _create_tables({kind: f"${{{kind}_table}}" for kind in kinds})
 
 
 def merge_sql(run: RunTables) -> str:
@@ -159,9 +166,29 @@ def merge_sql(run: RunTables) -> str:
     return render_sql("merge_run.sql", tables)
 
 
+def upgrade_sql(tables: dict[str, str]) -> str:
+    """ALTER TABLE ... ADD COLUMN IF NOT EXISTS for every nullable column of the final tables.
+
+    Final tables made by an older version lack the columns added since (clustering, license,
+    pixel hash: all nullable and appended at the end of their schema), and the merge's
+    `INSERT ... SELECT *` needs the staging table's columns, in order: adding the missing ones
+    at the end restores that order. Existing columns are left alone.
+    """
+    statements = []
+    for kind, table_id in tables.items():
+        columns = [c for c in SCHEMAS[kind] if c.nullable and not c.repeated]
+        if columns:
+            clauses = ",\n".join(f"  ADD COLUMN IF NOT EXISTS {c.name} {c.type}" for c in columns)
+            statements.append(f"ALTER TABLE `{validate_table_id(table_id)}`\n{clauses};")
+    return "\n".join(statements) + "\n"
+
+
 def prepare_sql(run: RunTables) -> str:
-    """The final tables when missing, and the run's empty staging tables (which expire)."""
-    return "\n".join([tables_ddl(run.final), tables_ddl(run.staging, STAGING_DAYS)])
+    """The final tables when missing (or missing newer columns), and the run's empty staging
+    tables (which expire)."""
+    return "\n".join(
+        [tables_ddl(run.final), upgrade_sql(run.final), tables_ddl(run.staging, STAGING_DAYS)]
+    )
 
 
 def prepare_run(tables_cfg: Any, run_id: str, project: str | None = None) -> str:

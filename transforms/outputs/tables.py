@@ -71,6 +71,16 @@ RESOURCE = [
     Column("parameter_hash", "STRING", nullable=False),
     Column("run_id", "STRING", nullable=False),
     Column("created_time", "TIMESTAMP", nullable=False),
+    # How the centroids were made: "identity" (N <= n_clusters: the embeddings themselves),
+    # "lloyd" or "minibatch_kmeans"; the configured parameters as canonical JSON.
+    Column("clustering_method", "STRING"),
+    Column("clustering_parameters", "STRING"),
+    Column("clustering_random_state", "INT64"),
+    # The source image's license and DOI as IDC lists them (per series); null when unknown
+    # (local slides). The embeddings themselves are published under CC BY 4.0.
+    Column("source_license", "STRING"),
+    Column("source_doi", "STRING"),
+    Column("instance_pixeldata_SHA512_hash", "STRING"),
 ]
 
 SEARCH = [
@@ -90,7 +100,18 @@ FAILURES = [
     Column("time", "TIMESTAMP", nullable=False),
 ]
 
-TABLES = {"resource": RESOURCE, "search": SEARCH, "failures": FAILURES}
+# Resource rows retired because a newer run embedded the same series under another instance
+# UUID (IDC re-issues the UUID of every changed instance in a new release): kept here, with
+# what replaced them, so the old UUID stays findable while search and lookups see one slide.
+RESOURCE_HISTORY = [
+    *RESOURCE,
+    Column("superseded_by_instance_uuid", "STRING", nullable=False),
+    Column("superseded_by_run_id", "STRING", nullable=False),
+]
+
+TABLES = {"resource": RESOURCE, "search": SEARCH, "failures": FAILURES}  # what a run writes
+# Every table's schema, the history table included (only the BigQuery merge writes it).
+SCHEMAS = {**TABLES, "resource_history": RESOURCE_HISTORY}
 
 
 def arrow_schema(columns: list[Column]) -> pa.Schema:

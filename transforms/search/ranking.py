@@ -113,6 +113,10 @@ class SlideMatch:
     collection: str | None = None
     protocol: str | None = None
     thumbnail_uri: str | None = None
+    # The source images' license and DOI (resource table; None where not recorded). Search
+    # results are derived from them: attribution travels with every hit.
+    source_license: str | None = None
+    source_doi: str | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,7 @@ def rank_slides(hits: Hits, slides: pa.Table, params: SearchParams) -> list[Slid
     )[: params.limit]
     columns = {
         name: slides[name].to_pylist() if name in slides.column_names else [None] * len(slides)
-        for name in ("instance_uuid", "collection", "thumbnail_uri")
+        for name in ("instance_uuid", "collection", "thumbnail_uri", "source_license", "source_doi")
     }
     matches = []
     for rank, s in enumerate(found, start=1):
@@ -253,6 +257,8 @@ def rank_slides(hits: Hits, slides: pa.Table, params: SearchParams) -> list[Slid
                 instance_uuid=columns["instance_uuid"][slide],
                 collection=columns["collection"][slide],
                 thumbnail_uri=columns["thumbnail_uri"][slide],
+                source_license=columns["source_license"][slide],
+                source_doi=columns["source_doi"][slide],
             )
         )
     return matches
@@ -670,6 +676,9 @@ def bigquery_search(
                 collection=row["collection"],
                 protocol=row["protocol"],
                 thumbnail_uri=thumbnail_uri(output_root, uuid) if uuid else None,
+                # Only where the resource table records them (this project's tables).
+                source_license=row.get("source_license"),
+                source_doi=row.get("source_doi"),
             )
         )
     return matches
@@ -680,8 +689,23 @@ def thumbnail_uri(output_root: str, instance_uuid: str) -> str:
     return ArtifactPaths.for_slide(output_root, instance_uuid).thumbnail
 
 
-def matches_as_rows(matches: Iterable[SlideMatch]) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(m) for m in matches]
+# The seed's search SQL names its output columns so; search --json / --csv offer them too, so
+# code written against the published example reads our results unchanged.
+SEED_COLUMNS = ("CollectionName", "ProtocolName", "SumCosineSimilarity")
+
+
+def matches_as_rows(matches: Iterable[SlideMatch], aggregate: str = "sum") -> list[dict[str, Any]]:
+    """Each match as a dict, plus the seed's column names: CollectionName, ProtocolName and,
+    when the score is a sum of cosine similarities (the seed's aggregate), SumCosineSimilarity
+    (None for `max`, which is not what the seed's column means)."""
+    rows = []
+    for match in matches:
+        row = dataclasses.asdict(match)
+        row["CollectionName"] = match.collection
+        row["ProtocolName"] = match.protocol
+        row["SumCosineSimilarity"] = match.score if aggregate == "sum" else None
+        rows.append(row)
+    return rows
 
 
 def describe_index(info: Mapping[str, Any]) -> str:

@@ -154,6 +154,8 @@ def build_record(
     collection: str | None = None,
     idc_version: str | None = None,
     dicomweb_url: str | None = None,
+    source_license: str | None = None,
+    source_doi: str | None = None,
     unusable: Mapping[str, SlideError] | None = None,
     concatenations: Mapping[str, str] | None = None,
 ) -> SlideRecord | FolderFailure:
@@ -192,6 +194,8 @@ def build_record(
             idc_version=idc_version,
             instance_hash=(instance_hashes or {}).get(sop),
             dicomweb_url=dicomweb_url,
+            source_license=source_license,
+            source_doi=source_doi,
         )
     except SlideError as error:
         return FolderFailure(fallback_uuid, series_uid, error)

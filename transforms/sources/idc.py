@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transforms import bigquery
-from transforms.dicom_io.byte_ranges import list_uris, read_header
+from transforms.dicom_io.byte_ranges import list_object_md5s, read_header
 from transforms.dicom_io.dicomweb import instance_url
 from transforms.errors import ReasonCode, SlideError
 from transforms.levels import DEFAULT_RULE, LevelInfo, LevelRule, PixelSpacing
@@ -145,6 +145,9 @@ def records_from_rows(
             instance_hashes=hashes,
             collection=row.get("collection_id"),
             idc_version=idc_version,
+            # dicom_all's per-series license and DOI, when the query selects them.
+            source_license=row.get("license_short_name"),
+            source_doi=row.get("source_DOI"),
             dicomweb_url=dicomweb_url if read_from == "dicomweb" else None,
         )
 
@@ -199,6 +202,8 @@ class IdcSeries:
     series_size_mb: float
     transfer_syntax: str | None
     series_aws_url: str | None
+    license_short_name: str | None = None
+    source_doi: str | None = None
 
 
 _INDEX_COLUMNS = {
@@ -210,6 +215,8 @@ _INDEX_COLUMNS = {
     "series_size_MB": "series_size_mb",
     "TransferSyntaxUID": "transfer_syntax",
     "series_aws_url": "series_aws_url",
+    "license_short_name": "license_short_name",
+    "source_DOI": "source_doi",
 }
 
 
@@ -283,13 +290,17 @@ def resolve_series(
     IDC names each instance `{crdc_series_uuid}/{crdc_instance_uuid}.dcm`, so the instance
     UUIDs come from the object names (validated).
     """
-    instances, uuids = [], {}
-    for uri in list_uris(series_prefix(series, bucket)):
+    instances, uuids, hashes = [], {}, {}
+    # The listing gives each object's MD5 as the store reports it: IDC's instance_hash is the
+    # MD5 of the instance file, so --only-new can tell a changed instance from this source too.
+    for uri, md5 in sorted(list_object_md5s(series_prefix(series, bucket)).items()):
         if not uri.endswith(".dcm"):
             continue
         header, _ = read_header(uri)
         sop = str(header.SOPInstanceUID)
         uuids[sop] = validate_uuid(uri.rsplit("/", 1)[-1][: -len(".dcm")])
+        if md5:
+            hashes[sop] = md5
         instances.append((uri, header))
     if not instances:
         return FolderFailure(
@@ -304,9 +315,12 @@ def resolve_series(
         instances,
         rule,
         instance_uuids=uuids,
+        instance_hashes=hashes,
         collection=series.collection_id,
         idc_version=idc_version or index_version(),
         sparse_ok=sparse_ok,
+        source_license=series.license_short_name,
+        source_doi=series.source_doi,
     )
 
 

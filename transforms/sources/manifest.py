@@ -7,8 +7,9 @@ chosen: reading one applies no level rule again.
 
 Columns (flat, the same in both formats): instance_uuid, study_instance_uid,
 series_instance_uid, sop_instance_uid, collection, idc_version, instance_hash, dicomweb_url,
-downsample, embedding_* and mask_* (sop_instance_uid, width, height, spacing_row_mm,
-spacing_column_mm, frame_width, frame_height), files (JSON list of [SOPInstanceUID, URI]).
+source_license, source_doi, downsample, embedding_* and mask_* (sop_instance_uid, width,
+height, spacing_row_mm, spacing_column_mm, frame_width, frame_height), files (JSON list of
+[SOPInstanceUID, URI]).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ COLUMNS = (
     "idc_version",
     "instance_hash",
     "dicomweb_url",
+    "source_license",
+    "source_doi",
     "downsample",
     *(f"embedding_{f}" for f in _LEVEL_FIELDS),
     *(f"mask_{f}" for f in _LEVEL_FIELDS),
@@ -80,6 +83,8 @@ def record_to_row(record: SlideRecord) -> dict[str, Any]:
         "idc_version": record.idc_version,
         "instance_hash": record.instance_hash,
         "dicomweb_url": record.dicomweb_url,
+        "source_license": record.source_license,
+        "source_doi": record.source_doi,
         "downsample": record.levels.downsample,
         **_level_row("embedding", record.levels.embedding),
         **_level_row("mask", record.levels.mask),
@@ -134,6 +139,8 @@ def record_from_row(row: dict[str, Any]) -> SlideRecord:
         idc_version=_blank(row.get("idc_version")),
         instance_hash=_blank(row.get("instance_hash")),
         dicomweb_url=_blank(row.get("dicomweb_url")),
+        source_license=_blank(row.get("source_license")),
+        source_doi=_blank(row.get("source_doi")),
     )
     if record.sop_instance_uid != embedding.sop_instance_uid:
         raise ValueError("sop_instance_uid is not the embedding level's instance")

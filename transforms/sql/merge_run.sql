@@ -7,10 +7,38 @@
 --                     its centroids, so a slide re-embedded with fewer centroids keeps none of
 --                     the old ones); other slides' rows are untouched;
 --   failures          the run's failure rows replace any earlier merge of the same run;
+--   resource_history  IDC re-issues the UUID of every instance it changes in a release: a
+--                     slide of a series the run embedded under another instance UUID is
+--                     superseded. Its resource row moves to the history table (with the UUID
+--                     and run that replaced it) and its search rows are deleted, so search
+--                     counts the series once and a lookup by Study/Series UIDs (the seed's
+--                     `LIMIT 1`) can only return the current UUID;
 -- all in one transaction (readers see the tables before or after, never between), then drops
 -- the staging tables. Rendered by transforms.bigquery.render_sql: each placeholder is a validated
 -- table id (project.dataset.table).
 BEGIN TRANSACTION;
+
+INSERT INTO `${resource_history_table}`
+SELECT old.*, new.instance_uuid, new.run_id
+FROM `${resource_table}` AS old
+JOIN `${staging_resource}` AS new
+  ON old.SeriesInstanceUID = new.SeriesInstanceUID AND old.instance_uuid != new.instance_uuid;
+
+DELETE FROM `${search_table}`
+WHERE instance_uuid IN (
+  SELECT old.instance_uuid
+  FROM `${resource_table}` AS old
+  JOIN `${staging_resource}` AS new
+    ON old.SeriesInstanceUID = new.SeriesInstanceUID AND old.instance_uuid != new.instance_uuid
+);
+
+DELETE FROM `${resource_table}`
+WHERE instance_uuid IN (
+  SELECT old.instance_uuid
+  FROM `${resource_table}` AS old
+  JOIN `${staging_resource}` AS new
+    ON old.SeriesInstanceUID = new.SeriesInstanceUID AND old.instance_uuid != new.instance_uuid
+);
 
 DELETE FROM `${resource_table}`
 WHERE instance_uuid IN (SELECT instance_uuid FROM `${staging_resource}`);
