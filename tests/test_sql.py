@@ -59,7 +59,8 @@ def test_every_sql_file_parses_as_bigquery(path):
 
 DICOM_ALL_DDL = """
 CREATE TABLE dicom_all (
-  collection_id VARCHAR, Modality VARCHAR, SOPClassUID VARCHAR,
+  collection_id VARCHAR, license_short_name VARCHAR, source_DOI VARCHAR,
+  Modality VARCHAR, SOPClassUID VARCHAR,
   StudyInstanceUID VARCHAR, SeriesInstanceUID VARCHAR, SOPInstanceUID VARCHAR,
   crdc_instance_uuid VARCHAR, gcs_url VARCHAR, aws_url VARCHAR, instance_hash VARCHAR,
   instance_size BIGINT, TransferSyntaxUID VARCHAR, ImageType VARCHAR[],
@@ -96,6 +97,8 @@ def _instance(series: str, n: int, width: int, spacing_mm: float, **over) -> dic
     uid = f"{series}.{n}"
     row = {
         "collection_id": "tcga_luad",
+        "license_short_name": "CC BY 3.0",
+        "source_DOI": "10.7937/K9/TCIA.2016.JGNIHEP5",
         "Modality": "SM",
         "SOPClassUID": WSI,
         "StudyInstanceUID": "1.2.3",
@@ -248,6 +251,12 @@ def test_query_rows_become_records_and_failure_rows(idc_db):
     # a failure row carries a valid instance UUID of the series (for reruns by UUID)
     assert by_series["1.9.3"].instance_uuid == _instance("1.9.3", 1, 0, 0)["crdc_instance_uuid"]
     assert by_series["1.9.6"].instance_uuid is not None
+    # the series' license and DOI as dicom_all lists them travel with each slide
+    for record in (r for r in out if isinstance(r, SlideRecord)):
+        assert (record.source_license, record.source_doi) == (
+            "CC BY 3.0",
+            "10.7937/K9/TCIA.2016.JGNIHEP5",
+        )
 
 
 def test_default_bigquery_release_is_the_offline_index_release():
@@ -388,14 +397,18 @@ def test_merge_run_sql_replaces_rewritten_slides_and_drops_staging():
         (staging["search"], "new", 1),
     ):
         for k in range(n):
-            _insert(con, table, instance_uuid=uid, centroid_index=k)
+            _insert(con, table, instance_uuid=uid, SeriesInstanceUID=uid, centroid_index=k)
     for table, uid in (
         (final["resource"], "redone"),
         (final["resource"], "untouched"),
         (staging["resource"], "redone"),
         (staging["resource"], "new"),
     ):
-        _insert(con, table, instance_uuid=uid)
+        _insert(con, table, instance_uuid=uid, SeriesInstanceUID=uid)  # one slide per series
+    # A new IDC release re-issued one series' UUID: the old row is retired to the history.
+    _insert(con, final["resource"], instance_uuid="old-release", SeriesInstanceUID="changed")
+    _insert(con, final["search"], instance_uuid="old-release", SeriesInstanceUID="changed")
+    _insert(con, staging["resource"], instance_uuid="new-release", SeriesInstanceUID="changed")
     for table, run_id in (
         (final["failures"], "r1"),
         (final["failures"], "r2"),
@@ -411,7 +424,9 @@ def test_merge_run_sql_replaces_rewritten_slides_and_drops_staging():
     )  # fmt: skip
     assert count == {"redone": 3, "untouched": 2, "new": 1}
     resource = con.execute(f"SELECT instance_uuid FROM {final['resource']}").fetchall()
-    assert sorted(r[0] for r in resource) == ["new", "redone", "untouched"]
+    assert sorted(r[0] for r in resource) == ["new", "new-release", "redone", "untouched"]
+    history = con.execute(f"SELECT instance_uuid FROM {final['resource_history']}").fetchall()
+    assert [r[0] for r in history] == ["old-release"]
     runs = con.execute(f"SELECT run_id FROM {final['failures']}").fetchall()
     assert sorted(r[0] for r in runs) == ["r1", "r2"]
     left = {

@@ -29,6 +29,8 @@
 WITH sm AS (
   SELECT
     d.collection_id,
+    d.license_short_name,
+    d.source_DOI,
     d.StudyInstanceUID,
     d.SeriesInstanceUID,
     d.SOPInstanceUID,
@@ -76,6 +78,8 @@ series AS (
   SELECT
     SeriesInstanceUID,
     ANY_VALUE(collection_id) AS collection_id,
+    ANY_VALUE(license_short_name) AS license_short_name,
+    ANY_VALUE(source_DOI) AS source_DOI,
     ANY_VALUE(StudyInstanceUID) AS StudyInstanceUID,
     MIN(crdc_instance_uuid) AS any_instance_uuid,
     MAX(IF(is_volume, optical_paths, 0)) AS max_optical_paths,
@@ -119,6 +123,8 @@ levels AS (
 )
 SELECT
   series.collection_id,
+  series.license_short_name,
+  series.source_DOI,
   series.StudyInstanceUID,
   series.SeriesInstanceUID,
   series.reason,
