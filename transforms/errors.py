@@ -40,7 +40,7 @@ class ReasonCode(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
     # A URL the source configuration does not allow (transforms/urls.py).
     UNTRUSTED_URL = "untrusted_url"
-    # An SM series whose illumination is not transmitted light (scripts/bigquery/idc_slides.sql).
+    # An SM series whose illumination is not transmitted light (transforms/sql/idc_slides.sql).
     NOT_BRIGHTFIELD = "not_brightfield"
     # A header value that would drive an unbounded allocation (frames, offset tables, ...).
     OVERSIZED_HEADER = "oversized_header"

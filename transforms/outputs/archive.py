@@ -92,7 +92,7 @@ def _read_parquet(uri: str) -> pa.Table:
 def newest_resources(output_root: str) -> pa.Table:
     """One resource row per instance UUID: the newest by created_time, then run id; and one
     slide per series: a UUID whose series a newer run embedded under another UUID (a new IDC
-    release) is retired (transforms/releases.py; listed by `resource_history`).
+    release) is retired (outputs/releases.py; listed by `resource_history`).
 
     A slide rerun (with --force, or new parameters) has a row in several run files; only the
     newest describes the artifacts on disk and the search rows that count.

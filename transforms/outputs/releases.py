@@ -10,7 +10,7 @@ time, then run id: a run over a newer release is newer) as current; the others a
 each with the UUID and run that replaced it. The local (Parquet) tables are append-only, one
 file per run, so retirement is applied where they are read (outputs/archive.py): the old rows
 stay in their run's file and are listed by `access.resource_history`. In BigQuery the merge does
-the same once, physically (scripts/bigquery/merge_run.sql, table `{resource}_history`).
+the same once, physically (transforms/sql/merge_run.sql, table `{resource}_history`).
 """
 
 from __future__ import annotations
