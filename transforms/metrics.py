@@ -27,6 +27,7 @@ SLIDES_WRITTEN = "slides_written"
 PATCHES_EMBEDDED = "patches_embedded"
 FAILURES = "failures"
 FILES_IGNORED = "files_ignored"  # files under a folder that are not WSI images
+QIDO_OFFSET_IGNORED = "qido_offset_ignored"  # a DICOMweb server that ignored QIDO's offset
 REASON_PREFIX = "failures_"  # + reason code: failure rows per reason
 
 COUNTERS = (

@@ -36,7 +36,6 @@ import cv2
 import numpy as np
 import pydicom
 import requests
-from apache_beam.metrics import Metrics
 from ez_wsi_dicomweb import (
     dicom_frame_decoder,
     dicom_slide,
@@ -47,7 +46,7 @@ from ez_wsi_dicomweb import (
 )
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
-from transforms import urls
+from transforms import metrics, urls
 from transforms.dicom_io import geometry, retry
 from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
@@ -66,11 +65,10 @@ S3_ENDPOINT = "https://{bucket}.s3.amazonaws.com/{key}"
 _ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
 _PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010)
 
-_NAMESPACE = "pathembed"
 # Beam counters resolve to the running step's container when incremented: make them once.
-_REQUESTS = Metrics.counter(_NAMESPACE, "pixel_source_requests")
-_BYTES = Metrics.counter(_NAMESPACE, "pixel_source_bytes_read")
-_FRAMES = Metrics.counter(_NAMESPACE, "pixel_frames_read")
+_REQUESTS = metrics.counter(metrics.PIXEL_SOURCE_REQUESTS)
+_BYTES = metrics.counter(metrics.PIXEL_SOURCE_BYTES_READ)
+_FRAMES = metrics.counter(metrics.PIXEL_FRAMES_READ)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from typing import Any
 
 import pydicom
 import requests
-from apache_beam.metrics import Metrics
 from ez_wsi_dicomweb import (
     credential_factory,
     dicom_slide,
@@ -39,7 +38,7 @@ from ez_wsi_dicomweb import (
 from ez_wsi_dicomweb.ml_toolkit import dicom_path
 from requests_toolbelt.multipart import decoder
 
-from transforms import urls
+from transforms import metrics, urls
 from transforms.dicom_io import retry
 from transforms.dicom_io.byte_ranges import level_frames_by_instance, log_fetch
 from transforms.dicom_io.frames import FrameGrid
@@ -59,7 +58,6 @@ _INSTANCE_URL = re.compile(
 _TRANSFER_SYNTAX_UID = "00020010"
 _OPTICAL_PATH_SEQUENCE = "00480105"
 _ICC_PROFILE = "00282000"
-_NAMESPACE = "pathembed"
 
 
 def is_instance_url(uri: str) -> bool:
@@ -162,7 +160,7 @@ class DicomWebClient:
                     offset,
                     len(seen),
                 )
-                Metrics.counter(_NAMESPACE, "qido_offset_ignored").inc()
+                metrics.counter(metrics.QIDO_OFFSET_IGNORED).inc()
                 return
             offset += len(found)
 
@@ -326,9 +324,9 @@ class BatchedDicomSlide(dicom_slide.DicomSlide):
         frames = stats.number_of_frames_read_in_frame_blocks - before[1]
         bytes_ = stats.number_of_frame_bytes_read_in_frame_blocks - before[2]
         if requests_:
-            Metrics.counter(_NAMESPACE, "pixel_source_requests").inc(requests_)
-            Metrics.counter(_NAMESPACE, "pixel_frames_read").inc(frames)
-            Metrics.counter(_NAMESPACE, "pixel_source_bytes_read").inc(bytes_)
+            metrics.counter(metrics.PIXEL_SOURCE_REQUESTS).inc(requests_)
+            metrics.counter(metrics.PIXEL_FRAMES_READ).inc(frames)
+            metrics.counter(metrics.PIXEL_SOURCE_BYTES_READ).inc(bytes_)
         log_fetch(
             what, str(self.path), frames, requests_, bytes_,
             (stats.number_of_frame_bytes_read_in_frame_blocks, stats.number_of_frame_blocks_read),

@@ -11,6 +11,7 @@ import hashlib
 import os
 import struct
 
+from transforms.dicom_io import pixel_hash
 from transforms.dicom_io.byte_ranges import DicomInstanceReader
 from transforms.errors import ReasonCode, SlideError
 
@@ -18,40 +19,21 @@ _ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
 _SEQ_END = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
 _UNDEFINED = 0xFFFFFFFF
 _BLOCK = 1 << 22
-_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
 
 
 def instance_hashes(path: str) -> tuple[str, str]:
     """(MD5 of the instance file, SHA-512 of its PixelData value as stored), both streamed in
-    4 MiB blocks: the value of an encapsulated PixelData is its items, headers included, up to
-    the sequence delimiter (what pydicom returns as `PixelData`)."""
+    4 MiB blocks; the SHA-512 is pixel_hash's, the one used for remote instances too."""
     md5 = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_BLOCK), b""):
             md5.update(block)
     value_at, value_length = DicomInstanceReader(path).pixel_data_value()
-    sha512 = hashlib.sha512()
     with open(path, "rb") as handle:
         handle.seek(value_at)
-        if value_length != 0xFFFFFFFF:  # native pixels: one value of known length
-            _copy(handle, value_length, sha512)
-        else:
-            while len(header := handle.read(8)) == 8:
-                group, element, length = struct.unpack("<HHI", header)
-                if (group, element) == _SEQUENCE_DELIMITER:
-                    break
-                sha512.update(header)
-                _copy(handle, length, sha512)
-    return md5.hexdigest(), sha512.hexdigest()
-
-
-def _copy(handle, length: int, digest) -> None:
-    while length > 0:
-        block = handle.read(min(length, _BLOCK))
-        if not block:
-            raise SlideError(ReasonCode.INCOMPLETE_SLIDE, f"{handle.name}: PixelData truncated")
-        digest.update(block)
-        length -= len(block)
+        blocks = iter(lambda: handle.read(_BLOCK), b"")
+        sha512 = pixel_hash.sha512_of_value(blocks, value_length, path)
+    return md5.hexdigest(), sha512
 
 
 def stored_frames_problem(path: str, declared: int) -> SlideError | None:
