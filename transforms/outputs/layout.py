@@ -4,9 +4,16 @@ run summaries.
 {output_root}/
   {instance_uuid}/path_foundation/v1/   the published files of one slide (ArtifactPaths),
                                         plus _COMPLETE.json, written last
-  tables/{resource,search,failures}/    one Parquet file per run: {run_id}.parquet
-  runs/{run_id}.json                    the summary of a finished run; it commits the run's
-                                        table rows (transforms/outputs/artifacts.py)
+  tables/{resource,search,failures}/{run_id}/{key}.parquet
+                                        the rows of one slide (key: its instance UUID; a
+                                        failure row: UUID-stage), written with the slide:
+                                        a slide's rows are durable the moment it is done
+  tables/{resource,search,failures}/{run_id}.parquet
+                                        one file per run (runs before per-slide rows)
+  runs/{run_id}.todo                    {"slides": N}: the slides this run has to do
+                                        (after SkipDone), for progress and ETA
+  runs/{run_id}.json                    the summary of a finished run (BigQuery: its rows
+                                        were merged)
 
 `output_root` is a local path or gs://bucket/prefix; paths are joined with Beam's FileSystems.
 """
@@ -89,6 +96,21 @@ def table_dir(output_root: str, table: str) -> str:
 def table_file(output_root: str, table: str, run_id: str) -> str:
     """The Parquet file run `run_id` wrote for `table`."""
     return FileSystems.join(table_dir(output_root, table), f"{run_id}.parquet")
+
+
+def row_file(output_root: str, table: str, run_id: str, key: str) -> str:
+    """tables/{table}/{run_id}/{key}.parquet: one slide's rows of `table`."""
+    return FileSystems.join(table_dir(output_root, table), run_id, f"{key}.parquet")
+
+
+def run_rows_dir(output_root: str, table: str, run_id: str) -> str:
+    """tables/{table}/{run_id}: the per-slide row files run `run_id` wrote."""
+    return FileSystems.join(table_dir(output_root, table), run_id)
+
+
+def todo_uri(output_root: str, run_id: str) -> str:
+    """runs/{run_id}.todo: {"slides": N}, written once SkipDone has seen every slide."""
+    return FileSystems.join(output_root.rstrip("/"), RUNS_DIR, f"{run_id}.todo")
 
 
 def run_summary_uri(output_root: str, run_id: str) -> str:
