@@ -28,6 +28,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from models.path_foundation import is_hf_repo_id
+from pipeline import summary
 from pipeline.config import PipelineConfig, config_from_flags
 from pipeline.run import checked_model, execute, new_run_id
 from transforms import urls
@@ -285,8 +286,13 @@ def build_pipeline(cfg: PipelineConfig, beam_args: list[str], run_id: str):
 def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = config_from_launch_args(args)
     if args.merge_only:
-        sql = merge_run(cfg.tables, args.merge_only, project=cfg.dataflow.project)
-        print(f"merged run {args.merge_only} into {cfg.tables.bigquery_dataset}:\n{sql}")
+        # A job that died (or whose driver did): its finished slides' row files are under the
+        # output root; loading and merging them commits the run (its summary is written).
+        merged = merge_run(cfg.tables, args.merge_only, cfg.output_root, cfg.dataflow.project)
+        summary.write_run_summary(
+            cfg.output_root, args.merge_only, {"merged_only": True, "merged_runs": merged}
+        )
+        print(f"merged runs {', '.join(merged)} into {cfg.tables.bigquery_dataset}")
         return 0
     check_dataflow_config(cfg)
     run_id = new_run_id()

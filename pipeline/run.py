@@ -99,14 +99,17 @@ def execute(
     try:
         result = pipeline.run()
         result.wait_until_finish()
-    except Exception:
+    except Exception as exc:
         threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
-        if not failures.tripped(run_id, *threshold):
+        if not failures.tripped(run_id, *threshold, error=exc):
             raise
         _LOG.error("run %s stopped: too many slides failed (see the error above)", run_id)
         return summary.FAILED_SHARE_EXIT
     if cfg.tables.sink == "bigquery":
-        bigquery_sink.merge_run(cfg.tables, run_id, project)
+        merged = bigquery_sink.merge_run(cfg.tables, run_id, cfg.output_root, project)
+        _LOG.info(
+            "merged the rows of runs %s into %s", ", ".join(merged), cfg.tables.bigquery_dataset
+        )
     return summary.finish(result, cfg, run_id, time.perf_counter() - started)
 
 
