@@ -6,7 +6,7 @@ run summaries.
                                         plus _COMPLETE.json, written last
   tables/{resource,search,failures}/{run_id}/{key}.parquet
                                         the rows of one slide (key: its instance UUID; a
-                                        failure row: UUID-stage), written with the slide:
+                                        failure row: UUID-stage-digest), written with the slide:
                                         a slide's rows are durable the moment it is done
   tables/{resource,search,failures}/{run_id}.parquet
                                         one file per run (runs before per-slide rows)

@@ -27,18 +27,15 @@ from transforms.outputs.tables import parquet_bytes
 
 
 def failure_key(row: dict) -> str:
-    """{instance_uuid}-{stage}; a row without a UUID (a source failure before one was known)
-    is keyed by a digest of its series and message instead."""
-    uuid = row.get("instance_uuid")
-    if not uuid:
-        what = f"{row.get('SeriesInstanceUID')}|{row.get('message')}".encode()
-        uuid = "unknown-" + hashlib.sha256(what).hexdigest()[:16]
-    return f"{uuid}-{row['stage']}"
+    """{instance_uuid or "unknown"}-{stage}-{digest of the series and message}: one file per
+    distinct failure (two manifest lines may fail under one UUID), the same file when a Beam
+    retry writes the same row again."""
+    what = f"{row.get('SeriesInstanceUID')}|{row.get('message')}".encode()
+    return f"{row.get('instance_uuid') or 'unknown'}-{row['stage']}-{hashlib.sha256(what).hexdigest()[:12]}"
 
 
 class WriteFailureRowFn(beam.DoFn):
-    """Failure row -> tables/failures/{run_id}/{uuid}-{stage}.parquet (a Beam retry of the same
-    bundle rewrites the same file)."""
+    """Failure row -> tables/failures/{run_id}/{failure_key}.parquet."""
 
     def __init__(self, output_root: str, run_id: str):
         self._root = output_root
