@@ -46,6 +46,7 @@ from typing import Any
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.outputs.layout import ArtifactPaths
+from transforms.urls import is_remote
 
 _LOG = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ class _GcsStore:
 
 def _store(uri: str) -> _LocalStore | _GcsStore | None:
     """The lease store of `uri`, or None where leases are not enforced."""
-    if "://" not in uri:
+    if not is_remote(uri):
         return _LocalStore(uri)
     scheme = uri.split("://", 1)[0].lower()
     if scheme == "gs":
