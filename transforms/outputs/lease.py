@@ -106,7 +106,8 @@ def _iso(epoch: float) -> str:
 
 def _record(run_id: str, ttl_s: float, acquired: float | None = None) -> LeaseRecord:
     now = time.time()
-    return LeaseRecord(run_id, socket.gethostname(), os.getpid(), acquired or now, now + ttl_s)
+    acquired = now if acquired is None else acquired
+    return LeaseRecord(run_id, socket.gethostname(), os.getpid(), acquired, now + ttl_s)
 
 
 # What a decision does with the lease it read: write this record, delete it, or leave it.
@@ -121,8 +122,6 @@ class _Contended(Exception):
 
 class _LocalStore:
     """A lease file on a local file system: O_EXCL creation, flock of the slide directory."""
-
-    enforced = True
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -193,8 +192,6 @@ class _LocalStore:
 
 class _GcsStore:
     """A lease object on GCS, changed only under generation preconditions."""
-
-    enforced = True
 
     def __init__(self, uri: str) -> None:
         from transforms.dicom_io.byte_ranges import split_bucket_uri
