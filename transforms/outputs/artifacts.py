@@ -34,6 +34,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.errors import ReasonCode, SlideError
+from transforms.outputs import lease
 from transforms.outputs.layout import ArtifactPaths, row_file, run_summary_uri
 from transforms.outputs.tables import TABLES, parquet_bytes, row_errors
 from transforms.plan import SlideResult
@@ -360,11 +361,19 @@ def write_artifacts(
     marker = {**marker, "files": file_digests(files)}
     _write(paths.complete_marker, json_bytes(marker))
     # Temporaries of a killed run would otherwise stay. This run's own names are left alone:
-    # a concurrent attempt at the same bundle (a retry) may still be renaming them.
+    # a concurrent attempt at the same bundle (a retry) may still be renaming them; so are
+    # those of a run holding a live lease on the slide (outputs/lease.py): it is writing them.
     found = FileSystems.match([FileSystems.join(paths.directory, "*.tmp-*")])[0].metadata_list
-    stale = [m.path for m in found if not m.path.endswith(f".tmp-{run_id}")]
+    others = [m.path for m in found if temporary_run(m.path) != run_id]
+    holder = lease.live_holder(paths) if others else None
+    stale = [path for path in others if temporary_run(path) != holder]
     if stale:
         FileSystems.delete(stale)
+
+
+def temporary_run(uri: str) -> str:
+    """The run_id of a temporary `{file}.tmp-{run_id}` (the artifact names hold no ".tmp-")."""
+    return posixpath.basename(uri).split(".tmp-", 1)[1]
 
 
 def file_digests(files: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
