@@ -14,12 +14,15 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 import requests
 
+from pipeline import summary
 from pipeline.cli import main
 from pipeline.summary import failure_threshold_exceeded
 from tests import bad_slides
+from tests.bad_slides import TINY
 from transforms import patches
 from transforms.dicom_io import retry
 from transforms.dicom_io.byte_ranges import HttpSource
@@ -31,6 +34,8 @@ from transforms.outputs.reruns import (
     is_unchanged,
     known_instances,
 )
+from transforms.records import local_instance_uuid
+from transforms.samples.slides import SampleSpec, write_slide
 from transforms.sources import manifest
 from transforms.sources.dicom_files import enumerate_dicom_folder
 
@@ -285,3 +290,103 @@ def test_credentials_are_sent_but_never_written_to_messages_or_logs(flaky, monke
     assert _Flaky.auth[0] == f"Bearer {secret}"
     assert failure.value.reason == "transient_http"
     assert secret not in str(failure.value) and secret not in caplog.text
+
+
+# --- reruns of slides that failed at enumeration -------------------------------------------
+
+
+def _tiny_40x(root: Path, name: str, seed: int) -> Path:
+    """A tiny 40x slide with a 20x level: the level embedded (20x) is not the finest (40x),
+    whose UUID a failure row of the whole series carries."""
+    write_slide(root, SampleSpec(name, TINY.native_spacing_mm / 2, TINY.width * 2,
+                                 TINY.height * 2, (1, 2, 8), seed))  # fmt: skip
+    return root / name
+
+
+def _rewrite(slide: Path, change) -> dict[Path, bytes]:
+    """Applies `change(ds, level)` to each level file of `slide` in place; returns the
+    original bytes (to restore the slide: "the file got fixed")."""
+    originals = {}
+    for level, path in enumerate(sorted(slide.glob("level-*.dcm"))):
+        originals[path] = path.read_bytes()
+        ds = pydicom.dcmread(path)
+        change(ds, level)
+        ds.save_as(path, enforce_file_format=True)
+    return originals
+
+
+def _sop(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest.mark.e2e
+def test_rerun_finds_slides_that_failed_at_enumeration(tmp_path, caplog):
+    """Three slides fail at enumeration; rerun by the failure rows' UUIDs (one reason code):
+    - fixed: a malformed StudyInstanceUID (a row under its 40x level's UUID), repaired since:
+      processed, and complete under its 20x level's UUID;
+    - broken: two optical paths (a row under its 40x level's UUID) and its 20x file with a
+      malformed SeriesInstanceUID (a row under that file's UUID); only the latter is asked
+      for, the series UID is repaired, the optical paths are not: a new failure row;
+    - gone: a malformed StudyInstanceUID, its files deleted since: reported as not found."""
+    slides = tmp_path / "slides"
+    fixed = _tiny_40x(slides, "fixed", 7)
+    broken = _tiny_40x(slides, "broken", 8)
+    gone = _tiny_40x(slides, "gone", 9)
+    (good_fixed,) = enumerate_dicom_folder(fixed)
+    fixed_40x, fixed_20x = (_sop(p) for p in sorted(fixed.glob("level-*.dcm"))[:2])
+    assert good_fixed.sop_instance_uid == fixed_20x  # embedded from the 20x level
+    originals = _rewrite(fixed, bad_slides.set_attribute("StudyInstanceUID", "1.2.x"))
+    _rewrite(gone, bad_slides.set_attribute("StudyInstanceUID", "1.2.x"))
+    broken_20x_file = sorted(broken.glob("level-*.dcm"))[1]
+    broken_series = pydicom.dcmread(broken_20x_file, stop_before_pixels=True).SeriesInstanceUID
+
+    def two_paths_and_a_bad_series(ds: pydicom.Dataset, level: int) -> None:
+        bad_slides.second_optical_path(ds, level)
+        if level == 1:
+            ds.SeriesInstanceUID = "1.2.y"
+
+    _rewrite(broken, two_paths_and_a_bad_series)
+    out = tmp_path / "out"
+
+    def cli(*args: str) -> dict:
+        patches.open_slide.cache_clear()
+        before = set((out / "runs").glob("*.json")) if (out / "runs").exists() else set()
+        code = main([
+            *args, "--input", str(slides), "--output-root", str(out), "--model", "stub-tiny",
+            "--set", f"model.cache_dir={tmp_path / 'models'}",
+        ])  # fmt: skip
+        assert code == 0
+        (new,) = set((out / "runs").glob("*.json")) - before
+        return json.loads(new.read_text())["counters"]
+
+    first = cli("run")
+    assert first["slides_written"] == 0 and first["enumerate_failures"] == 4
+    rows = pq.read_table(out / "tables" / "failures").to_pylist()
+    by_uuid = {r["instance_uuid"]: r["reason_code"] for r in rows}
+    assert by_uuid[local_instance_uuid(fixed_40x)] == "malformed_header"
+    assert local_instance_uuid(fixed_20x) not in by_uuid  # the row's UUID is not the record's
+    assert by_uuid[local_instance_uuid(_sop(broken_20x_file))] == "malformed_header"
+
+    for path, data in originals.items():  # fixed repaired
+        path.write_bytes(data)
+    ds = pydicom.dcmread(broken_20x_file)  # broken: the series UID repaired, not the paths
+    ds.SeriesInstanceUID = broken_series
+    ds.save_as(broken_20x_file, enforce_file_format=True)
+    for path in gone.glob("*.dcm"):
+        path.unlink()
+
+    with caplog.at_level("INFO"):
+        second = cli(
+            "rerun", "--failures", str(out / "tables" / "failures"), "--reason", "malformed_header"
+        )
+    assert second["slides_written"] == 1 and second["slides_to_process"] == 1
+    assert (out / good_fixed.instance_uuid / "path_foundation" / "v1" / "_COMPLETE.json").exists()
+    assert second["enumerate_failures"] == 1  # broken: failed again, counted as failed
+    assert summary.failed_slides(second) == (1, 2)
+    assert second["requested_not_found"] == 1  # gone
+    assert "1 requested slides were not found in the source" in caplog.text
+    rerun_rows = [
+        r for r in pq.read_table(out / "tables" / "failures").to_pylist()
+        if r["instance_uuid"] not in by_uuid or r["reason_code"] == "multiple_planes"
+    ]  # fmt: skip
+    assert {r["reason_code"] for r in rerun_rows} == {"multiple_planes"}
