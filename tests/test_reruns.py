@@ -34,10 +34,12 @@ from transforms.outputs.reruns import (
     is_unchanged,
     known_instances,
 )
-from transforms.records import local_instance_uuid
+from transforms.records import local_instance_uuid, requested, requested_keys
 from transforms.samples.slides import SampleSpec, write_slide
 from transforms.sources import manifest
 from transforms.sources.dicom_files import enumerate_dicom_folder
+from transforms.sources.enumeration import _tagged
+from transforms.stages import SkipDoneOrUnrequested
 
 A = "6fa459ea-ee8a-3ca4-894e-db77e160355e"
 B = "0d8e4f4c-9c1e-4b53-8a7e-2f0c5b0d9e11"
@@ -390,3 +392,59 @@ def test_rerun_finds_slides_that_failed_at_enumeration(tmp_path, caplog):
         if r["instance_uuid"] not in by_uuid or r["reason_code"] == "multiple_planes"
     ]  # fmt: skip
     assert {r["reason_code"] for r in rerun_rows} == {"multiple_planes"}
+
+
+def test_a_series_answers_every_uuid_its_failure_rows_could_carry(tmp_path):
+    """The record of a 40x slide is its 20x level's UUID; a failure row of the same series
+    carried its 40x level's (or one file's) UUID. Asking for any of those finds the record, in
+    enumeration and in SkipDone alike; asking for another slide's does not."""
+    slide = _tiny_40x(tmp_path / "slides", "s", 7)
+    sops = [_sop(p) for p in sorted(slide.glob("level-*.dcm"))]
+    (record,) = enumerate_dicom_folder(slide)
+    level_uuids = {local_instance_uuid(sop) for sop in sops}
+    assert record.instance_uuid == local_instance_uuid(sops[1])
+    assert level_uuids <= record.failure_keys
+    finest = frozenset({local_instance_uuid(sops[0])})
+    other = frozenset({A})
+    assert requested(record, finest) and requested(record, frozenset())
+    assert not requested(record, other)
+    assert requested_keys(record, finest | other) == finest
+
+    (tagged,) = _tagged(record, finest, "auto")
+    assert tagged.instance_uuid == record.instance_uuid
+    assert list(_tagged(record, other, "auto")) == []
+    skip = SkipDoneOrUnrequested(
+        output_root=str(tmp_path / "out"), dataset_version="v1", n_clusters=500,
+        parameter_hash="h", uuids=finest, force=False,
+    )  # fmt: skip
+    assert list(skip.process(record)) == [record]
+    skip._uuids = other
+    assert list(skip.process(record)) == []
+
+
+def test_a_series_that_fails_again_answers_the_uuids_of_its_earlier_rows(tmp_path):
+    """A failure row under one file's UUID (a malformed SeriesInstanceUID); once that file
+    joins its series and the series fails as a whole (under its finest level's UUID), a
+    rerun asking for the file's UUID gets the series' failure, not silence."""
+    slide = _tiny_40x(tmp_path / "slides", "s", 8)
+    files = sorted(slide.glob("level-*.dcm"))
+    series = str(pydicom.dcmread(files[1], stop_before_pixels=True).SeriesInstanceUID)
+
+    def bad_series(ds: pydicom.Dataset, level: int) -> None:
+        bad_slides.second_optical_path(ds, level)
+        if level == 1:
+            ds.SeriesInstanceUID = "1.2.y"
+
+    _rewrite(slide, bad_series)
+    by_reason = {f.error.reason.value: f for f in enumerate_dicom_folder(slide)}
+    file_row = by_reason["malformed_header"]
+    assert file_row.instance_uuid == local_instance_uuid(_sop(files[1]))
+    ds = pydicom.dcmread(files[1])
+    ds.SeriesInstanceUID = series
+    ds.save_as(files[1], enforce_file_format=True)
+    (again,) = enumerate_dicom_folder(slide)
+    assert again.error.reason.value == "multiple_planes"
+    assert again.instance_uuid == local_instance_uuid(_sop(files[0]))  # another UUID
+    asked = frozenset({file_row.instance_uuid})
+    (out,) = _tagged(again, asked, "auto")
+    assert out.tag == "failed" and out.value is again

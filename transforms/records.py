@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transforms.errors import ReasonCode, SlideError
 from transforms.levels import LevelChoice
@@ -115,7 +115,8 @@ class SlideRecord:
     source_doi: str | None = None
     # The UUIDs a failure row of this series may have carried in an earlier run (the finest
     # level's, a single file's: `failure_keys`), so a rerun of those rows finds the slide.
-    failure_keys: frozenset[str] = frozenset()
+    # Bookkeeping, not identity: not compared (a manifest does not store them).
+    failure_keys: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __repr__(self) -> str:
         return f"SlideRecord({self.instance_uuid}, series={self.series_instance_uid})"
@@ -140,4 +141,4 @@ class FolderFailure:
     error: SlideError
     # Other UUIDs the same series' failure rows may carry (`failure_keys`): a rerun asking
     # for any of them gets this failure's row.
-    failure_keys: frozenset[str] = frozenset()
+    failure_keys: frozenset[str] = field(default=frozenset(), compare=False)
