@@ -23,7 +23,7 @@ from pipeline.cli import main
 from pipeline.summary import failure_threshold_exceeded
 from tests import bad_slides
 from tests.bad_slides import TINY
-from transforms import patches
+from transforms import metrics, patches
 from transforms.dicom_io import retry
 from transforms.dicom_io.byte_ranges import HttpSource
 from transforms.errors import SlideError
@@ -448,3 +448,17 @@ def test_a_series_that_fails_again_answers_the_uuids_of_its_earlier_rows(tmp_pat
     asked = frozenset({file_row.instance_uuid})
     (out,) = _tagged(again, asked, "auto")
     assert out.tag == "failed" and out.value is again
+
+
+def test_the_summary_says_how_many_requested_slides_were_not_found(caplog):
+    counters = {name: 0 for name in metrics.COUNTERS} | {metrics.REQUESTED_FOUND: 2}
+    with caplog.at_level("WARNING"):
+        summary.note_requested(counters, 5, "r1")
+    assert counters["requested_not_found"] == 3
+    assert "3 requested slides were not found in the source" in caplog.text
+    text = summary.render({"counters": counters, "stage_seconds": {}}, "out", 1.0)
+    assert "3 requested slides were not found in the source (of 5" in text
+    counters[metrics.REQUESTED_FOUND] = 5
+    summary.note_requested(counters, 5, "r1")
+    text = summary.render({"counters": counters, "stage_seconds": {}}, "out", 1.0)
+    assert counters["requested_not_found"] == 0 and "not found" not in text
