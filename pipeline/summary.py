@@ -78,10 +78,17 @@ def render(
 ) -> str:
     c = summary["counters"]
     failed, tried = failed_slides(c)
+    not_found = []
+    if c.get("requested_not_found"):
+        not_found.append(
+            f"  not found           {c['requested_not_found']} requested slides were not "
+            f"found in the source (of {c['requested']} asked for by UUID)"
+        )
     lines = [
         "",
         "pathembed run summary",
         f"  slides found        {c['slides_found']}",
+        *not_found,
         f"  files ignored       {c['files_ignored']} (not whole-slide images; listed in the log)",
         f"  already complete    {c['slides_skipped_complete']} (skipped; --force to redo)",
         f"  slides done         {c['slides_written']}",
@@ -113,6 +120,8 @@ def finish(result: Any, cfg: Any, run_id: str, wall_seconds: float) -> int:
     the run's tables: a slide counts as done only then), checks the failed share; returns the
     exit status."""
     collected = collect(result)
+    if cfg.run.uuids:
+        note_requested(collected["counters"], len(cfg.run.uuids), run_id)
     tables = (
         f"BigQuery {cfg.tables.bigquery_dataset}" if cfg.tables.sink == "bigquery" else "Parquet"
     )
@@ -125,6 +134,22 @@ def finish(result: Any, cfg: Any, run_id: str, wall_seconds: float) -> int:
         _LOG.error("run %s: %s", run_id, exceeded)
         return FAILED_SHARE_EXIT
     return 0
+
+
+def note_requested(counters: dict[str, Any], requested: int, run_id: str) -> None:
+    """A run that asked for slides by UUID (--uuids, rerun): how many of them enumeration
+    never found (neither as a slide nor as a failure: e.g. the files were removed), so that
+    "0 done, 0 failed" is never all a rerun says about slides it could not find."""
+    found = counters.get(metrics.REQUESTED_FOUND, 0)
+    counters["requested"] = requested
+    counters["requested_not_found"] = max(0, requested - found)
+    if counters["requested_not_found"]:
+        _LOG.warning(
+            "run %s: %d requested slides were not found in the source (of %d asked for by "
+            "UUID): not enumerated at all, e.g. their files were removed, or the source flags "
+            "differ from the failed run's",
+            run_id, counters["requested_not_found"], requested,
+        )  # fmt: skip
 
 
 def write_run_summary(output_root: str, run_id: str, collected: dict[str, Any]) -> str:

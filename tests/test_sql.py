@@ -251,6 +251,10 @@ def test_query_rows_become_records_and_failure_rows(idc_db):
     # a failure row carries a valid instance UUID of the series (for reruns by UUID)
     assert by_series["1.9.3"].instance_uuid == _instance("1.9.3", 1, 0, 0)["crdc_instance_uuid"]
     assert by_series["1.9.6"].instance_uuid is not None
+    # ... and answers a rerun naming any instance UUID of the row (records.failure_keys)
+    other_level = _instance("1.9.3", 2, 0, 0)["crdc_instance_uuid"]
+    assert other_level != by_series["1.9.3"].instance_uuid
+    assert other_level in by_series["1.9.3"].failure_keys
     # the series' license and DOI as dicom_all lists them travel with each slide
     for record in (r for r in out if isinstance(r, SlideRecord)):
         assert (record.source_license, record.source_doi) == (

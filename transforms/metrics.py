@@ -27,6 +27,8 @@ SLIDES_WRITTEN = "slides_written"
 PATCHES_EMBEDDED = "patches_embedded"
 FAILURES = "failures"
 FILES_IGNORED = "files_ignored"  # files under a folder that are not WSI images
+# Asked-for UUIDs (--uuids, rerun) that enumeration found, as a slide or as a failure.
+REQUESTED_FOUND = "requested_found"
 QIDO_OFFSET_IGNORED = "qido_offset_ignored"  # a DICOMweb server that ignored QIDO's offset
 REASON_PREFIX = "failures_"  # + reason code: failure rows per reason
 
@@ -44,6 +46,7 @@ COUNTERS = (
     PATCHES_EMBEDDED,
     FAILURES,
     FILES_IGNORED,
+    REQUESTED_FOUND,
 )
 # Summary label -> the distribution `timed(stage)` fills (milliseconds per call).
 STAGES = {

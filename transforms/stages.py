@@ -31,7 +31,7 @@ from transforms.errors import ReasonCode, SlideError
 from transforms.outputs import artifacts, reruns
 from transforms.outputs.layout import ArtifactPaths
 from transforms.plan import PatchChunk, PlanParams, SlidePlan, SlideResult, plan_slide
-from transforms.records import SlideRecord
+from transforms.records import SlideRecord, requested
 
 _LOG = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         return problem is None
 
     def process(self, record: SlideRecord) -> Iterator[SlideRecord]:
-        if self._uuids and record.instance_uuid not in self._uuids:
+        if not requested(record, self._uuids):  # by its UUID or an earlier failure row's
             return
         unchanged = self._resource_table and reruns.is_unchanged(
             self._known, record.instance_uuid, record.instance_hash
