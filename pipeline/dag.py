@@ -47,7 +47,7 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         "plan", main="chunks"
     ).with_exception_handling()  # fmt: skip
     embed = stages.EmbedChunks(
-        handler, cfg.grid.patch_size, cfg.color.icc_profile
+        handler, cfg.grid.patch_size, cfg.color.icc_profile, cfg.read.gpu_decode
     ).with_resource_hints(**cfg.dataflow.embed_resource_hints())
     embedded = planned.chunks | "Reshuffle" >> beam.Reshuffle() | "Embed" >> embed
     clustered = (

@@ -19,6 +19,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from models.signature import EMBEDDING_DIM
 from transforms import clustering, failures, metrics, patches
+from transforms.dicom_io import gpu_decode
 from transforms.errors import ReasonCode, SlideError
 from transforms.outputs import artifacts, reruns
 from transforms.outputs.layout import ArtifactPaths
@@ -142,9 +143,13 @@ class PlanSlideFn(beam.DoFn):
 class ReadPatchesFn(beam.DoFn):
     """PatchChunk -> ((uuid, rows), uint8 patches [n, 224, 224, 3]), read as one region."""
 
-    def __init__(self, patch_size: int, icc_profile: str = "none"):
+    def __init__(self, patch_size: int, icc_profile: str = "none", gpu_decode: str = "auto"):
         self._patch_size = patch_size
         self._icc_profile = icc_profile
+        self._gpu_decode = gpu_decode
+
+    def setup(self) -> None:
+        gpu_decode.set_mode(self._gpu_decode)  # read.gpu_decode, per worker process
 
     def process(self, chunk: PatchChunk) -> Iterator[tuple[tuple[str, np.ndarray], np.ndarray]]:
         record = chunk.record
@@ -197,10 +202,12 @@ class EmbedChunks(beam.PTransform):
     CPU-hinted reader and a GPU-hinted model would ship ~150 kB of pixels per patch.
     """
 
-    def __init__(self, handler, patch_size: int, icc_profile: str = "none"):
+    def __init__(
+        self, handler, patch_size: int, icc_profile: str = "none", gpu_decode: str = "auto"
+    ):
         super().__init__()
         self._handler = handler  # models.handler.PathFoundationModelHandler
-        self._read = ReadPatchesFn(patch_size, icc_profile)
+        self._read = ReadPatchesFn(patch_size, icc_profile, gpu_decode)
 
     def expand(self, chunks):
         read = chunks | "ReadPatches" >> beam.ParDo(self._read).with_exception_handling()
