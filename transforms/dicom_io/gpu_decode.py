@@ -31,6 +31,8 @@ import threading
 import numpy as np
 import pydicom
 
+from transforms import metrics
+
 _LOG = logging.getLogger(__name__)
 
 MODES = ("auto", "off")
@@ -48,6 +50,7 @@ SYNTAXES = frozenset(
 
 _mode = "auto"
 _lock = threading.Lock()  # one decode call at a time per process (DoFn threads share it)
+_FRAMES = metrics.counter(metrics.GPU_DECODED_FRAMES)
 
 
 def set_mode(mode: str) -> None:
@@ -137,4 +140,5 @@ def decode_frames(frames: list[bytes], syntax: str) -> list[np.ndarray] | None:
     for array in out:
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
             return None  # e.g. a grey or 16-bit frame: the CPU path handles those
+    _FRAMES.inc(len(out))
     return out
