@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from transforms.clustering import KMeansParams
+from transforms.dicom_io.gpu_decode import MODES as GPU_DECODE_MODES
 from transforms.levels import LevelRule
 from transforms.outputs.layout import DATASET_VERSION
 from transforms.patches import ICC_PROFILES
@@ -112,6 +113,15 @@ class ColorConfig:
 
 
 @dataclass(frozen=True)
+class ReadConfig:
+    gpu_decode: str = "auto"  # auto | off (transforms.dicom_io.gpu_decode.MODES)
+
+    def __post_init__(self) -> None:
+        if self.gpu_decode not in GPU_DECODE_MODES:
+            raise ValueError(f"read.gpu_decode: one of {GPU_DECODE_MODES}, not {self.gpu_decode!r}")
+
+
+@dataclass(frozen=True)
 class ThumbnailConfig:
     max_size: int = 1024
     jpeg_quality: int = 90
@@ -195,6 +205,7 @@ class PipelineConfig:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     color: ColorConfig = field(default_factory=ColorConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)
     kmeans: KMeansParams = field(default_factory=KMeansParams)
     thumbnail: ThumbnailConfig = field(default_factory=ThumbnailConfig)
     hashing: HashingConfig = field(default_factory=HashingConfig)

@@ -55,7 +55,11 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         hashing=dataclasses.asdict(cfg.hashing),
     ))  # fmt: skip
     embed = stages.EmbedSlides(
-        handler, cfg.grid.patch_size, cfg.color.icc_profile, run_id=run_id
+        handler,
+        cfg.grid.patch_size,
+        cfg.color.icc_profile,
+        gpu_decode=cfg.read.gpu_decode,
+        run_id=run_id,
     ).with_resource_hints(**cfg.dataflow.embed_resource_hints())
 
     found = p | "Enumerate" >> enumerate_slides

@@ -24,10 +24,14 @@ def collect(result: Any) -> dict[str, Any]:
     queried = result.metrics().query(MetricsFilter())
     counters = {name: 0 for name in metrics.COUNTERS}
     by_reason: dict[str, int] = {}
+    devices: dict[str, int] = {}
     for counter in queried["counters"]:
         name = counter.key.metric.name
         if name in counters:
             counters[name] += counter.committed or 0
+        elif name.startswith(metrics.MODEL_DEVICE_PREFIX):
+            kind = name.removeprefix(metrics.MODEL_DEVICE_PREFIX)
+            devices[kind] = devices.get(kind, 0) + (counter.committed or 0)
         elif name.startswith(metrics.REASON_PREFIX):
             reason = name.removeprefix(metrics.REASON_PREFIX)
             by_reason[reason] = by_reason.get(reason, 0) + (counter.committed or 0)
@@ -45,6 +49,8 @@ def collect(result: Any) -> dict[str, Any]:
             seconds["model"] = seconds.get("model", 0.0) + value.sum / 1e6
     return {
         "counters": counters,
+        # model loads (worker processes) per device kind their first model call ran on
+        "model_devices": dict(sorted(devices.items())),
         "failures_by_reason": dict(sorted(by_reason.items())),
         "stage_seconds": seconds,
     }
@@ -73,6 +79,13 @@ def failure_threshold_exceeded(
     )
 
 
+def model_devices(summary: dict[str, Any]) -> str:
+    """ "GPU (2 model loads)", "CPU (1 model load)", or both; "-" when no model ran."""
+    devices = summary.get("model_devices") or {}
+    parts = [f"{kind} ({n} model load{'s' if n != 1 else ''})" for kind, n in devices.items() if n]
+    return ", ".join(parts) or "- (no model call)"
+
+
 def render(
     summary: dict[str, Any], output_root: str, wall_seconds: float, tables: str = "Parquet"
 ) -> str:
@@ -98,6 +111,9 @@ def render(
         f"  pixel reads         {c['pixel_source_requests']} requests "
         "(local files and remote sources), "
         f"{c['pixel_frames_read']} frames, {c['pixel_source_bytes_read'] / 1e6:.1f} MB",
+        f"  model ran on        {model_devices(summary)}",
+        f"  frames decoded      {c.get('gpu_decoded_frames', 0)} on the GPU (read.gpu_decode), "
+        "the others on the CPU",
         f"  wall time           {wall_seconds:.1f} s",
         "  time per stage (summed over workers):",
     ]

@@ -31,6 +31,9 @@ FILES_IGNORED = "files_ignored"  # files under a folder that are not WSI images
 REQUESTED_FOUND = "requested_found"
 QIDO_OFFSET_IGNORED = "qido_offset_ignored"  # a DICOMweb server that ignored QIDO's offset
 REASON_PREFIX = "failures_"  # + reason code: failure rows per reason
+# + GPU or CPU: model loads (worker processes) whose first call ran on that kind of device
+MODEL_DEVICE_PREFIX = "model_device_"
+GPU_DECODED_FRAMES = "gpu_decoded_frames"  # frames decoded by nvImageCodec (read.gpu_decode)
 
 COUNTERS = (
     PIXEL_SOURCE_REQUESTS,
@@ -47,6 +50,7 @@ COUNTERS = (
     FAILURES,
     FILES_IGNORED,
     REQUESTED_FOUND,
+    GPU_DECODED_FRAMES,
 )
 # Summary label -> the distribution `timed(stage)` fills (milliseconds per call).
 STAGES = {
@@ -55,6 +59,11 @@ STAGES = {
     "cluster": "cluster_ms",
     "write": "write_ms",
 }
+
+
+def device_kind(device: str) -> str:
+    """ "GPU" for a TensorFlow GPU device name ("GPU:0", "/device:GPU:0"), else "CPU"."""
+    return "GPU" if "GPU" in device.upper() else "CPU"
 
 
 def counter(name: str):

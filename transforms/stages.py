@@ -27,6 +27,7 @@ from apache_beam.runners.worker import statesampler
 
 from models.signature import EMBEDDING_DIM
 from transforms import clustering, failures, metrics, patches
+from transforms.dicom_io import gpu_decode
 from transforms.errors import ReasonCode, SlideError
 from transforms.outputs import artifacts, reruns
 from transforms.outputs.layout import ArtifactPaths
@@ -254,14 +255,19 @@ class SlideModelHandler(ModelHandler[SlidePlan, PredictionResult, Any]):
     wrapped handler's large_model / model_copies), with its metrics and dead letters.
     """
 
-    def __init__(self, handler, patch_size: int, icc_profile: str = "none", read_threads: int = 2):
+    def __init__(
+        self, handler, patch_size: int, icc_profile: str = "none", read_threads: int = 2,
+        gpu_decode: str = "auto",
+    ):  # fmt: skip
         super().__init__(min_batch_size=1, max_batch_size=1)
         self._handler = handler  # models.handler.PathFoundationModelHandler
         self._patch_size = patch_size
         self._icc_profile = icc_profile
         self._read_threads = read_threads
+        self._gpu_decode = gpu_decode
 
     def load_model(self) -> Any:
+        gpu_decode.set_mode(self._gpu_decode)  # read.gpu_decode, once per worker process
         return self._handler.load_model()
 
     def run_inference(self, batch, model, inference_args=None) -> list[PredictionResult]:
@@ -304,9 +310,9 @@ class EmbedSlides(beam.PTransform):
     """
 
     def __init__(self, handler, patch_size: int, icc_profile: str = "none", read_threads=2, *,
-                 run_id: str):  # fmt: skip
+                 gpu_decode: str = "auto", run_id: str):  # fmt: skip
         super().__init__()
-        self._slides = SlideModelHandler(handler, patch_size, icc_profile, read_threads)
+        self._slides = SlideModelHandler(handler, patch_size, icc_profile, read_threads, gpu_decode)
         self._run_id = run_id
 
     def expand(self, plans):

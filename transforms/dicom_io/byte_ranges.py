@@ -47,7 +47,7 @@ from ez_wsi_dicomweb import (
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
 from transforms import metrics, urls
-from transforms.dicom_io import geometry, retry
+from transforms.dicom_io import geometry, gpu_decode, retry
 from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
 from transforms.urls import is_remote
@@ -666,6 +666,11 @@ class RangeDicomFiles(local_dicom_file_interface.LocalDicomFileInterface):
         if stored is None:  # left out of a TILED_SPARSE level
             return reader.absent_frame()
         data = reader.frame_bytes(stored)
+        # --- GPU decode hook (issue 14; gpu_decode.py): None = no GPU decoder, CPU below ---
+        gpu = gpu_decode.decode_frames([data], reader.transfer_syntax)
+        if gpu is not None:
+            return gpu[0]
+        # --- end GPU decode hook ---
         if reader.transfer_syntax == pydicom.uid.JPEGBaseline8Bit:
             # What ez-wsi's decoder does for JPEG baseline (cv2.imdecode, then BGR -> RGB),
             # in one call: OpenCV's decoder writes RGB directly.

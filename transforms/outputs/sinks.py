@@ -31,7 +31,8 @@ def failure_key(row: dict) -> str:
     distinct failure (two manifest lines may fail under one UUID), the same file when a Beam
     retry writes the same row again."""
     what = f"{row.get('SeriesInstanceUID')}|{row.get('message')}".encode()
-    return f"{row.get('instance_uuid') or 'unknown'}-{row['stage']}-{hashlib.sha256(what).hexdigest()[:12]}"
+    digest = hashlib.sha256(what).hexdigest()[:12]
+    return f"{row.get('instance_uuid') or 'unknown'}-{row['stage']}-{digest}"
 
 
 class WriteFailureRowFn(beam.DoFn):
