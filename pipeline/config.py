@@ -150,6 +150,11 @@ class RunConfig:
     # SkipDone checks the sizes of a complete slide's files against its marker; with this,
     # their SHA-256 checksums too (reads every file of every complete slide).
     verify_checksums: bool = False
+    # One writer per slide (transforms/outputs/lease.py): a run holds a slide's lease from
+    # SkipDone until it is written or failed; another run skips it meanwhile. A lease older
+    # than this (a run that died on another machine) is taken over; on this machine a dead
+    # process's lease is free at once.
+    lease_ttl_s: float = 3600.0
 
 
 @dataclass(frozen=True)

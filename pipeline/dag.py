@@ -47,13 +47,13 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         output_root=root, dataset_version=DATASET_VERSION, n_clusters=cfg.kmeans.n_clusters,
         parameter_hash=p_hash, uuids=uuids, force=cfg.run.force,
         resource_table=cfg.run.resource_table, run_id=run_id,
-        verify_checksums=cfg.run.verify_checksums,
+        verify_checksums=cfg.run.verify_checksums, lease_ttl_s=cfg.run.lease_ttl_s,
     )  # fmt: skip
     write_slide = stages.WriteSlideFn(RunContext(
         output_root=root, model=model, parameter_hash=p_hash, params=params,
         dataset_version=DATASET_VERSION, pipeline_version=PIPELINE_VERSION, run_id=run_id,
         hashing=dataclasses.asdict(cfg.hashing),
-    ))  # fmt: skip
+    ), cfg.run.lease_ttl_s)  # fmt: skip
     embed = stages.EmbedSlides(
         handler,
         cfg.grid.patch_size,

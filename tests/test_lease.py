@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 from apache_beam.io.filesystems import FileSystems
-from google.api_core import exceptions
-from google.cloud import storage
 
 from tests import servers
 from transforms.outputs import artifacts, layout, lease
@@ -216,6 +214,7 @@ def test_cleanup_removes_the_temporaries_of_a_run_whose_lease_expired(root):
 def _race(paths, run_id, barrier, results) -> None:
     barrier.wait()
     held = lease.acquire(paths, run_id, TTL)
+    barrier.wait()  # every racer tries while the winner is alive (a dead holder frees it)
     results.put((run_id, held is not None))
 
 
@@ -240,7 +239,24 @@ def test_eight_processes_race_for_a_free_lease_and_exactly_one_wins(tmp_path):
     paths = _paths(str(tmp_path))
     winners = _race_processes(paths, 8)
     assert len(winners) == 1
-    assert lease.live_holder(paths) == winners[0]
+    assert _holder(paths) == winners[0]
+
+
+def _holder(paths) -> str:
+    return json.loads(Path(paths.lease).read_text())["run_id"]
+
+
+def test_a_lease_of_a_process_of_this_host_that_is_gone_is_free_at_once(tmp_path):
+    """A run killed on this machine (SIGKILL: it released nothing) does not hold its slides
+    until the expiry: the next run takes them over."""
+    paths = _paths(str(tmp_path))
+    context = multiprocessing.get_context("fork")
+    worker = context.Process(target=lease.acquire, args=(paths, "run-killed", TTL))
+    worker.start()
+    worker.join(timeout=60)
+    assert _holder(paths) == "run-killed" and lease.live_holder(paths) is None
+    assert lease.acquire(paths, "run-next", TTL) is not None
+    assert lease.live_holder(paths) == "run-next"
 
 
 def test_eight_processes_race_to_take_over_an_expired_lease_and_exactly_one_wins(tmp_path):
@@ -248,41 +264,5 @@ def test_eight_processes_race_to_take_over_an_expired_lease_and_exactly_one_wins
     assert lease.acquire(paths, "run-dead", 0) is not None
     winners = _race_processes(paths, 8)
     assert len(winners) == 1
-    assert lease.live_holder(paths) == winners[0]
+    assert _holder(paths) == winners[0]
     assert not [p for p in Path(paths.directory).iterdir() if p.name != layout.LEASE_FILE]
-
-
-# -- gs:// atomicity itself ------------------------------------------------------------------
-
-
-def _emulator_enforces_preconditions() -> bool:
-    blob = storage.Client.create_anonymous_client().bucket(BUCKET).blob(uuid.uuid4().hex)
-    blob.upload_from_string(b"1", if_generation_match=0)
-    try:
-        blob.upload_from_string(b"2", if_generation_match=0)
-    except exceptions.PreconditionFailed:
-        return True
-    return False
-
-
-def test_gcs_a_racing_create_of_the_same_lease_is_refused_by_the_bucket(emulator):
-    """Run a reads "no lease"; run b creates it before run a writes: run a's create must be
-    refused (ifGenerationMatch=0), and on reading again run a sees b's live lease. This is the
-    bucket's guarantee; the emulator pinned in requirements.lock ignores preconditions, so there
-    it cannot be shown (every other gs:// test above runs one step at a time)."""
-    if not _emulator_enforces_preconditions():
-        pytest.skip("gcp-storage-emulator ignores ifGenerationMatch: no atomic create to test")
-    paths = _paths(f"gs://{BUCKET}/{uuid.uuid4().hex}")
-    seen = []
-
-    def run_a_decides(current):
-        seen.append(current)
-        if current is None:  # between run a's read and its write, run b acquires
-            assert lease.acquire(paths, "run-b", TTL) is not None
-            return lease._record("run-a", TTL)
-        return lease._KEEP
-
-    current, written = lease._GcsStore(paths.lease).transact(run_a_decides, True)
-    assert not written and current.run_id == "run-b"
-    assert [None if r is None else r.run_id for r in seen] == [None, "run-b"]
-    assert lease.live_holder(paths) == "run-b"

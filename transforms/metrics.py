@@ -20,6 +20,7 @@ PIXEL_SOURCE_BYTES_READ = "pixel_source_bytes_read"
 SLIDES_FOUND = "slides_found"
 ENUMERATE_FAILURES = "enumerate_failures"
 SLIDES_SKIPPED_COMPLETE = "slides_skipped_complete"
+SLIDES_SKIPPED_IN_USE = "slides_skipped_in_use"  # another live run holds the slide's lease
 SLIDES_TO_PROCESS = "slides_to_process"
 SLIDES_PLANNED = "slides_planned"
 PATCHES_PLANNED = "patches_planned"
@@ -42,6 +43,7 @@ COUNTERS = (
     SLIDES_FOUND,
     ENUMERATE_FAILURES,
     SLIDES_SKIPPED_COMPLETE,
+    SLIDES_SKIPPED_IN_USE,
     SLIDES_TO_PROCESS,
     SLIDES_PLANNED,
     PATCHES_PLANNED,

@@ -29,7 +29,7 @@ from models.signature import EMBEDDING_DIM
 from transforms import clustering, failures, metrics, patches
 from transforms.dicom_io import gpu_decode
 from transforms.errors import ReasonCode, SlideError
-from transforms.outputs import artifacts, reruns
+from transforms.outputs import artifacts, lease, reruns
 from transforms.outputs.layout import ArtifactPaths
 from transforms.plan import PatchChunk, PlanParams, SlidePlan, SlideResult, plan_slide
 from transforms.records import SlideRecord, requested
@@ -60,6 +60,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         resource_table: str | None = None,
         run_id: str | None = None,
         verify_checksums: bool = False,
+        lease_ttl_s: float = 3600.0,
     ):
         self._root = output_root
         self._version = dataset_version
@@ -70,6 +71,8 @@ class SkipDoneOrUnrequested(beam.DoFn):
         self._resource_table = resource_table
         self._run_id = run_id
         self._verify_checksums = verify_checksums
+        self._lease_ttl_s = lease_ttl_s
+        self._in_use = metrics.counter(metrics.SLIDES_SKIPPED_IN_USE)
         self._known: dict[str, str | None] = {}
         self._skipped = metrics.counter(metrics.SLIDES_SKIPPED_COMPLETE)
         self._to_process = metrics.counter(metrics.SLIDES_TO_PROCESS)
@@ -110,8 +113,17 @@ class SkipDoneOrUnrequested(beam.DoFn):
         if unchanged or (not self._force and self._complete(record)):
             self._skipped.inc()
             return
+        if self._run_id and not self._lease(record):
+            self._in_use.inc()  # another live run is writing it: it is that run's to finish
+            return
         self._to_process.inc()
         yield record
+
+    def _lease(self, record: SlideRecord) -> bool:
+        """Takes the slide's lease for this run (one writer per slide: outputs/lease.py); it
+        is released when the slide is written or has failed."""
+        paths = ArtifactPaths.for_slide(self._root, record.instance_uuid, self._version)
+        return lease.acquire(paths, self._run_id, self._lease_ttl_s) is not None
 
 
 class PlanSlideFn(beam.DoFn):
@@ -360,19 +372,30 @@ class WriteSlideFn(beam.DoFn):
     completion marker: the slide is committed here (outputs/artifacts.py). Emits the slide's
     (instance_uuid, patches) for the counters' sake only."""
 
-    def __init__(self, run: artifacts.RunContext):
+    def __init__(self, run: artifacts.RunContext, lease_ttl_s: float = 3600.0):
         self._run = run
+        self._lease_ttl_s = lease_ttl_s
         self._written = metrics.counter(metrics.SLIDES_WRITTEN)
         self._embedded = metrics.counter(metrics.PATCHES_EMBEDDED)
 
     def process(self, result: SlideResult) -> Iterator[tuple[str, int]]:
         failures.note_tried(self._run.run_id, "write")
         slide = artifacts.slide_outputs(result, self._run)
+        # The lease SkipDone took, renewed (re-entrant for this run) before the files change:
+        # a run that took over an expired lease meanwhile owns the slide now.
+        held = lease.acquire(slide.paths, self._run.run_id, self._lease_ttl_s)
+        if held is None:
+            raise SlideError(
+                ReasonCode.LEASE_LOST,
+                f"run {lease.live_holder(slide.paths)} took this slide over while this run was "
+                "embedding it (this run's lease had expired: raise run.lease_ttl_s)",
+            )
         with metrics.timed("write"):
             artifacts.write_artifacts(
                 slide.paths, slide.files, slide.marker, self._run.run_id,
                 rows=artifacts.row_files(slide, self._run),
             )  # fmt: skip
+        held.release()
         self._written.inc()
         self._embedded.inc(len(result.embeddings))
         uuid = result.plan.record.instance_uuid

@@ -149,6 +149,20 @@ def _gcs_client(emulator: str | None):
     return storage.Client.create_anonymous_client()
 
 
+def gcs_write_client():
+    """One client per process for writing to the output bucket: Application Default
+    Credentials, or the emulator at STORAGE_EMULATOR_HOST (which takes no credentials)."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    return _gcs_client(emulator) if emulator else _gcs_credentialed_client()
+
+
+@functools.cache
+def _gcs_credentialed_client():
+    from google.cloud import storage
+
+    return storage.Client()
+
+
 def split_bucket_uri(uri: str) -> tuple[str, str]:
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme not in ("gs", "s3") or not parsed.netloc:

@@ -70,6 +70,10 @@ class LeaseRecord:
     expires: float
 
     def live(self, now: float) -> bool:
+        """Not expired, and not held by a process of this host that is gone (a run killed on
+        this machine frees its slides at once, without waiting for the expiry)."""
+        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+            return False
         return now < self.expires
 
     def to_bytes(self) -> bytes:
@@ -98,6 +102,16 @@ class LeaseRecord:
             )
         except (ValueError, TypeError, KeyError, UnicodeDecodeError):
             return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _iso(epoch: float) -> str:
@@ -200,11 +214,10 @@ class _GcsStore:
         self.bucket_name, self.name = split_bucket_uri(uri)
 
     def _bucket(self):
-        # The project's one GCS client helper (STORAGE_EMULATOR_HOST for the emulator). It is
-        # anonymous: writing to a bucket that needs credentials is refused (403/401).
-        from transforms.dicom_io.byte_ranges import gcs_client
+        # Credentials (the output bucket is private), or the emulator in tests.
+        from transforms.dicom_io.byte_ranges import gcs_write_client
 
-        return gcs_client().bucket(self.bucket_name)
+        return gcs_write_client().bucket(self.bucket_name)
 
     def read(self) -> LeaseRecord | None:
         # An object is never seen half-written: a plain read (with Beam's credentials) suffices.

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.outputs import lease
 from transforms.outputs.bigquery_sink import checked_row
-from transforms.outputs.layout import row_file
+from transforms.outputs.layout import ArtifactPaths, row_file
 from transforms.outputs.tables import parquet_bytes
 
 
@@ -36,7 +37,8 @@ def failure_key(row: dict) -> str:
 
 
 class WriteFailureRowFn(beam.DoFn):
-    """Failure row -> tables/failures/{run_id}/{failure_key}.parquet."""
+    """Failure row -> tables/failures/{run_id}/{failure_key}.parquet; the slide's lease, if
+    this run holds it, is released (the slide is free for the next run at once)."""
 
     def __init__(self, output_root: str, run_id: str):
         self._root = output_root
@@ -49,4 +51,15 @@ class WriteFailureRowFn(beam.DoFn):
         with FileSystems.create(temporary) as handle:
             handle.write(parquet_bytes("failures", [row]))
         FileSystems.rename([temporary], [uri])
+        self._release(row)
         yield uri
+
+    def _release(self, row: dict) -> None:
+        if not row.get("instance_uuid") or row["stage"] == "enumerate":
+            return  # no lease was taken
+        try:
+            paths = ArtifactPaths.for_slide(self._root, row["instance_uuid"])
+        except ValueError:
+            return
+        if lease.live_holder(paths) == self._run_id:
+            lease.acquire(paths, self._run_id, 0).release()
