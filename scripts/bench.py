@@ -50,7 +50,7 @@ import psutil  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.encaps import generate_frames  # noqa: E402
 
-from scripts import bench_slides  # noqa: E402
+from scripts import bench_scale, bench_slides  # noqa: E402
 from transforms import clustering, patches, tissue  # noqa: E402
 from transforms.dicom_io import byte_ranges, pixel_hash  # noqa: E402
 from transforms.dicom_io.frames import FrameGrid  # noqa: E402
@@ -60,7 +60,7 @@ from transforms.samples.slides import write_samples  # noqa: E402
 from transforms.sources.dicom_files import enumerate_dicom_folder  # noqa: E402
 
 GIB = 1024**3
-PARTS = ("mask", "assembly", "model", "clustering", "e2e", "memory", "hashing")
+PARTS = ("mask", "assembly", "model", "clustering", "e2e", "memory", "hashing", "scale")
 PATCH = 224
 DIM = 384
 RSS_LIMIT = 4 * GIB
@@ -854,6 +854,20 @@ def main(argv: list[str] | None = None) -> int:
         new_rows, new_ratios, large = part_memory(workdir, cache_dir, quick, model_rss)
         rows, ratios = rows + new_rows, ratios + new_ratios
 
+    scale = None
+    if "scale" in parts:
+        log("scale: runs of 8 to 64 slides (memory, first slide, workers)")
+        frames = bench_slides.tissue_frames(workdir / "slides" / "medium-20x" / "level-0.dcm", 200)
+        model = pooling_model(workdir / "models" / "bench-pool")
+        scale_rows, scale_ratios, scale = bench_scale.part_scale(workdir, cache_dir, model, frames)
+        for r in scale_rows:
+            rows.append(
+                Row("scale", r["what"], round(r["patches_per_s"] * r["wall_s"]), "patches",
+                    r["wall_s"], note=f"peak RSS {r['peak_rss_gib']:.2f} GiB, first slide "
+                    f"complete at {r['first_complete_s']:.1f} s")
+            )  # fmt: skip
+        ratios += [Ratio(*ratio) for ratio in scale_ratios]
+
     hashing = None
     if "hashing" in parts:
         new_ratios, hashing = part_hashing(samples)
@@ -890,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
             "e2e": e2e,
             "large_slide": large,
             "hashing_bytes": hashing,
+            "scale": scale,
         }
         args.json.write_text(json.dumps(document, indent=1, default=float))
         print(f"\nresults: {args.json}")
