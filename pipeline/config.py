@@ -155,6 +155,10 @@ class RunConfig:
     # than this (a run that died on another machine) is taken over; on this machine a dead
     # process's lease is free at once.
     lease_ttl_s: float = 3600.0
+    # How the driver shows progress while the job runs (pipeline/progress.py): auto (a bar on
+    # a terminal, else log lines), bar, log or off; log lines every progress_interval seconds.
+    progress: str = "auto"
+    progress_interval: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import logging
 import secrets
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,7 +28,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from models.handler import PathFoundationModelHandler
 from models.path_foundation import ModelAccessError
-from pipeline import dag, summary
+from pipeline import dag, progress, summary
 from pipeline.config import PipelineConfig, config_from_flags
 from transforms import failures
 from transforms.errors import SlideError
@@ -55,6 +56,7 @@ RUN_FLAGS = {
     "batch_size": "model.batch_size",
     "min_tissue_fraction": "tissue.min_tissue_fraction",
     "icc_profile": "color.icc_profile",
+    "progress": "run.progress",
 }
 
 
@@ -96,9 +98,13 @@ def execute(
     dag.build(pipeline, cfg, handler, run_id)
     if cfg.tables.sink == "bigquery":  # per-run staging tables, merged when the run is done
         bigquery_sink.prepare_run(cfg.tables, run_id, project)
+    reporter = progress.reporting(
+        cfg.output_root, run_id, cfg.run.progress, cfg.run.progress_interval
+    )
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with reporter:  # polls the output root in a thread until the job ends or fails
+            result = pipeline.run()
+            result.wait_until_finish()
     except Exception as exc:
         threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
         if not failures.tripped(run_id, *threshold, error=exc):
@@ -208,6 +214,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set kmeans.n_init=1 (repeatable)",
     )
+    add(
+        "--progress",
+        choices=progress.MODES,
+        help="progress while the job runs: a live bar (bar), a log line every "
+        "run.progress_interval seconds (log), off; auto = bar on a terminal, else log "
+        "(run.progress)",
+    )
     add("--log-level", default="INFO")
 
 
@@ -248,6 +261,7 @@ def checked_config(cfg: PipelineConfig) -> PipelineConfig:
     try:
         cfg.source.validate()
         cfg.tables.validate()
+        progress.choose_mode(cfg.run.progress, sys.stderr)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     if not is_remote(cfg.output_root):
