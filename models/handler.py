@@ -90,8 +90,9 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         self._info: ModelInfo | None = None
 
     @classmethod
-    def from_config(cls, model: Any) -> PathFoundationModelHandler:
-        """The handler of a `pipeline.config.ModelConfig` (the `model:` config section)."""
+    def from_config(cls, model: Any, model_copies: int | None = None) -> PathFoundationModelHandler:
+        """The handler of a `pipeline.config.ModelConfig` (the `model:` config section);
+        `model_copies` (dataflow.model_copies): models per worker, shared by its processes."""
         return cls(
             model.name,
             cache_dir=model.cache_dir,
@@ -100,6 +101,7 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
             intra_op_threads=model.intra_op_threads,
             inter_op_threads=model.inter_op_threads,
             options=EmbedderOptions(model.precision, model.jit_compile),
+            model_copies=model_copies,
         )
 
     def model_info(self) -> ModelInfo:

@@ -190,6 +190,9 @@ def dataflow_options(df: Any) -> list[str]:
         "max_num_workers": df.max_num_workers,
         "disk_size_gb": df.disk_size_gb,
         "job_name": df.job_name,
+        "number_of_worker_harness_threads": df.harness_threads,
+        # one SDK process per worker instead of one per vCPU (each loading its own model)
+        "experiments": "no_use_multiple_sdk_containers" if df.single_sdk_process else None,
     }
     return [f"--{key}={value}" for key, value in flags.items() if value is not None]
 

@@ -1,0 +1,123 @@
+"""Local runs on several worker processes (`pathembed run --workers N`), and the Dataflow
+options for processes and models per worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from apache_beam.options.pipeline_options import DebugOptions, DirectOptions, PipelineOptions
+
+from models.handler import PathFoundationModelHandler
+from pipeline.cli import main
+from pipeline.config import DataflowConfig, PipelineConfig
+from pipeline.launch import dataflow_options
+from pipeline.run import cpu_count, local_workers
+from pipeline.summary import FAILED_SHARE_EXIT
+from tests import bad_slides as bad
+from transforms import failures, patches
+
+ARRAYS = [
+    "slide_embedding.npy", "slide_embedding_coord.npy", "embeddings_500_cluster_centroid.npy",
+    "embeddings_500_labels.npy",
+]  # fmt: skip
+
+
+def _with(workers: int = 0, intra: int = 0) -> PipelineConfig:
+    cfg = PipelineConfig()
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, workers=workers),
+        model=dataclasses.replace(cfg.model, intra_op_threads=intra),
+    )
+
+
+def test_workers_become_beam_worker_processes_and_divide_the_tensorflow_threads(monkeypatch):
+    cfg, args = local_workers(_with(workers=2), ["--foo=1"])
+    direct = PipelineOptions(args).view_as(DirectOptions)
+    assert (direct.direct_num_workers, direct.direct_running_mode) == (2, "multi_processing")
+    assert cfg.model.intra_op_threads == max(1, cpu_count() // 2)
+    assert "--foo=1" in args
+
+    cfg, args = local_workers(_with(workers=1), [])
+    assert args == [] and cfg.model.intra_op_threads == cpu_count()  # in process
+
+    cfg, _ = local_workers(_with(workers=4, intra=3), [])
+    assert cfg.model.intra_op_threads == 3  # a thread count that is set stays
+
+    # Beam's own flags, given by the user, win; the threads follow them.
+    cfg, args = local_workers(_with(workers=2), ["--direct_num_workers=8"])
+    assert PipelineOptions(args).view_as(DirectOptions).direct_num_workers == 8
+    assert cfg.model.intra_op_threads == max(1, cpu_count() // 8)
+
+    monkeypatch.setenv("PATHEMBED_WORKERS", "3")  # the default when nothing says
+    _, args = local_workers(_with(), [])
+    assert PipelineOptions(args).view_as(DirectOptions).direct_num_workers == 3
+    monkeypatch.delenv("PATHEMBED_WORKERS")
+    _, args = local_workers(_with(), [])
+    expected = cpu_count() if cpu_count() > 1 else 1
+    assert PipelineOptions(args).view_as(DirectOptions).direct_num_workers == expected
+
+
+def test_the_dataflow_section_sets_processes_threads_and_model_copies():
+    df = DataflowConfig(single_sdk_process=True, harness_threads=12, model_copies=2)
+    options = PipelineOptions(dataflow_options(df)).view_as(DebugOptions)
+    assert "no_use_multiple_sdk_containers" in options.experiments
+    assert options.number_of_worker_harness_threads == 12
+    handler = PathFoundationModelHandler.from_config(PipelineConfig().model, df.model_copies)
+    assert handler.share_model_across_processes() and handler.model_copies() == 2
+
+    options = PipelineOptions(dataflow_options(DataflowConfig())).view_as(DebugOptions)
+    assert not options.experiments and options.number_of_worker_harness_threads is None
+    handler = PathFoundationModelHandler.from_config(PipelineConfig().model)
+    assert not handler.share_model_across_processes()
+
+
+def _run(slides: Path, out: Path, cache: Path, workers: int, *flags: str) -> int:
+    patches.open_slide.cache_clear()
+    return main([
+        "run", "--input", str(slides), "--output-root", str(out), "--model", "stub-tiny",
+        "--set", f"model.cache_dir={cache}", "--workers", str(workers), "--progress", "off",
+        *flags,
+    ])  # fmt: skip
+
+
+def _run_id(out: Path) -> str:
+    (summary,) = (out / "runs").glob("*.json")
+    return json.loads(summary.read_text())["run_id"]
+
+
+@pytest.mark.e2e
+def test_two_worker_processes_give_the_same_bytes_as_one(tmp_path):
+    slides, cache = tmp_path / "slides", tmp_path / "models"
+    bad.tiny_slide(slides, "tiny-a", seed=11)
+    bad.tiny_slide(slides, "tiny-b", seed=12)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _run(slides, one, cache, 1) == 0
+    assert _run(slides, two, cache, 2) == 0
+
+    # The slides were worked on in other processes: this one counted none of them.
+    assert failures._RUNS[_run_id(one)].tried == 2
+    assert _run_id(two) not in failures._RUNS
+    written = sorted(p.relative_to(one) for p in one.glob("*/path_foundation/v1/*.npy"))
+    assert len(written) == 2 * len(ARRAYS)
+    for path in written:
+        assert (two / path).read_bytes() == (one / path).read_bytes(), path
+
+
+@pytest.mark.e2e
+def test_a_worker_processs_breaker_stops_the_run_with_its_exit_status(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pathembed")
+    good, slides = bad.tiny_slide(tmp_path / "good"), tmp_path / "slides"
+    for k in range(2):
+        bad.derive(good, slides, f"no-spacing-{k}", bad.set_spacing(None))
+    out = tmp_path / "out"
+    flags = ("--set", "run.failure_check_min_slides=1", "--progress", "log")
+    assert _run(slides, out, tmp_path / "models", 2, *flags) == FAILED_SHARE_EXIT
+    assert "stopped: too many slides failed" in caplog.text
+    # the progress reporter ran around the job and was stopped when it failed
+    assert any(r.getMessage().startswith("progress: ") for r in caplog.records)
+    assert not (out / "runs").exists()  # nothing committed
