@@ -121,3 +121,36 @@ def test_a_worker_processs_breaker_stops_the_run_with_its_exit_status(tmp_path, 
     # the progress reporter ran around the job and was stopped when it failed
     assert any(r.getMessage().startswith("progress: ") for r in caplog.records)
     assert not (out / "runs").exists()  # nothing committed
+
+
+def test_a_shared_model_copy_embeds_through_beams_proxy_as_a_model_of_its_own(tmp_path):
+    """dataflow.model_copies: RunInference serves the model from a shared object
+    (multi_process_shared, always through its proxy) instead of one per process; the chunks
+    still get exactly the model calls of a per-process model."""
+    import apache_beam as beam
+    import numpy as np
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.testing.util import assert_that
+
+    from models.path_foundation import load_embedder, resolve_model
+
+    model_dir, _ = resolve_model("stub-tiny", tmp_path)
+    embedder = load_embedder(model_dir)
+    rng = np.random.default_rng(5)
+    chunks = {f"slide/{k}": rng.integers(0, 256, (n, 224, 224, 3), np.uint8) for k, n in [(0, 6)]}
+    expected = {
+        key: np.concatenate([embedder(c[i : i + 4]) for i in range(0, len(c), 4)])
+        for key, c in chunks.items()
+    }
+    cfg = dataclasses.replace(PipelineConfig().model, cache_dir=str(tmp_path), batch_size=4)
+    handler = PathFoundationModelHandler.from_config(cfg, model_copies=1)
+
+    def check(results) -> None:
+        assert sorted(key for key, _ in results) == sorted(chunks)
+        for key, result in results:
+            np.testing.assert_array_equal(result.inference, expected[key])
+
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        results = p | beam.Create(list(chunks.items())) | RunInference(KeyedModelHandler(handler))
+        assert_that(results, check)
