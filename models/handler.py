@@ -120,6 +120,8 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         whose `main` moved) would make embeddings that claim to be what they are not.
         """
         recorded = self._info
+        # First: building a stand-in runs TensorFlow, which fixes its thread pools.
+        configure_threads(*self._threads)
         model_dir, info = resolve_model(self._model, self._cache_dir, self._revision)
         if recorded is not None and (info.name, info.version) != (
             recorded.name,
@@ -131,7 +133,6 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
                 "and bake that snapshot into the worker image"
             )
         self._info = info
-        configure_threads(*self._threads)
         embedder = load_embedder(model_dir, self._options)
         _LOG.info(
             "loaded model %s %s; TensorFlow devices in this process: %s",

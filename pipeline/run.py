@@ -25,7 +25,11 @@ from collections import Counter
 from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+)
 
 from models.handler import PathFoundationModelHandler
 from models.path_foundation import ModelAccessError
@@ -154,8 +158,6 @@ def local_workers(cfg: PipelineConfig, beam_args: list[str]) -> tuple[PipelineCo
     own model. An unset `model.intra_op_threads` becomes cores // workers so that together they
     use the cores once. One: everything runs in this process, as before.
     """
-    from apache_beam.options.pipeline_options import DirectOptions
-
     workers = cfg.run.workers or int(os.environ.get(WORKERS_ENV) or 0) or cpu_count()
     if workers > 1:
         beam_args = [
@@ -335,6 +337,12 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     cfg, runner = config_from_args(args), local_runner(beam_args)
     if runner is not None:
         cfg, beam_args = local_workers(cfg, beam_args)
+    if PipelineOptions(beam_args).view_as(DirectOptions).direct_running_mode != "in_memory":
+        # Beam relays every log record of its worker processes through this logger, as
+        # protobuf text; the progress lines say how the run goes, warnings still pass.
+        logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
+            logging.WARNING
+        )
     return execute(cfg, beam_args, runner)
 
 

@@ -154,3 +154,24 @@ def test_a_shared_model_copy_embeds_through_beams_proxy_as_a_model_of_its_own(tm
     with beam.Pipeline(runner=FnApiRunner()) as p:
         results = p | beam.Create(list(chunks.items())) | RunInference(KeyedModelHandler(handler))
         assert_that(results, check)
+
+
+def test_a_worker_that_builds_the_stand_in_still_gets_its_thread_count(tmp_path):
+    """Each worker process loads its model; building a stand-in runs TensorFlow, so the thread
+    count must be set before (a fresh process: TensorFlow fixes it once per process)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import tensorflow as tf\n"
+        "from models.handler import PathFoundationModelHandler\n"
+        f"h = PathFoundationModelHandler('stub-tiny', cache_dir={str(tmp_path)!r},"
+        " intra_op_threads=1)\n"
+        "h.load_model()\n"
+        "print('intra', tf.config.threading.get_intra_op_parallelism_threads())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert (tmp_path / "stub-tiny").is_dir()  # built in that process
+    assert done.stdout.strip().splitlines()[-1] == "intra 1", done.stderr[-2000:]
