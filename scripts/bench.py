@@ -10,8 +10,10 @@ the project's handler), clustering (the default Lloyd's k-means vs the seed's Mi
 20k and 100k x 384 embeddings: Gaussian clusters and stub-tiny embeddings of the samples),
 artifact writing, then two end-to-end DirectRunner runs in child processes: medium-20x with
 stub-tiny (seconds per stage), and a generated 100k-patch slide (20k with --quick) for peak
-memory, with a cheap pooling model so it finishes in minutes; and (`--only hashing`) the bytes
-read per slide with and without the PixelData SHA-512 (hashing.pixeldata_sha512: all).
+memory, with a cheap pooling model so it finishes in minutes, both in one process
+(`--workers 1`); `--workers` one per core vs 1 on both samples (`--only workers`); and
+(`--only hashing`) the bytes read per slide with and without the PixelData SHA-512
+(hashing.pixeldata_sha512: all).
 
 Every timing is the best of a few interleaved rounds (other processes share the machine);
 "per core" is items per CPU second of this process (all its threads). Ratios compare two
@@ -60,7 +62,7 @@ from transforms.samples.slides import write_samples  # noqa: E402
 from transforms.sources.dicom_files import enumerate_dicom_folder  # noqa: E402
 
 GIB = 1024**3
-PARTS = ("mask", "assembly", "model", "clustering", "e2e", "memory", "hashing")
+PARTS = ("mask", "assembly", "model", "clustering", "e2e", "workers", "memory", "hashing")
 PATCH = 224
 DIM = 384
 RSS_LIMIT = 4 * GIB
@@ -488,7 +490,10 @@ def run_pipeline(
     cache_dir: pathlib.Path,
     extra: list[str] = (),
 ) -> dict:
-    """`pathembed run` in a child process: wall, peak RSS (overall and per phase), summary."""
+    """`pathembed run` in a child process: wall, peak RSS (overall and per phase), summary.
+
+    In process (`--workers 1`) unless `extra` says otherwise: the RSS and the per-phase log
+    markers are those of that one process."""
     argv = [
         sys.executable,
         "-c",
@@ -502,6 +507,8 @@ def run_pipeline(
         model,
         "--set",
         f"model.cache_dir={cache_dir}",
+        "--workers",
+        "1",
         *extra,
     ]
     samples: list[tuple[float, int]] = []
@@ -678,6 +685,38 @@ def part_e2e(workdir: pathlib.Path, cache_dir: pathlib.Path) -> tuple[list[Row],
     return run_rows(e2e, "e2e", what, what), [], e2e
 
 
+def part_workers(
+    workdir: pathlib.Path, cache_dir: pathlib.Path
+) -> tuple[list[Row], list[Ratio], Any]:
+    """`pathembed run --workers N` (one per core) vs `--workers 1` on both samples, stub-tiny:
+    wall time of the whole run (worker start-up and model loads included)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    log(f"workers: both samples, stub-tiny, --workers 1 vs {cores}")
+    both = workdir / "workers-input"
+    both.mkdir(exist_ok=True)
+    for name in ("medium-20x", "small-40x"):
+        if not (both / name).exists():
+            (both / name).symlink_to(workdir / "slides" / name)
+    runs = {}
+    for n in (1, cores):
+        out = workdir / f"workers-{n}-out-{time.time_ns()}"
+        runs[n] = run_pipeline(both, out, "stub-tiny", cache_dir, ["--workers", str(n)])
+    what = "medium-20x + small-40x, stub-tiny"
+    rows = [
+        Row(
+            f"--workers {n}: whole run",
+            what,
+            r["counters"]["patches_embedded"],
+            "patches",
+            r["wall_s"],
+        )
+        for n, r in runs.items()
+    ]
+    speedup = runs[1]["wall_s"] / runs[cores]["wall_s"]
+    ratio = Ratio(f"wall --workers 1 / --workers {cores}", speedup, "(info)", True)
+    return rows, [ratio], {str(n): run for n, run in runs.items()}
+
+
 def part_memory(
     workdir: pathlib.Path, cache_dir: pathlib.Path, quick: bool, model_rss: dict
 ) -> tuple[list[Row], list[Ratio], Any]:
@@ -850,6 +889,10 @@ def main(argv: list[str] | None = None) -> int:
     if "e2e" in parts:
         new_rows, new_ratios, e2e = part_e2e(workdir, cache_dir)
         rows, ratios = rows + new_rows, ratios + new_ratios
+    workers = None
+    if "workers" in parts:
+        new_rows, new_ratios, workers = part_workers(workdir, cache_dir)
+        rows, ratios = rows + new_rows, ratios + new_ratios
     if "memory" in parts:
         new_rows, new_ratios, large = part_memory(workdir, cache_dir, quick, model_rss)
         rows, ratios = rows + new_rows, ratios + new_ratios
@@ -888,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_rss": model_rss,
             "clustering": c_records,
             "e2e": e2e,
+            "workers": workers,
             "large_slide": large,
             "hashing_bytes": hashing,
         }
