@@ -91,17 +91,22 @@ def _run_id(out: Path) -> str:
 
 
 @pytest.mark.e2e
-def test_two_worker_processes_give_the_same_bytes_as_one(tmp_path):
+def test_two_worker_processes_give_the_same_bytes_as_one(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pathembed")
     slides, cache = tmp_path / "slides", tmp_path / "models"
     bad.tiny_slide(slides, "tiny-a", seed=11)
     bad.tiny_slide(slides, "tiny-b", seed=12)
     one, two = tmp_path / "one", tmp_path / "two"
-    assert _run(slides, one, cache, 1) == 0
-    assert _run(slides, two, cache, 2) == 0
+    for out, workers in ((one, 1), (two, 2)):
+        caplog.clear()
+        assert _run(slides, out, cache, workers, "--progress", "log") == 0
+        # the reporter's last poll, after the job: every slide of the run's todo is done
+        shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+        assert shown and shown[-1].startswith("progress: 2/2 slides (0 failed), "), shown
 
     # The slides were worked on in other processes: this one counted none of them.
-    assert failures._RUNS[_run_id(one)].tried == 2
-    assert _run_id(two) not in failures._RUNS
+    counted_here = {run_id for run_id, _stage in failures._RUNS}
+    assert _run_id(one) in counted_here and _run_id(two) not in counted_here
     written = sorted(p.relative_to(one) for p in one.glob("*/path_foundation/v1/*.npy"))
     assert len(written) == 2 * len(ARRAYS)
     for path in written:
