@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import json
 import re
+import sys
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -28,7 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from models.path_foundation import is_hf_repo_id
-from pipeline import summary
+from pipeline import progress, summary
 from pipeline.config import PipelineConfig, config_from_flags
 from pipeline.run import checked_model, execute, new_run_id
 from transforms import urls
@@ -166,6 +167,10 @@ def check_dataflow_config(cfg: PipelineConfig) -> None:
     try:
         cfg.tables.validate()
         cfg.source.validate()
+    except ValueError as exc:
+        problems.append(str(exc))
+    try:
+        progress.choose_mode(cfg.run.progress, sys.stderr)
     except ValueError as exc:
         problems.append(str(exc))
     if problems:

@@ -174,3 +174,15 @@ def test_the_progress_flag_and_key():
     assert config_from_args(_run_args("--progress", "log")).run.progress == "log"
     with pytest.raises(SystemExit, match="loud"):
         config_from_args(_run_args("--set", "run.progress=loud"))
+
+
+def test_launch_refuses_an_unknown_progress_mode_with_the_other_problems():
+    import dataclasses
+
+    from pipeline.config import PipelineConfig
+    from pipeline.launch import check_dataflow_config
+
+    cfg = PipelineConfig()
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress="loud"))
+    with pytest.raises(SystemExit, match=r"run\.progress 'loud'"):
+        check_dataflow_config(cfg)
