@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -66,7 +67,7 @@ class Tracker:
                 count = _embedding_count(path)
                 if count is not None:  # unreadable (being written?): tried again next poll
                     self._patches[path] = count
-        failed = {_failed_uuid(path) for path in _parquet_files(self.failures_dir)}
+        failed = {_failed_slide(path) for path in _parquet_files(self.failures_dir)}
         if self._total is None:
             self._total = _todo_slides(self.todo)
         return Counts(len(resource), len(failed), self._total, sum(self._patches.values()))
@@ -77,9 +78,15 @@ def _parquet_files(directory: str) -> list[str]:
     return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
 
 
-def _failed_uuid(path: str) -> str:
-    """The slide of a failure row file: {uuid}-{stage}.parquet -> uuid."""
-    return path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _failed_slide(path: str) -> str:
+    """The slide of a failure row file (outputs/sinks.py failure_key): the instance UUID it
+    starts with; a row without one (a source failure) is a slide of its own."""
+    key = path.rsplit("/", 1)[-1].removesuffix(".parquet")
+    found = _UUID.match(key)
+    return found.group(0) if found else key
 
 
 def _embedding_count(path: str) -> int | None:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import progress
-from transforms.outputs import layout, tables
+from transforms.outputs import layout, sinks, tables
 
 RUN = "20261202T120000Z-abcdef"
 NOW = datetime.datetime(2026, 12, 2, 12, tzinfo=datetime.UTC)
@@ -44,9 +44,12 @@ def resource_row(root: Path, instance_uuid: str, patches: int, run_id: str = RUN
     return path
 
 
-def failure_row(root: Path, instance_uuid: str, stage: str, run_id: str = RUN) -> None:
-    path = layout.row_file(str(root), "failures", run_id, f"{instance_uuid}-{stage}")
-    _write(path, tables.FAILURES, {"instance_uuid": instance_uuid, "stage": stage})
+def failure_row(
+    root: Path, instance_uuid: str | None, stage: str, run_id: str = RUN, message: str = "m"
+) -> None:
+    row = {"instance_uuid": instance_uuid, "stage": stage, "message": message}
+    path = layout.row_file(str(root), "failures", run_id, sinks.failure_key(row))
+    _write(path, tables.FAILURES, row)
 
 
 def todo(root: Path, slides: int, run_id: str = RUN) -> None:
@@ -63,6 +66,7 @@ def test_the_tracker_counts_this_runs_slides_failures_patches_and_total(tmp_path
     resource_row(tmp_path, _uuid(2), 250)
     failure_row(tmp_path, _uuid(3), "read")
     failure_row(tmp_path, _uuid(3), "cluster")  # one slide, two failed stages
+    failure_row(tmp_path, _uuid(3), "read", message="another")  # and two rows at one
     resource_row(tmp_path, _uuid(4), 999, run_id="20261201T000000Z-000000")  # another run
     failure_row(tmp_path, _uuid(5), "plan", run_id="20261201T000000Z-000000")
     todo(tmp_path, 7, run_id="20261201T000000Z-000000")
@@ -71,6 +75,11 @@ def test_the_tracker_counts_this_runs_slides_failures_patches_and_total(tmp_path
     todo(tmp_path, 5)
     resource_row(tmp_path, _uuid(6), 50)
     assert tracker.poll() == progress.Counts(done=3, failed=1, total=5, patches=400)
+
+    # source failures before a UUID was known: each distinct one is a slide
+    failure_row(tmp_path, None, "enumerate", message="unreadable header a")
+    failure_row(tmp_path, None, "enumerate", message="unreadable header b")
+    assert tracker.poll().failed == 3
 
 
 def test_each_row_file_is_read_once_and_an_unreadable_one_again_later(tmp_path):
