@@ -91,15 +91,16 @@ def _run_id(out: Path) -> str:
 
 
 @pytest.mark.e2e
-def test_two_worker_processes_give_the_same_bytes_as_one(tmp_path, caplog):
+def test_two_worker_processes_and_a_shared_model_give_the_same_bytes_as_one(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="pathembed")
     slides, cache = tmp_path / "slides", tmp_path / "models"
     bad.tiny_slide(slides, "tiny-a", seed=11)
     bad.tiny_slide(slides, "tiny-b", seed=12)
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out, workers in ((one, 1), (two, 2)):
+    one, two, shared = tmp_path / "one", tmp_path / "two", tmp_path / "shared"
+    copies = ("--set", "dataflow.model_copies=1")  # one model, served to RunInference by proxy
+    for out, workers, extra in ((one, 1, ()), (two, 2, ()), (shared, 1, copies)):
         caplog.clear()
-        assert _run(slides, out, cache, workers, "--progress", "log") == 0
+        assert _run(slides, out, cache, workers, "--progress", "log", *extra) == 0
         # the reporter's last poll, after the job: every slide of the run's todo is done
         shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
         assert shown and shown[-1].startswith("progress: 2/2 slides (0 failed), "), shown
@@ -111,6 +112,7 @@ def test_two_worker_processes_give_the_same_bytes_as_one(tmp_path, caplog):
     assert len(written) == 2 * len(ARRAYS)
     for path in written:
         assert (two / path).read_bytes() == (one / path).read_bytes(), path
+        assert (shared / path).read_bytes() == (one / path).read_bytes(), path
 
 
 @pytest.mark.e2e
