@@ -18,7 +18,6 @@ import collections
 import dataclasses
 import json
 import re
-import sys
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -170,7 +169,7 @@ def check_dataflow_config(cfg: PipelineConfig) -> None:
     except ValueError as exc:
         problems.append(str(exc))
     try:
-        progress.choose_mode(cfg.run.progress, sys.stderr)
+        progress.validate(cfg.run.progress, cfg.run.progress_interval)
     except ValueError as exc:
         problems.append(str(exc))
     if problems:

@@ -138,6 +138,14 @@ def line(counts: Counts, elapsed: float) -> str:
     )
 
 
+def validate(mode: str, interval: float) -> None:
+    """ValueError naming the key when run.progress / run.progress_interval cannot be used."""
+    if mode not in MODES:
+        raise ValueError(f"run.progress {mode!r}: one of {', '.join(MODES)}")
+    if not interval > 0:
+        raise ValueError(f"run.progress_interval {interval!r}: seconds, more than 0")
+
+
 def choose_mode(mode: str, stream: IO) -> str:
     """bar, log or off: `auto` is a bar on a terminal, log lines elsewhere."""
     if mode not in MODES:

@@ -19,7 +19,6 @@ import datetime
 import logging
 import os
 import secrets
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -317,7 +316,7 @@ def checked_config(cfg: PipelineConfig) -> PipelineConfig:
     try:
         cfg.source.validate()
         cfg.tables.validate()
-        progress.choose_mode(cfg.run.progress, sys.stderr)
+        progress.validate(cfg.run.progress, cfg.run.progress_interval)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     if not is_remote(cfg.output_root):

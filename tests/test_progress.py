@@ -183,6 +183,8 @@ def test_the_progress_flag_and_key():
     assert config_from_args(_run_args("--progress", "log")).run.progress == "log"
     with pytest.raises(SystemExit, match="loud"):
         config_from_args(_run_args("--set", "run.progress=loud"))
+    with pytest.raises(SystemExit, match=r"run\.progress_interval 0"):
+        config_from_args(_run_args("--set", "run.progress_interval=0"))  # would never sleep
 
 
 def test_launch_refuses_an_unknown_progress_mode_with_the_other_problems():
