@@ -90,8 +90,9 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         self._info: ModelInfo | None = None
 
     @classmethod
-    def from_config(cls, model: Any) -> PathFoundationModelHandler:
-        """The handler of a `pipeline.config.ModelConfig` (the `model:` config section)."""
+    def from_config(cls, model: Any, model_copies: int | None = None) -> PathFoundationModelHandler:
+        """The handler of a `pipeline.config.ModelConfig` (the `model:` config section);
+        `model_copies` (dataflow.model_copies): models per worker, shared by its processes."""
         return cls(
             model.name,
             cache_dir=model.cache_dir,
@@ -100,6 +101,7 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
             intra_op_threads=model.intra_op_threads,
             inter_op_threads=model.inter_op_threads,
             options=EmbedderOptions(model.precision, model.jit_compile),
+            model_copies=model_copies,
         )
 
     def model_info(self) -> ModelInfo:
@@ -118,6 +120,8 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         whose `main` moved) would make embeddings that claim to be what they are not.
         """
         recorded = self._info
+        # First: building a stand-in runs TensorFlow, which fixes its thread pools.
+        configure_threads(*self._threads)
         model_dir, info = resolve_model(self._model, self._cache_dir, self._revision)
         if recorded is not None and (info.name, info.version) != (
             recorded.name,
@@ -129,7 +133,6 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
                 "and bake that snapshot into the worker image"
             )
         self._info = info
-        configure_threads(*self._threads)
         embedder = load_embedder(model_dir, self._options)
         _LOG.info(
             "loaded model %s %s; TensorFlow devices in this process: %s",

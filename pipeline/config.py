@@ -155,6 +155,13 @@ class RunConfig:
     # than this (a run that died on another machine) is taken over; on this machine a dead
     # process's lease is free at once.
     lease_ttl_s: float = 3600.0
+    # How the driver shows progress while the job runs (pipeline/progress.py): auto (a bar on
+    # a terminal, else log lines), bar, log or off; log lines every progress_interval seconds.
+    progress: str = "auto"
+    progress_interval: float = 30.0
+    # Local runs: worker processes of Beam's FnApiRunner (1 = in process); 0 = one per core.
+    # Each loads its own model; unset model.intra_op_threads becomes cores // workers.
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,12 @@ class DataflowConfig:
     gpu_type: str | None = None  # e.g. nvidia-l4; null = no GPU hint (CPU everywhere)
     gpu_count: int = 1
     gpu_machine_type: str | None = None  # the embedding step's workers, e.g. g2-standard-16
+    # Processes and models per worker (docs/cloud.md): one SDK process per worker instead of
+    # one per core, that process's threads, and RunInference's model copies per worker
+    # (shared by its processes; null = each process loads its own).
+    single_sdk_process: bool = False
+    harness_threads: int | None = None
+    model_copies: int | None = None
 
     def embed_resource_hints(self) -> dict[str, str]:
         """Beam resource hints for the embedding step: a GPU when gpu_type is set, else none."""

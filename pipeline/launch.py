@@ -28,7 +28,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from models.path_foundation import is_hf_repo_id
-from pipeline import summary
+from pipeline import progress, summary
 from pipeline.config import PipelineConfig, config_from_flags
 from pipeline.run import checked_model, execute, new_run_id
 from transforms import urls
@@ -168,6 +168,10 @@ def check_dataflow_config(cfg: PipelineConfig) -> None:
         cfg.source.validate()
     except ValueError as exc:
         problems.append(str(exc))
+    try:
+        progress.validate(cfg.run.progress, cfg.run.progress_interval)
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         raise SystemExit("a Dataflow job needs " + "; ".join(problems))
 
@@ -190,6 +194,9 @@ def dataflow_options(df: Any) -> list[str]:
         "max_num_workers": df.max_num_workers,
         "disk_size_gb": df.disk_size_gb,
         "job_name": df.job_name,
+        "number_of_worker_harness_threads": df.harness_threads,
+        # one SDK process per worker instead of one per vCPU (each loading its own model)
+        "experiments": "no_use_multiple_sdk_containers" if df.single_sdk_process else None,
     }
     return [f"--{key}={value}" for key, value in flags.items() if value is not None]
 
