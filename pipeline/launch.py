@@ -290,15 +290,19 @@ def build_pipeline(cfg: PipelineConfig, beam_args: list[str], run_id: str):
     return pipeline, options
 
 
+def merge_only(cfg: PipelineConfig, run_id: str, bq: Any = None) -> list[str]:
+    """`launch --merge-only RUN_ID`, for a job that died (or whose launcher did): the row files
+    of the slides it finished are under the output root; they are loaded and merged (with any
+    earlier run never merged), and the run's summary is written: the run is committed."""
+    merged = merge_run(cfg.tables, run_id, cfg.output_root, cfg.dataflow.project, bq)
+    summary.write_run_summary(cfg.output_root, run_id, {"merged_only": True, "merged": merged})
+    return merged
+
+
 def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = config_from_launch_args(args)
     if args.merge_only:
-        # A job that died (or whose driver did): its finished slides' row files are under the
-        # output root; loading and merging them commits the run (its summary is written).
-        merged = merge_run(cfg.tables, args.merge_only, cfg.output_root, cfg.dataflow.project)
-        summary.write_run_summary(
-            cfg.output_root, args.merge_only, {"merged_only": True, "merged_runs": merged}
-        )
+        merged = merge_only(cfg, args.merge_only)
         print(f"merged runs {', '.join(merged)} into {cfg.tables.bigquery_dataset}")
         return 0
     check_dataflow_config(cfg)

@@ -279,7 +279,6 @@ class SlideModelHandler(ModelHandler[SlidePlan, PredictionResult, Any]):
         self._gpu_decode = gpu_decode
 
     def load_model(self) -> Any:
-        gpu_decode.set_mode(self._gpu_decode)  # read.gpu_decode, once per worker process
         return self._handler.load_model()
 
     def run_inference(self, batch, model, inference_args=None) -> list[PredictionResult]:
@@ -287,6 +286,9 @@ class SlideModelHandler(ModelHandler[SlidePlan, PredictionResult, Any]):
             (result,) = self._handler.run_inference([pixels], model)
             return result.inference
 
+        # read.gpu_decode for the frames this process decodes (with model_copies the model
+        # may live in another process than the one that reads).
+        gpu_decode.set_mode(self._gpu_decode)
         results = []
         for plan in batch:
             embeddings = embed_plan(

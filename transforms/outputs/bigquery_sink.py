@@ -216,14 +216,14 @@ def unmerged_runs(output_root: str, run_id: str) -> list[str]:
 
 
 def merge_run(
-    tables_cfg: Any, run_id: str, output_root: str, project: str | None = None
+    tables_cfg: Any, run_id: str, output_root: str, project: str | None = None, bq: Any = None
 ) -> list[str]:
     """After the job: loads the row files of run `run_id` (and of earlier runs never merged)
     into staging tables, merges them into the final ones and drops them, one run after
-    another. Needs BigQuery credentials. Returns the runs it merged."""
+    another. Needs BigQuery credentials (or `bq`, a client). Returns the runs it merged."""
     from transforms.bigquery import client
 
-    bq = client(project)
+    bq = bq or client(project)
     merged = unmerged_runs(output_root, run_id)
     for run_id_ in merged:
         run = RunTables.of(tables_cfg, run_id_)
