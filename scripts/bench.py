@@ -868,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 Row("scale", r["what"], round(r["patches_per_s"] * r["wall_s"]), "patches",
                     r["wall_s"], note=f"peak RSS {r['peak_rss_gib']:.2f} GiB, first slide "
-                    f"complete at {r['first_complete_s']:.1f} s")
+                    f"complete at {r['first_complete_s']:.1f} s, {r['cores_used']:.2f} cores busy")
             )  # fmt: skip
         ratios += [Ratio(*ratio) for ratio in scale_ratios]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import threading
@@ -68,6 +69,7 @@ def run(
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     started = time.time()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = subprocess.Popen(
         argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -89,11 +91,15 @@ def run(
     done.set()
     sampler.join()
     wall = time.time() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run and its workers
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if child.returncode != 0:
         raise RuntimeError(f"pathembed run failed ({child.returncode}):\n{stderr[-3000:]}")
     markers = sorted(p.stat().st_mtime for p in out.glob("*/path_foundation/v1/_COMPLETE.json"))
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
+        "cores_used": cpu / wall,
         "peak_rss_tree": peak[0],
         "slides": len(markers),
         "first_complete_s": markers[0] - started,
@@ -148,7 +154,8 @@ def part_scale(workdir: pathlib.Path, cache_dir: pathlib.Path, model: pathlib.Pa
             steady, ">= 1.5", steady >= 1.5,
             f"{steady_patches_per_s(one):.0f} -> {steady_patches_per_s(two):.0f} patches/s "
             f"between the first and last completion; whole run incl. model loading: {whole:.2f}x "
-            f"({one['wall_s']:.1f} s -> {two['wall_s']:.1f} s)",
+            f"({one['wall_s']:.1f} s -> {two['wall_s']:.1f} s); cores busy on average: "
+            f"{one['cores_used']:.2f} -> {two['cores_used']:.2f} of {os.cpu_count()}",
         ),
     ]  # fmt: skip
     rows = [
@@ -159,6 +166,7 @@ def part_scale(workdir: pathlib.Path, cache_dir: pathlib.Path, model: pathlib.Pa
             "patches_per_s": r["slides"] * PATCHES / r["wall_s"],
             "peak_rss_gib": r["peak_rss_tree"] / 2**30,
             "first_complete_s": r["first_complete_s"],
+            "cores_used": r["cores_used"],
         }
         for r in runs.values()
     ]

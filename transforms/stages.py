@@ -212,23 +212,30 @@ def embed_plan(
         _read_or_raise, patch_size=patch_size, icc_profile=icc_profile,
         tracker=statesampler.get_current_tracker(),
     )  # fmt: skip
-    with concurrent.futures.ThreadPoolExecutor(read_threads, "read-chunk") as pool:
-        queue: collections.deque = collections.deque()
-        chunks = iter(plan.chunks)
-        try:
-            for chunk in itertools.islice(chunks, ahead):
-                queue.append((chunk, pool.submit(read, chunk)))
-            while queue:
-                chunk, future = queue.popleft()
-                pixels = future.result()
-                following = next(chunks, None)
-                if following is not None:
-                    queue.append((following, pool.submit(read, following)))
-                out[chunk.indices] = checked_embeddings(embed(pixels), chunk)
-        finally:
-            for _, future in queue:
-                future.cancel()
+    pool = _reader_pool(read_threads)
+    queue: collections.deque = collections.deque()
+    chunks = iter(plan.chunks)
+    try:
+        for chunk in itertools.islice(chunks, ahead):
+            queue.append((chunk, pool.submit(read, chunk)))
+        while queue:
+            chunk, future = queue.popleft()
+            pixels = future.result()
+            following = next(chunks, None)
+            if following is not None:
+                queue.append((following, pool.submit(read, following)))
+            out[chunk.indices] = checked_embeddings(embed(pixels), chunk)
+    finally:
+        for _, future in queue:
+            future.cancel()
+        concurrent.futures.wait([future for _, future in queue])  # none outlives the slide
     return out
+
+
+@functools.cache
+def _reader_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The reader threads of this process, kept for every slide it embeds."""
+    return concurrent.futures.ThreadPoolExecutor(threads, "read-chunk")
 
 
 def checked_embeddings(embeddings: Any, chunk: PatchChunk) -> np.ndarray:
