@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pydicom
 import pytest
-from apache_beam.ml.inference import base as inference_base
 
 from pipeline.cli import main
 from tests import bad_slides as bad
@@ -24,7 +23,7 @@ from tests import real_corpus as rc
 from tests.conftest import REAL_DATA
 from tests.test_bad_inputs import EXPECTED as MATRIX
 from tests.test_bad_inputs import make_bad_slides
-from transforms import patches
+from transforms import patches, stages
 from transforms.outputs.layout import COMPLETE_MARKER
 from transforms.records import failure_uuid, local_instance_uuid
 
@@ -138,10 +137,10 @@ CORPUS = {
     "truncated-pixeldata": ({"truncated_pixel_data"}, "cut short"),
     "gray16": ({"unsupported_pixel_format"}, "16 bits allocated"),
     "tiny": ({"too_small"}, "50 x 50 px"),
-    "poison-nan": ({"non_finite_embedding", "incomplete_slide"}, "NaN or infinite"),
-    "poison-inf": ({"non_finite_embedding", "incomplete_slide"}, "NaN or infinite"),
-    "poison-wide": ({"bad_model_output", "incomplete_slide"}, "shape (42, 385)"),
-    "poison-oom": ({"inference_error", "incomplete_slide"}, "ResourceExhausted"),
+    "poison-nan": ({"non_finite_embedding"}, "NaN or infinite"),
+    "poison-inf": ({"non_finite_embedding"}, "NaN or infinite"),
+    "poison-wide": ({"bad_model_output"}, "shape (42, 385)"),
+    "poison-oom": ({"inference_error"}, "ResourceExhausted"),
 }
 GOOD = ["cmu", "cmu-rewrapped", "sparse-full", "sparse", "tiny-20x"]
 PER_FILE = {"long-uids", "no-series-uid"}  # one row per file: no series to group them in
@@ -181,27 +180,28 @@ class _ResourceExhaustedError(RuntimeError):
 def poison_model(mp: pytest.MonkeyPatch, poisoned: dict[str, str]) -> None:
     """The real model, with its output spoiled for the chunks of some slides: NaN, +Inf, 385
     values wide, or an out-of-memory error (what a broken model or a full GPU gives)."""
-    real_run = inference_base.KeyedModelHandler.run_inference
+    real_embed_plan = stages.embed_plan
 
-    def run_inference(self, batch, model, inference_args=None):
-        how = {poisoned.get(key[0]) for key, _ in batch} - {None}
-        if "oom" in how:
-            raise _ResourceExhaustedError("OOM when allocating tensor with shape [42,224,224,3]")
-        results = list(real_run(self, batch, model, inference_args))
-        out = []
-        for key, result in results:
-            embeddings = np.array(result.inference)
-            kind = poisoned.get(key[0])
+    def embed_plan(plan, embed, *args, **kwargs):
+        kind = poisoned.get(plan.record.instance_uuid)
+
+        def spoiled(pixels):
+            if kind == "oom":
+                raise _ResourceExhaustedError(
+                    "OOM when allocating tensor with shape [42,224,224,3]"
+                )
+            embeddings = np.array(embed(pixels))
             if kind == "nan":
                 embeddings[3, 7] = np.nan
             elif kind == "inf":
                 embeddings[0, 0] = np.inf
             elif kind == "wide":
                 embeddings = np.concatenate([embeddings, embeddings[:, :1]], axis=1)
-            out.append((key, result._replace(inference=embeddings)))
-        return out
+            return embeddings
 
-    mp.setattr(inference_base.KeyedModelHandler, "run_inference", run_inference)
+        return real_embed_plan(plan, spoiled if kind else embed, *args, **kwargs)
+
+    mp.setattr(stages, "embed_plan", embed_plan)
 
 
 @pytest.fixture(scope="module")

@@ -348,6 +348,22 @@ class Lease:
                 "%s was no longer run %s's at release (%s)",
                 self.paths.lease, self.run_id, f"run {current.run_id}" if current else "gone",
             )  # fmt: skip
+        elif isinstance(store, _LocalStore):
+            _remove_empty_folders(self.paths.directory)
+
+
+def _remove_empty_folders(directory: str) -> None:
+    """A slide that failed leaves no empty {uuid}/path_foundation/v1 behind its lease (a slide
+    folder means artifacts); folders that hold anything stay."""
+    for folder in (
+        directory,
+        os.path.dirname(directory),
+        os.path.dirname(os.path.dirname(directory)),
+    ):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def acquire(paths: ArtifactPaths, run_id: str, ttl_s: float) -> Lease | None:
