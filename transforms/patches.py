@@ -27,9 +27,11 @@ decoded one by one.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
 
@@ -38,7 +40,7 @@ import numpy as np
 from ez_wsi_dicomweb import dicom_slide, ez_wsi_errors, image_util, slide_level_map
 from PIL import ImageCms
 
-from transforms.dicom_io import byte_ranges, dicomweb
+from transforms.dicom_io import byte_ranges, codecs, dicomweb
 from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
 
@@ -48,6 +50,11 @@ SLIDE_CACHE_SIZE = 2
 FRAME_CACHE_BYTES = 256 * 1024 * 1024
 # color.icc_profile: none = stored values; srgb = from the slide's ICC profile to sRGB.
 ICC_PROFILES = ("none", "srgb")
+# read.reduced_decode: a level at least this much finer than the patch frame (40x for a 20x
+# target) is decoded at half resolution in the codec, then resized by the rest (~1).
+REDUCE_MIN_DOWNSAMPLE = 1.8
+# Threads decoding a chunk's frames in parallel (the decoders release the GIL).
+DECODE_THREADS = os.cpu_count() or 1
 
 
 @contextlib.contextmanager
@@ -184,11 +191,13 @@ class _ChunkFrames:
         slide: dicom_slide.LocalDicomSlide,
         level: slide_level_map.Level,
         cache: FrameCache,
-        footprint: tuple[int, int, int, int],  # x0, y0, x1, y1 (native pixels, exclusive)
+        footprint: tuple[int, int, int, int],  # x0, y0, x1, y1 (decoded pixels, exclusive)
+        reduce: int = 0,  # frames decoded with each side halved this many times
     ) -> None:
         self._slide, self._level, self._cache = slide, level, cache
         self._footprint = footprint
-        self._grid = FrameGrid.of(level)
+        self._reduce = reduce
+        self._grid = _decoded_grid(level, reduce)
         self.window: dict[int, np.ndarray | None] = {}
 
     def prefetch(self, numbers: set[int]) -> None:
@@ -199,7 +208,7 @@ class _ChunkFrames:
             return
         wanted = []
         for number in sorted(numbers):
-            located = _locate(self._level, number)
+            located = _locate(self._level, number, self._reduce)
             if located is not None and self._cache.get(located[0], touch=False) is None:
                 wanted.append(number)
         if wanted:
@@ -213,17 +222,26 @@ class _ChunkFrames:
             if number in self.window:
                 out[number] = self.window[number]
                 continue
-            located = _locate(self._level, number)
+            located = _locate(self._level, number, self._reduce)
             frame = None if located is None else self._cache.get(located[0])
             if frame is None and located is not None:
                 missing.append((number, *located))
             out[number] = frame
-        for number, key, instance in missing:
+
+        def decode(number: int, key: tuple, instance: slide_level_map.Instance) -> np.ndarray:
             with slide_errors(f"reading frame {number}"):
                 decode = functools.partial(
-                    _decoded, self._slide, self._level, number, key[1], instance
+                    _decoded, self._slide, self._level, number, key[1], instance, self._reduce
                 )
-                out[number] = self._cache.decode(key, decode, keep=self._outside(number))
+                return self._cache.decode(key, decode, keep=self._outside(number))
+
+        if len(missing) > 1 and DECODE_THREADS > 1:
+            # The frames of a patch row at once, one per core: the decoders release the GIL.
+            decoded = list(_decode_pool().map(lambda m: decode(*m), missing))
+        else:
+            decoded = [decode(*m) for m in missing]
+        for (number, _, _), frame in zip(missing, decoded, strict=True):
+            out[number] = frame
         self.window.update(out)
         return out
 
@@ -240,16 +258,43 @@ class _ChunkFrames:
         return col * fw < x0 or (col + 1) * fw > x1 or row * fh < y0 or (row + 1) * fh > y1
 
 
+@functools.cache
+def _decode_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The worker process's frame-decoding threads, made when first needed."""
+    return concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+
+
+def _decoded_grid(level: slide_level_map.Level, reduce: int) -> FrameGrid:
+    """The level's frame grid in decoded pixels: frames of ceil(side / 2**reduce), the same
+    frame numbers (reduce > 0 needs frame sides divisible by 2**reduce, `_reduction`)."""
+    grid = FrameGrid.of(level)
+    if not reduce:
+        return grid
+    size = functools.partial(codecs.reduced_size, reduce=reduce)
+    return FrameGrid(
+        size(grid.width), size(grid.height), size(grid.frame_width), size(grid.frame_height)
+    )
+
+
+def _reduction(level: slide_level_map.Level, downsample: float, reduced: bool) -> int:
+    """Halvings done in the codec: 1 when asked for, the level is at least
+    REDUCE_MIN_DOWNSAMPLE finer than the patch frame and its frames have even sides."""
+    if not reduced or downsample < REDUCE_MIN_DOWNSAMPLE:
+        return 0
+    return int(level.frame_width % 2 == 0 and level.frame_height % 2 == 0)
+
+
 def _locate(
-    level: slide_level_map.Level, frame_number: int
-) -> tuple[tuple[str, int], slide_level_map.Instance] | None:
-    """((SOPInstanceUID, frame number in it), instance) of a whole-level frame number, None if
-    the level leaves the frame out (TILED_SPARSE)."""
+    level: slide_level_map.Level, frame_number: int, reduce: int = 0
+) -> tuple[tuple, slide_level_map.Instance] | None:
+    """((SOPInstanceUID, frame number in it[, reduce]), instance) of a whole-level frame
+    number, None if the level leaves the frame out (TILED_SPARSE)."""
     instance = level.get_instance_by_frame(frame_number)
     if instance is None:
         return None
     n = instance.instance_frame_number_from_wholes_slide_frame_number(frame_number)
-    return (instance.dicom_object.sop_instance_uid, n), instance
+    key = (instance.dicom_object.sop_instance_uid, n)
+    return (key + (reduce,) if reduce else key), instance
 
 
 def _decoded(
@@ -258,17 +303,23 @@ def _decoded(
     frame_number: int,
     instance_frame_number: int,
     instance: slide_level_map.Instance,
+    reduce: int = 0,
 ) -> np.ndarray | None:
     # The byte-range slide decodes an instance's frame directly: ez-wsi's get_frame() builds
     # path strings and Frame objects per frame, ~10% of the decode time of a 256 px frame.
     decode = getattr(slide, "decode_instance_frame", None)
     if decode is not None:
-        pixels = decode(instance.path, instance_frame_number)
+        if reduce:
+            pixels = decode(instance.path, instance_frame_number, reduce=reduce)
+        else:
+            pixels = decode(instance.path, instance_frame_number)
     else:
         frame = slide.get_frame(level, frame_number)
         if frame is None:
             return None
         pixels = frame.image_np
+        if reduce:  # DICOMweb frames: decoded whole, then halved
+            pixels = codecs.halve(pixels)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise SlideError(ReasonCode.DECODE_ERROR, f"expected RGB frames, got {pixels.shape}")
     return pixels
@@ -281,25 +332,35 @@ def read_patches(
     downsample: float,
     patch_size: int = 224,
     cache: FrameCache | None = None,
+    reduced: bool = False,
 ) -> np.ndarray:
     """uint8 [N, patch, patch, 3]: the patches at `coords` (patch-source frame) of a level.
 
     With downsample d > 1, patch [x, y] covers native pixels starting at floor(x * d), size
     round(patch * d), resized to `patch` with INTER_AREA. `cache` defaults to the worker's.
+    `reduced` (read.reduced_decode): a level with d >= REDUCE_MIN_DOWNSAMPLE is decoded at
+    half resolution in the codec and patch [x, y] is cut from that image (start
+    floor(x * d / 2), size round(patch * d / 2)), resized only when that size is not `patch`.
     """
     coords = np.asarray(coords, np.int64)
     out = np.empty((len(coords), patch_size, patch_size, 3), np.uint8)
     if len(coords) == 0:
         return out
-    native = round(patch_size * downsample)
-    starts = np.floor(coords * downsample).astype(np.int64)
-    starts[:, 0] = np.minimum(starts[:, 0], level.width - native)
-    starts[:, 1] = np.minimum(starts[:, 1], level.height - native)
-    grid = FrameGrid.of(level)
+    reduce = _reduction(level, downsample, reduced)
+    d = downsample / (1 << reduce)  # from the patch frame to decoded pixels
+    grid = _decoded_grid(level, reduce)
+    # decoded pixels past the level's edge are the codec's rounding up: never read them
+    width, height = level.width >> reduce, level.height >> reduce
+    native = round(patch_size * d)
+    starts = np.floor(coords * d).astype(np.int64)
+    starts[:, 0] = np.minimum(starts[:, 0], width - native)
+    starts[:, 1] = np.minimum(starts[:, 1], height - native)
     fw, fh = grid.frame_width, grid.frame_height
     x0, y0 = starts.min(axis=0).tolist()
     x1, y1 = (starts.max(axis=0) + native).tolist()
-    frames = _ChunkFrames(slide, level, FRAMES if cache is None else cache, (x0, y0, x1, y1))
+    frames = _ChunkFrames(
+        slide, level, FRAMES if cache is None else cache, (x0, y0, x1, y1), reduce
+    )
     order = np.lexsort((starts[:, 0], starts[:, 1]))
     rows = np.split(order, np.flatnonzero(np.diff(starts[order, 1])) + 1)
     row_numbers = []  # per patch row: the frames it overlaps
