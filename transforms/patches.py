@@ -294,7 +294,7 @@ def _locate(
         return None
     n = instance.instance_frame_number_from_wholes_slide_frame_number(frame_number)
     key = (instance.dicom_object.sop_instance_uid, n)
-    return (key + (reduce,) if reduce else key), instance
+    return ((*key, reduce) if reduce else key), instance
 
 
 def _decoded(
