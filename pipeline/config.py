@@ -112,6 +112,21 @@ class ColorConfig:
 
 
 @dataclass(frozen=True)
+class ReadConfig:
+    """How patch pixels are decoded (configs/local.yaml documents it)."""
+
+    # Levels at least ~2x finer than the ~20x target (40x sources) decoded at half resolution
+    # in the codec (JPEG DCT scaling, JPEG 2000's finest wavelet level skipped) instead of
+    # decoded whole and resized with INTER_AREA: faster, slightly different pixels. In the
+    # parameter hash and metadata.json.
+    reduced_decode: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reduced_decode, bool):
+            raise ValueError(f"read.reduced_decode: true or false, not {self.reduced_decode!r}")
+
+
+@dataclass(frozen=True)
 class ThumbnailConfig:
     max_size: int = 1024
     jpeg_quality: int = 90
@@ -195,6 +210,7 @@ class PipelineConfig:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     color: ColorConfig = field(default_factory=ColorConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)
     kmeans: KMeansParams = field(default_factory=KMeansParams)
     thumbnail: ThumbnailConfig = field(default_factory=ThumbnailConfig)
     hashing: HashingConfig = field(default_factory=HashingConfig)
@@ -229,6 +245,7 @@ class PipelineConfig:
             "tissue": dataclasses.asdict(self.tissue),
             "patch_size": self.grid.patch_size,
             "icc_profile": self.color.icc_profile,
+            "reduced_decode": self.read.reduced_decode,
             "kmeans": self.kmeans.as_dict(),
         }
 
