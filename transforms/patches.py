@@ -17,11 +17,19 @@ the neighbouring chunk finds them if it comes while they are cached. With the de
 40x (16 x 224 = 14 x 256), so every frame of a slide is decoded once whatever the order.
 
 Frames are decoded by the slide: the byte-range slide's `decode_instance_frame()` (JPEG
-baseline straight to RGB with OpenCV, other syntaxes with ez-wsi's decoder), or ez-wsi's
-`get_frame()` for DICOMweb slides. A slide that fetches frames in batches offers
-`prefetch_frames(level, frame_numbers)`: it is called once per chunk with the frames the chunk
-needs that the cache lacks (one request per run of neighbouring frames), before they are
-decoded one by one.
+baseline with OpenCV and JPEG 2000 with OpenJPEG, straight to RGB, `dicom_io.codecs`; other
+syntaxes with ez-wsi's decoder), or ez-wsi's `get_frame()` for DICOMweb slides. A slide that
+fetches frames in batches offers `prefetch_frames(level, frame_numbers)`: it is called once per
+chunk with the frames the chunk needs that the cache lacks (one request per run of neighbouring
+frames), before they are decoded. The frames a patch row needs that are neither kept nor cached
+are decoded in parallel on a pool of DECODE_THREADS threads (one per core; the decoders release
+the GIL): a JPEG 2000 frame takes ~10 ms, so one thread would leave the other cores idle.
+
+With `reduced` (config read.reduced_decode), a level at least REDUCE_MIN_DOWNSAMPLE finer than
+the patch frame (40x for 20x patches) is decoded at half resolution inside the codec (JPEG: DCT
+scaling; JPEG 2000: its finest wavelet level is never decoded) and patches are cut from the
+half-size frames, with the same geometry halved; the result differs slightly from the INTER_AREA
+path (docs/performance.md), so it is an option in the parameter hash.
 """
 
 from __future__ import annotations

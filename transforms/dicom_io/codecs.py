@@ -11,8 +11,9 @@ The decoders were chosen by `scripts/bench.py --only decoders` (docs/performance
   OpenJPEG 2.5); imagecodecs is already a dependency (ez-wsi). One thread per frame: the patch
   reader decodes a chunk's frames in parallel (transforms/patches.py), which the bench measured
   faster per CPU second than OpenJPEG's own threads on 256-512 px frames. Half resolution is
-  OpenJPEG's `reduce` (the finest wavelet level is never decoded), which imagecodecs does not
-  expose; Pillow's decoder does (`Image.reduce = 1`, also OpenJPEG).
+  OpenJPEG's resolution factor (the finest wavelet level is never decoded), which no PyPI
+  binding exposes for in-memory codestreams: `openjpeg_reduce` calls the same OpenJPEG library
+  through ctypes (Pillow, which can reduce, is 2-4x slower and holds the GIL).
 
 `decode_frame` returns None for a transfer syntax it does not handle (the caller falls back to
 ez-wsi's decoder) and raises ValueError for bytes that do not decode.
@@ -20,12 +21,11 @@ ez-wsi's decoder) and raises ValueError for bytes that do not decode.
 
 from __future__ import annotations
 
-import io
-
 import cv2
 import imagecodecs
 import numpy as np
-import PIL.Image
+
+from transforms.dicom_io import openjpeg_reduce
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG2000 = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
@@ -66,12 +66,11 @@ def decode_jpeg2000(data: bytes, reduce: int = 0) -> np.ndarray:
     try:
         if reduce == 0:
             frame = imagecodecs.jpeg2k_decode(data, numthreads=1)
-        else:
-            with PIL.Image.open(io.BytesIO(data)) as image:
-                image.reduce = reduce
-                image.load()
-                frame = np.asarray(image)
-    except (imagecodecs.Jpeg2kError, OSError, PIL.UnidentifiedImageError) as exc:
+        elif openjpeg_reduce.available():
+            frame = openjpeg_reduce.decode(data, reduce)
+        else:  # no libopenjp2 to call: decoded whole, then halved
+            frame = halve(imagecodecs.jpeg2k_decode(data, numthreads=1))
+    except (imagecodecs.Jpeg2kError, ValueError) as exc:
         raise ValueError(f"JPEG 2000 frame of {len(data)} bytes does not decode: {exc}") from exc
     if frame.ndim == 2:
         frame = frame[:, :, None]
