@@ -116,6 +116,7 @@ def write_slide(
     ds = pydicom.dcmread(CMU_LEVEL0, stop_before_pixels=True)
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
     ds.file_meta.TransferSyntaxUID = JPEG_SYNTAX if kind == "jpeg" else J2K_SYNTAX
     ds.Rows = ds.Columns = size
     ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = rgb_shape[:2]
