@@ -23,7 +23,8 @@ fetches frames in batches offers `prefetch_frames(level, frame_numbers)`: it is 
 chunk with the frames the chunk needs that the cache lacks (one request per run of neighbouring
 frames), before they are decoded. The frames a patch row needs that are neither kept nor cached
 are decoded in parallel on a pool of DECODE_THREADS threads (one per core; the decoders release
-the GIL): a JPEG 2000 frame takes ~10 ms, so one thread would leave the other cores idle.
+the GIL), the next row's starting while this row's patches are copied: a JPEG 2000 frame takes
+~5-20 ms, so one thread would leave the other cores idle.
 
 With `reduced` (config read.reduced_decode), a level at least REDUCE_MIN_DOWNSAMPLE finer than
 the patch frame (40x for 20x patches) is decoded at half resolution inside the codec (JPEG: DCT
@@ -42,6 +43,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 import cv2
 import numpy as np
@@ -190,8 +192,9 @@ class _ChunkFrames:
     """The decoded frames of one chunk's level, each decoded at most once for the chunk.
 
     Patches are assembled one row at a time; frames stay in `window` while a later row still
-    needs them. Frames reaching outside the chunk's footprint may be wanted by a neighbouring
-    chunk, so they also go to the worker's cache.
+    needs them, and the next row's frames are decoding on the pool while a row's patches are
+    copied (so at most two rows of frames are held). Frames reaching outside the chunk's
+    footprint may be wanted by a neighbouring chunk, so they also go to the worker's cache.
     """
 
     def __init__(
@@ -207,6 +210,9 @@ class _ChunkFrames:
         self._reduce = reduce
         self._grid = _decoded_grid(level, reduce)
         self.window: dict[int, np.ndarray | None] = {}
+        # frames being decoded (Future) or to decode when read (a call), by number
+        self._pending: dict[int, Future | Callable[[], np.ndarray | None]] = {}
+        self._pool = DECODE_THREADS > 1
 
     def prefetch(self, numbers: set[int]) -> None:
         """Fetches the stored bytes of the chunk's frames that the cache lacks, in one batch
@@ -223,35 +229,45 @@ class _ChunkFrames:
             with slide_errors(f"fetching {len(wanted)} frames"):
                 fetch(self._level, wanted)
 
-    def get(self, numbers: list[int]) -> dict[int, np.ndarray | None]:
-        """Frames by whole-level 1-based number, decoding those neither kept nor cached."""
-        out, missing = {}, []
+    def get(
+        self, numbers: list[int], ahead: list[int] | tuple[int, ...] = ()
+    ) -> dict[int, np.ndarray | None]:
+        """Frames by whole-level 1-based number, decoding those neither kept nor cached; the
+        frames `ahead` (the next patch row's) start decoding on the pool meanwhile."""
+        self._start(numbers)
+        self._start(ahead)
+        out = {}
         for number in numbers:
             if number in self.window:
                 out[number] = self.window[number]
+            else:
+                pending = self._pending.pop(number)
+                out[number] = pending.result() if isinstance(pending, Future) else pending()
+        self.window.update(out)
+        return out
+
+    def _start(self, numbers: list[int] | tuple[int, ...]) -> None:
+        """Looks frames up in the cache and starts decoding the rest: on the pool (one frame
+        per task; the decoders release the GIL) when there are several cores, else when read."""
+        for number in numbers:
+            if number in self.window or number in self._pending:
                 continue
             located = _locate(self._level, number, self._reduce)
             frame = None if located is None else self._cache.get(located[0])
             if frame is None and located is not None:
-                missing.append((number, *located))
-            out[number] = frame
+                decode = functools.partial(self._decode, number, *located)
+                self._pending[number] = _decode_pool().submit(decode) if self._pool else decode
+            else:
+                self.window[number] = frame
 
-        def decode(number: int, key: tuple, instance: slide_level_map.Instance) -> np.ndarray:
-            with slide_errors(f"reading frame {number}"):
-                decode = functools.partial(
-                    _decoded, self._slide, self._level, number, key[1], instance, self._reduce
-                )
-                return self._cache.decode(key, decode, keep=self._outside(number))
-
-        if len(missing) > 1 and DECODE_THREADS > 1:
-            # The frames of a patch row at once, one per core: the decoders release the GIL.
-            decoded = list(_decode_pool().map(lambda m: decode(*m), missing))
-        else:
-            decoded = [decode(*m) for m in missing]
-        for (number, _, _), frame in zip(missing, decoded, strict=True):
-            out[number] = frame
-        self.window.update(out)
-        return out
+    def _decode(
+        self, number: int, key: tuple, instance: slide_level_map.Instance
+    ) -> np.ndarray | None:
+        with slide_errors(f"reading frame {number}"):
+            decode = functools.partial(
+                _decoded, self._slide, self._level, number, key[1], instance, self._reduce
+            )
+            return self._cache.decode(key, decode, keep=self._outside(number))
 
     def keep_rows_from(self, frame_row: int) -> None:
         """Forgets the frames above `frame_row` (no later patch row needs them)."""
@@ -383,7 +399,7 @@ def read_patches(
         sy = int(starts[members[0], 1])
         frame_rows = grid.rows(sy, native)
         xs = starts[members, 0].tolist()
-        row_frames = frames.get(row_numbers[k])
+        row_frames = frames.get(row_numbers[k], row_numbers[k + 1] if k + 1 < len(rows) else ())
         for index, sx in zip(members.tolist(), xs, strict=True):
             target = out[index] if scratch is None else scratch
             for r in frame_rows:
