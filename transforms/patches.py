@@ -63,8 +63,12 @@ ICC_PROFILES = ("none", "srgb")
 # read.reduced_decode: a level at least this much finer than the patch frame (40x for a 20x
 # target) is decoded at half resolution in the codec, then resized by the rest (~1).
 REDUCE_MIN_DOWNSAMPLE = 1.8
-# Threads decoding a chunk's frames in parallel (the decoders release the GIL).
-DECODE_THREADS = os.cpu_count() or 1
+# Threads decoding a chunk's frames in parallel (the decoders release the GIL): the cores this
+# process may run on, or PATHEMBED_DECODE_THREADS (e.g. 1 where a runner starts one worker
+# process per core).
+DECODE_THREADS = int(os.environ.get("PATHEMBED_DECODE_THREADS") or 0) or len(
+    os.sched_getaffinity(0)
+)
 
 
 @contextlib.contextmanager

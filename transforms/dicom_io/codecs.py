@@ -13,7 +13,7 @@ The decoders were chosen by `scripts/bench.py --only decoders` (docs/performance
   faster per CPU second than OpenJPEG's own threads on 256-512 px frames. Half resolution is
   OpenJPEG's resolution factor (the finest wavelet level is never decoded), which no PyPI
   binding exposes for in-memory codestreams: `openjpeg_reduce` calls the same OpenJPEG library
-  through ctypes (Pillow, which can reduce, is 2-4x slower and holds the GIL).
+  through ctypes (Pillow, which can reduce, costs about twice the CPU and holds the GIL).
 
 `decode_frame` returns None for a transfer syntax it does not handle (the caller falls back to
 ez-wsi's decoder) and raises ValueError for bytes that do not decode.
