@@ -4,10 +4,11 @@ No Python binding of OpenJPEG on PyPI exposes the resolution factor for an in-me
 (imagecodecs' and pylibjpeg-openjpeg's decode() have no such argument, OpenCV's
 IMREAD_REDUCED_* decodes whole and resizes, Pillow's `Image.reduce` does reduce but decodes
 through a Python file object with the GIL held and costs about twice the CPU of imagecodecs
-at full size; glymur needs a system libopenjp2 and a file). So this calls the OpenJPEG 2.5 library that
-the imagecodecs wheel ships (imagecodecs.libs/libopenjp2-*.so, the same library and version
-imagecodecs decodes with; else Pillow's copy, else a system libopenjp2) through ctypes: the
-codestream is read from memory by three small callbacks and `opj_decode` runs without the GIL.
+at full size; glymur needs a system libopenjp2 and a file). So this calls the OpenJPEG 2.5
+library that the imagecodecs wheel ships (imagecodecs.libs/libopenjp2-*.so, the same library
+and version imagecodecs decodes with; else Pillow's copy, else a system libopenjp2) through
+ctypes: the codestream is read from memory by three small callbacks and `opj_decode` runs
+without the GIL.
 At full resolution it gives exactly imagecodecs' pixels (tests/test_codecs.py).
 """
 
