@@ -140,3 +140,12 @@ def test_reduced_decode_is_in_the_parameter_hash_and_metadata_parameters():
     assert parameter_hash(base) != parameter_hash(reduced)
     with pytest.raises(ValueError):
         load_config(None, {"read.reduced_decode": "yes"})
+
+
+@needs_real
+def test_without_libopenjp2_reduced_jpeg2000_is_the_full_decode_halved(monkeypatch):
+    data = _frames(bench_decoders.CAMELYON_J2K)[5]
+    syntax = "1.2.840.10008.1.2.4.90"
+    monkeypatch.setattr(openjpeg_reduce, "available", lambda: False)
+    full = codecs.decode_frame(data, syntax)
+    assert np.array_equal(codecs.decode_frame(data, syntax, reduce=1), codecs.halve(full))

@@ -63,13 +63,17 @@ def decode_frame(data: bytes, transfer_syntax: str, reduce: int = 0) -> np.ndarr
 
 def decode_jpeg2000(data: bytes, reduce: int = 0) -> np.ndarray:
     """A JPEG 2000 codestream as uint8 RGB (a grey frame gains a channel axis)."""
-    try:
-        if reduce == 0:
-            frame = imagecodecs.jpeg2k_decode(data, numthreads=1)
-        elif openjpeg_reduce.available():
+    frame = None
+    if reduce and openjpeg_reduce.available():
+        try:
             frame = openjpeg_reduce.decode(data, reduce)
-        else:  # no libopenjp2 to call: decoded whole, then halved
-            frame = halve(imagecodecs.jpeg2k_decode(data, numthreads=1))
+        except ValueError:  # e.g. subsampled or > 8-bit components: decoded whole below
+            frame = None
+    try:
+        if frame is None:
+            frame = imagecodecs.jpeg2k_decode(data, numthreads=1)
+            if reduce:  # no libopenjp2 to call, or a codestream it does not reduce
+                frame = halve(frame)
     except (imagecodecs.Jpeg2kError, ValueError) as exc:
         raise ValueError(f"JPEG 2000 frame of {len(data)} bytes does not decode: {exc}") from exc
     if frame.ndim == 2:
