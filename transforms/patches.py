@@ -309,7 +309,8 @@ def _reduction(level: slide_level_map.Level, downsample: float, reduced: bool) -
     REDUCE_MIN_DOWNSAMPLE finer than the patch frame and its frames have even sides."""
     if not reduced or downsample < REDUCE_MIN_DOWNSAMPLE:
         return 0
-    return int(level.frame_width % 2 == 0 and level.frame_height % 2 == 0)
+    grid = FrameGrid.of(level)
+    return int(grid.frame_width % 2 == 0 and grid.frame_height % 2 == 0)
 
 
 def _locate(
