@@ -22,15 +22,12 @@ COPY models ./models
 COPY configs ./configs
 COPY scripts ./scripts
 
-# pyproject.toml pins the CPU wheel (tensorflow-cpu) for local runs; workers get the CUDA
-# build of the same version (NVIDIA's CUDA/cuDNN wheels; Dataflow installs the driver:
-# install-nvidia-driver in the resource hint). Every other package is held to
-# requirements.lock, so workers run what the tests ran.
-RUN sed -i 's/"tensorflow-cpu==\([0-9.]*\)"/"tensorflow[and-cuda]==\1"/' pyproject.toml \
- && grep -q '"tensorflow\[and-cuda\]==2.21.0"' pyproject.toml \
- && grep -iv '^tensorflow[-_]cpu==' requirements.lock > /tmp/constraints.txt \
- && pip install -c /tmp/constraints.txt . \
- && python -c "import apache_beam, tensorflow; print(apache_beam.__version__, tensorflow.__version__)"
+# The `gpu` extra (pyproject.toml): the CUDA build of the pinned TensorFlow (NVIDIA's CUDA/cuDNN
+# wheels; Dataflow installs the driver: install-nvidia-driver in the resource hint) and
+# nvImageCodec for GPU frame decoding. Every other package is held to requirements.lock, so
+# workers run what the tests ran. The same command on a local GPU machine: README, "GPU".
+RUN pip install -c requirements.lock '.[gpu]' \
+ && python -c "import apache_beam, tensorflow; from nvidia import nvimgcodec; print(apache_beam.__version__, tensorflow.__version__)"
 
 # Optional: bake gated Hugging Face weights into the image, so workers need no token; pass the
 # commit that configs/idc.yaml pins (model.revision): each worker checks that the snapshot it

@@ -16,6 +16,7 @@ Wrap it in `KeyedModelHandler` to carry chunk keys through `RunInference`:
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -31,7 +32,11 @@ from models.path_foundation import (
     describe_model,
     load_embedder,
     resolve_model,
+    visible_devices,
 )
+from transforms import metrics
+
+_LOG = logging.getLogger(__name__)
 
 
 class ModelSnapshotMismatchError(RuntimeError):
@@ -85,8 +90,9 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         self._info: ModelInfo | None = None
 
     @classmethod
-    def from_config(cls, model: Any) -> PathFoundationModelHandler:
-        """The handler of a `pipeline.config.ModelConfig` (the `model:` config section)."""
+    def from_config(cls, model: Any, model_copies: int | None = None) -> PathFoundationModelHandler:
+        """The handler of a `pipeline.config.ModelConfig` (the `model:` config section);
+        `model_copies` (dataflow.model_copies): models per worker, shared by its processes."""
         return cls(
             model.name,
             cache_dir=model.cache_dir,
@@ -95,6 +101,7 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
             intra_op_threads=model.intra_op_threads,
             inter_op_threads=model.inter_op_threads,
             options=EmbedderOptions(model.precision, model.jit_compile),
+            model_copies=model_copies,
         )
 
     def model_info(self) -> ModelInfo:
@@ -113,6 +120,8 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
         whose `main` moved) would make embeddings that claim to be what they are not.
         """
         recorded = self._info
+        # First: building a stand-in runs TensorFlow, which fixes its thread pools.
+        configure_threads(*self._threads)
         model_dir, info = resolve_model(self._model, self._cache_dir, self._revision)
         if recorded is not None and (info.name, info.version) != (
             recorded.name,
@@ -124,8 +133,12 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
                 "and bake that snapshot into the worker image"
             )
         self._info = info
-        configure_threads(*self._threads)
-        return load_embedder(model_dir, self._options)
+        embedder = load_embedder(model_dir, self._options)
+        _LOG.info(
+            "loaded model %s %s; TensorFlow devices in this process: %s",
+            info.name, info.version, ", ".join(visible_devices()),
+        )  # fmt: skip
+        return embedder
 
     def run_inference(
         self,
@@ -143,7 +156,20 @@ class PathFoundationModelHandler(ModelHandler[np.ndarray, PredictionResult, Embe
             embeddings = np.concatenate(calls) if calls else np.zeros((0, 384), np.float32)
             # The example is not kept: the patches are large and nothing downstream needs them.
             results.append(PredictionResult(None, embeddings, model_id))
+        self._report_device(model)
         return results
+
+    @staticmethod
+    def _report_device(model: Embedder) -> None:
+        """Once per loaded model, after its first call: where it ran, in the log and as the
+        `model_device_{GPU,CPU}` counter that the run summary reads (pipeline/summary.py)."""
+        device = getattr(model, "device", None)
+        if device is None or getattr(model, "device_reported", False):
+            return
+        model.device_reported = True
+        kind = metrics.device_kind(device)
+        metrics.counter(metrics.MODEL_DEVICE_PREFIX + kind).inc()
+        _LOG.info("the model runs on %s (%s)", device, kind)
 
     def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
         if inference_args:

@@ -277,6 +277,9 @@ class Embedder:
             )
         self.embedding_dim = int(dim)
         self._embed = self._traced_embed(tf)
+        # Where the model runs: the device of its first output ("GPU:0", "CPU:0"), set by the
+        # first call (TensorFlow places the graph on its first GPU when it sees one).
+        self.device: str | None = None
 
     def _traced_embed(self, tf: Any) -> Any:
         """One graph for uint8 -> float32 / 255 and the model (faster than numpy or eager ops)."""
@@ -301,7 +304,27 @@ class Embedder:
             raise ValueError(f"patches must have shape [B, 224, 224, 3], got {patches.shape}")
         if len(patches) == 0:
             return np.zeros((0, self.embedding_dim), np.float32)
-        return self._embed(patches).numpy()
+        out = self._embed(patches)
+        if self.device is None:
+            self.device = out.device.rpartition("device:")[2] or out.device
+        return out.numpy()
+
+
+def visible_devices() -> list[str]:
+    """TensorFlow's devices in this process, e.g. ["CPU:0", "GPU:0 (NVIDIA H200)"]."""
+    import tensorflow as tf
+
+    names = []
+    for device in tf.config.list_logical_devices():
+        name = device.name.rpartition("device:")[2]
+        if device.device_type == "GPU":
+            physical = tf.config.list_physical_devices("GPU")
+            index = int(name.rpartition(":")[2])
+            if index < len(physical):
+                details = tf.config.experimental.get_device_details(physical[index])
+                name += f" ({details.get('device_name', 'GPU')})"
+        names.append(name)
+    return names
 
 
 def load_embedder(model_dir: pathlib.Path, options: EmbedderOptions | None = None) -> Embedder:

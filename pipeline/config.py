@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from transforms.clustering import KMeansParams
+from transforms.dicom_io.gpu_decode import MODES as GPU_DECODE_MODES
 from transforms.levels import LevelRule
 from transforms.outputs.layout import DATASET_VERSION
 from transforms.patches import ICC_PROFILES
@@ -115,6 +116,7 @@ class ColorConfig:
 class ReadConfig:
     """How patch pixels are decoded (configs/local.yaml documents it)."""
 
+    gpu_decode: str = "auto"  # auto | off (transforms.dicom_io.gpu_decode.MODES)
     # Levels at least ~2x finer than the ~20x target (40x sources) decoded at half resolution
     # in the codec (JPEG DCT scaling, JPEG 2000's finest wavelet level skipped) instead of
     # decoded whole and resized with INTER_AREA: faster, slightly different pixels. In the
@@ -122,6 +124,8 @@ class ReadConfig:
     reduced_decode: bool = False
 
     def __post_init__(self) -> None:
+        if self.gpu_decode not in GPU_DECODE_MODES:
+            raise ValueError(f"read.gpu_decode: one of {GPU_DECODE_MODES}, not {self.gpu_decode!r}")
         if not isinstance(self.reduced_decode, bool):
             raise ValueError(f"read.reduced_decode: true or false, not {self.reduced_decode!r}")
 
@@ -155,6 +159,18 @@ class RunConfig:
     # SkipDone checks the sizes of a complete slide's files against its marker; with this,
     # their SHA-256 checksums too (reads every file of every complete slide).
     verify_checksums: bool = False
+    # One writer per slide (transforms/outputs/lease.py): a run holds a slide's lease from
+    # SkipDone until it is written or failed; another run skips it meanwhile. A lease older
+    # than this (a run that died on another machine) is taken over; on this machine a dead
+    # process's lease is free at once.
+    lease_ttl_s: float = 3600.0
+    # How the driver shows progress while the job runs (pipeline/progress.py): auto (a bar on
+    # a terminal, else log lines), bar, log or off; log lines every progress_interval seconds.
+    progress: str = "auto"
+    progress_interval: float = 30.0
+    # Local runs: worker processes of Beam's FnApiRunner (1 = in process); 0 = one per core.
+    # Each loads its own model; unset model.intra_op_threads becomes cores // workers.
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -190,6 +206,12 @@ class DataflowConfig:
     gpu_type: str | None = None  # e.g. nvidia-l4; null = no GPU hint (CPU everywhere)
     gpu_count: int = 1
     gpu_machine_type: str | None = None  # the embedding step's workers, e.g. g2-standard-16
+    # Processes and models per worker (docs/cloud.md): one SDK process per worker instead of
+    # one per core, that process's threads, and RunInference's model copies per worker
+    # (shared by its processes; null = each process loads its own).
+    single_sdk_process: bool = False
+    harness_threads: int | None = None
+    model_copies: int | None = None
 
     def embed_resource_hints(self) -> dict[str, str]:
         """Beam resource hints for the embedding step: a GPU when gpu_type is set, else none."""

@@ -1,23 +1,37 @@
 """The DAG (DESIGN.md §2), composed from transforms/: read it top to bottom.
 
-Enumerate -> SkipDone -> PlanSlide -> Reshuffle -> Embed (ReadPatches -> RunInference, the only
-step with a GPU hint) -> GroupBySlide -> ClusterSlide -> WriteArtifacts -> tables (Parquet or
-BigQuery, tables.sink); every stage's dead letters -> failures (through a breaker that stops the
-run when most slides fail: transforms/failures.py).
+Enumerate -> Reshuffle -> SkipDone -> Reshuffle -> PlanSlide -> EmbedSlide (RunInference over
+whole slides: chunks read ahead by threads, embedded in batches; the only step with a GPU hint)
+-> ClusterSlide -> WriteSlide (artifacts, then the slide's resource and search row files, then
+its completion marker). After the shuffles every step works on one slide and waits for no
+other, so a slide is committed while the next ones are still being read, memory is bounded by
+the slides in flight, and a run that dies keeps every slide it finished. Every stage's dead
+letters -> failure rows, each written as a file at once, through a breaker that stops the run
+when most slides fail (transforms/failures.py). BigQuery: the row files are loaded and merged
+when the run ends (transforms/outputs/bigquery_sink.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from pipeline.config import PIPELINE_VERSION, PipelineConfig, parameter_hash
 from transforms import failures, stages
 from transforms.outputs.artifacts import RunContext
-from transforms.outputs.layout import DATASET_VERSION
-from transforms.outputs.sinks import WriteTable
+from transforms.outputs.layout import DATASET_VERSION, todo_uri
+from transforms.outputs.sinks import WriteFailureRowFn
 from transforms.sources.enumeration import EnumerateSlides
+
+
+def write_todo(slides: int, output_root: str, run_id: str) -> int:
+    """runs/{run_id}.todo: how many slides this run has to do (progress and ETA)."""
+    with FileSystems.create(todo_uri(output_root, run_id)) as handle:
+        handle.write(json.dumps({"slides": slides}).encode())
+    return slides
 
 
 def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
@@ -33,35 +47,45 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         output_root=root, dataset_version=DATASET_VERSION, n_clusters=cfg.kmeans.n_clusters,
         parameter_hash=p_hash, uuids=uuids, force=cfg.run.force,
         resource_table=cfg.run.resource_table, run_id=run_id,
-        verify_checksums=cfg.run.verify_checksums,
+        verify_checksums=cfg.run.verify_checksums, lease_ttl_s=cfg.run.lease_ttl_s,
     )  # fmt: skip
-    write_artifacts = stages.WriteArtifactsFn(RunContext(
+    write_slide = stages.WriteSlideFn(RunContext(
         output_root=root, model=model, parameter_hash=p_hash, params=params,
         dataset_version=DATASET_VERSION, pipeline_version=PIPELINE_VERSION, run_id=run_id,
         hashing=dataclasses.asdict(cfg.hashing),
-    ))  # fmt: skip
+    ), cfg.run.lease_ttl_s)  # fmt: skip
+    embed = stages.EmbedSlides(
+        handler,
+        cfg.grid.patch_size,
+        cfg.color.icc_profile,
+        gpu_decode=cfg.read.gpu_decode,
+        run_id=run_id,
+    ).with_resource_hints(**cfg.dataflow.embed_resource_hints())
 
     found = p | "Enumerate" >> enumerate_slides
-    todo = found.slides | "SkipDone" >> beam.ParDo(skip_done)
-    planned = todo | "PlanSlide" >> beam.ParDo(stages.PlanSlideFn(cfg.plan_params())).with_outputs(
-        "plan", main="chunks"
-    ).with_exception_handling()  # fmt: skip
-    embed = stages.EmbedChunks(
-        handler, cfg.grid.patch_size, cfg.color.icc_profile
-    ).with_resource_hints(**cfg.dataflow.embed_resource_hints())
-    embedded = planned.chunks | "Reshuffle" >> beam.Reshuffle() | "Embed" >> embed
-    clustered = (
-        {"plan": planned.plan, "patches": embedded["embedded"]}
-        | "GroupBySlide" >> beam.CoGroupByKey()
-        | "ClusterSlide" >> beam.ParDo(stages.ClusterSlideFn(cfg.kmeans)).with_exception_handling()
+    # The sources start from one element: spread the slides over the workers before the
+    # marker checks (SkipDone) and again before planning, so neither runs in one bundle.
+    todo = (
+        found.slides
+        | "CountFound" >> beam.Map(failures.tried, run_id, "enumerate")
+        | "SpreadSlides" >> beam.Reshuffle()
+        | "SkipDone" >> beam.ParDo(skip_done)
     )
-    written = clustered.good | "WriteArtifacts" >> beam.ParDo(write_artifacts).with_outputs(
-        "search", main="resource"
+    _ = todo | "CountTodo" >> beam.combiners.Count.Globally() | "WriteTodo" >> beam.Map(
+        write_todo, root, run_id
+    )  # fmt: skip
+    planned = (
+        todo
+        | "SpreadTodo" >> beam.Reshuffle()
+        | "PlanSlide" >> beam.ParDo(stages.PlanSlideFn(cfg.plan_params(), run_id))
+        .with_exception_handling()
+    )  # fmt: skip
+    embedded = planned.good | "EmbedSlide" >> embed
+    clustered = embedded["embedded"] | "ClusterSlide" >> beam.ParDo(
+        stages.ClusterSlideFn(cfg.kmeans, run_id)
     ).with_exception_handling()  # fmt: skip
+    written = clustered.good | "WriteSlide" >> beam.ParDo(write_slide).with_exception_handling()
 
-    tables = cfg.tables
-    written.resource | "WriteResourceTable" >> WriteTable("resource", tables, root, run_id)
-    written.search | "WriteSearchTable" >> WriteTable("search", tables, root, run_id)
     # Each branch passes the breaker where its failures arise (fused with the failing stage).
     threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
     failure_rows = [
@@ -69,7 +93,7 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         | "EnumerateFailures" >> beam.Map(failures.source_failure_row, run_id)
         | "EnumerateBreaker" >> beam.Map(failures.check_failure_row, run_id, *threshold)
     ]
-    for stage, bad in [("plan", planned.bad), ("read", embedded["bad"]),
+    for stage, bad in [("plan", planned.bad), ("read", embedded["read_bad"]),
                        ("embed", embedded["embed_bad"]),
                        ("cluster", clustered.bad), ("write", written.bad)]:  # fmt: skip
         failure_rows.append(
@@ -77,8 +101,8 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
             | f"{stage.title()}Failures" >> beam.Map(failures.dead_letter_row, stage, run_id)
             | f"{stage.title()}Breaker" >> beam.Map(failures.check_failure_row, run_id, *threshold)
         )
-    (
+    _ = (
         failure_rows
         | "AllFailures" >> beam.Flatten()
-        | "WriteFailuresTable" >> WriteTable("failures", tables, root, run_id)
+        | "WriteFailureRows" >> beam.ParDo(WriteFailureRowFn(root, run_id))
     )

@@ -28,6 +28,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from models.path_foundation import is_hf_repo_id
+from pipeline import progress, summary
 from pipeline.config import PipelineConfig, config_from_flags
 from pipeline.run import checked_model, execute, new_run_id
 from transforms import urls
@@ -167,6 +168,10 @@ def check_dataflow_config(cfg: PipelineConfig) -> None:
         cfg.source.validate()
     except ValueError as exc:
         problems.append(str(exc))
+    try:
+        progress.validate(cfg.run.progress, cfg.run.progress_interval)
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         raise SystemExit("a Dataflow job needs " + "; ".join(problems))
 
@@ -189,6 +194,9 @@ def dataflow_options(df: Any) -> list[str]:
         "max_num_workers": df.max_num_workers,
         "disk_size_gb": df.disk_size_gb,
         "job_name": df.job_name,
+        "number_of_worker_harness_threads": df.harness_threads,
+        # one SDK process per worker instead of one per vCPU (each loading its own model)
+        "experiments": "no_use_multiple_sdk_containers" if df.single_sdk_process else None,
     }
     return [f"--{key}={value}" for key, value in flags.items() if value is not None]
 
@@ -282,11 +290,20 @@ def build_pipeline(cfg: PipelineConfig, beam_args: list[str], run_id: str):
     return pipeline, options
 
 
+def merge_only(cfg: PipelineConfig, run_id: str, bq: Any = None) -> list[str]:
+    """`launch --merge-only RUN_ID`, for a job that died (or whose launcher did): the row files
+    of the slides it finished are under the output root; they are loaded and merged (with any
+    earlier run never merged), and the run's summary is written: the run is committed."""
+    merged = merge_run(cfg.tables, run_id, cfg.output_root, cfg.dataflow.project, bq)
+    summary.write_run_summary(cfg.output_root, run_id, {"merged_only": True, "merged": merged})
+    return merged
+
+
 def launch_command(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = config_from_launch_args(args)
     if args.merge_only:
-        sql = merge_run(cfg.tables, args.merge_only, project=cfg.dataflow.project)
-        print(f"merged run {args.merge_only} into {cfg.tables.bigquery_dataset}:\n{sql}")
+        merged = merge_only(cfg, args.merge_only)
+        print(f"merged runs {', '.join(merged)} into {cfg.tables.bigquery_dataset}")
         return 0
     check_dataflow_config(cfg)
     run_id = new_run_id()

@@ -17,17 +17,22 @@ import argparse
 import dataclasses
 import datetime
 import logging
+import os
 import secrets
 import time
 from collections import Counter
 from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+)
 
 from models.handler import PathFoundationModelHandler
 from models.path_foundation import ModelAccessError
-from pipeline import dag, summary
+from pipeline import dag, progress, summary
 from pipeline.config import PipelineConfig, config_from_flags
 from transforms import failures
 from transforms.errors import SlideError
@@ -55,7 +60,12 @@ RUN_FLAGS = {
     "batch_size": "model.batch_size",
     "min_tissue_fraction": "tissue.min_tissue_fraction",
     "icc_profile": "color.icc_profile",
+    "progress": "run.progress",
+    "workers": "run.workers",
 }
+# The number of local worker processes when neither --workers nor run.workers says (the tests
+# set 1: their spies and injected faults live in the test process).
+WORKERS_ENV = "PATHEMBED_WORKERS"
 
 
 def new_run_id() -> str:
@@ -65,7 +75,9 @@ def new_run_id() -> str:
 
 def checked_model(cfg: PipelineConfig) -> tuple[PathFoundationModelHandler, object]:
     """The model handler and its ModelInfo, or SystemExit saying why the model cannot be used."""
-    handler = PathFoundationModelHandler.from_config(cfg.model)
+    handler = PathFoundationModelHandler.from_config(
+        cfg.model, model_copies=cfg.dataflow.model_copies
+    )
     try:
         return handler, handler.model_info()
     except (ModelAccessError, ValueError) as exc:
@@ -96,23 +108,31 @@ def execute(
     dag.build(pipeline, cfg, handler, run_id)
     if cfg.tables.sink == "bigquery":  # per-run staging tables, merged when the run is done
         bigquery_sink.prepare_run(cfg.tables, run_id, project)
+    reporter = progress.reporting(
+        cfg.output_root, run_id, cfg.run.progress, cfg.run.progress_interval
+    )
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
-    except Exception:
+        with reporter:  # polls the output root in a thread until the job ends or fails
+            result = pipeline.run()
+            result.wait_until_finish()
+    except Exception as exc:
         threshold = (cfg.run.max_failed_fraction, cfg.run.failure_check_min_slides)
-        if not failures.tripped(run_id, *threshold):
+        if not failures.tripped(run_id, *threshold, error=exc):
             raise
         _LOG.error("run %s stopped: too many slides failed (see the error above)", run_id)
         return summary.FAILED_SHARE_EXIT
     if cfg.tables.sink == "bigquery":
-        bigquery_sink.merge_run(cfg.tables, run_id, project)
+        merged = bigquery_sink.merge_run(cfg.tables, run_id, cfg.output_root, project)
+        _LOG.info(
+            "merged the rows of runs %s into %s", ", ".join(merged), cfg.tables.bigquery_dataset
+        )
     return summary.finish(result, cfg, run_id, time.perf_counter() - started)
 
 
 def local_runner(beam_args: list[str]):
-    """Beam's in-process FnApiRunner unless another runner is asked for: Beam's DirectRunner
-    would first try the Prism runner, which downloads a binary."""
+    """Beam's FnApiRunner unless another runner is asked for: Beam's DirectRunner would first
+    try the Prism runner, which downloads a binary. It runs in process, or in worker processes
+    when the options say so (`local_workers`)."""
     from apache_beam.options.pipeline_options import StandardOptions
 
     if PipelineOptions(beam_args).view_as(StandardOptions).runner not in (None, "DirectRunner"):
@@ -120,6 +140,44 @@ def local_runner(beam_args: list[str]):
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     return FnApiRunner()
+
+
+def cpu_count() -> int:
+    """The cores this process may use (its affinity, e.g. a container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def local_workers(cfg: PipelineConfig, beam_args: list[str]) -> tuple[PipelineConfig, list[str]]:
+    """`cfg` and Beam flags for a local run on `run.workers` processes (0: $PATHEMBED_WORKERS,
+    else one per core).
+
+    More than one: the FnApiRunner starts that many SDK worker processes
+    (`--direct_num_workers=N --direct_running_mode=multi_processing`; Beam flags given by the
+    user come later and win) and runs every stage's bundles across them, each process with its
+    own model. An unset `model.intra_op_threads` becomes cores // workers so that together they
+    use the cores once. One: everything runs in this process, as before.
+    """
+    workers = cfg.run.workers or int(os.environ.get(WORKERS_ENV) or 0) or cpu_count()
+    if workers > 1:
+        beam_args = [
+            f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing",
+            *beam_args,
+        ]  # fmt: skip
+    direct = PipelineOptions(beam_args).view_as(DirectOptions)
+    if direct.direct_running_mode == "in_memory":
+        workers = 1
+    else:
+        workers = direct.direct_num_workers or cpu_count()
+    if cfg.model.intra_op_threads == 0:
+        threads = max(1, cpu_count() // workers)
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, intra_op_threads=threads)
+        )
+    _LOG.info(
+        "local run: %d worker process(es), %d TensorFlow threads each",
+        workers, cfg.model.intra_op_threads,
+    )  # fmt: skip
+    return cfg, beam_args
 
 
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
@@ -205,6 +263,19 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set kmeans.n_init=1 (repeatable)",
     )
+    add(
+        "--workers",
+        type=int,
+        help="local runs: worker processes, each with its own model; 1 = in process "
+        "(run.workers; default: one per core)",
+    )
+    add(
+        "--progress",
+        choices=progress.MODES,
+        help="progress while the job runs: a live bar (bar), a log line every "
+        "run.progress_interval seconds (log), off; auto = bar on a terminal, else log "
+        "(run.progress)",
+    )
     add("--log-level", default="INFO")
 
 
@@ -245,6 +316,7 @@ def checked_config(cfg: PipelineConfig) -> PipelineConfig:
     try:
         cfg.source.validate()
         cfg.tables.validate()
+        progress.validate(cfg.run.progress, cfg.run.progress_interval)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     if not is_remote(cfg.output_root):
@@ -261,7 +333,16 @@ def checked_config(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
-    return execute(config_from_args(args), beam_args, local_runner(beam_args))
+    cfg, runner = config_from_args(args), local_runner(beam_args)
+    if runner is not None:
+        cfg, beam_args = local_workers(cfg, beam_args)
+    if PipelineOptions(beam_args).view_as(DirectOptions).direct_running_mode != "in_memory":
+        # Beam relays every log record of its worker processes through this logger, as
+        # protobuf text; the progress lines say how the run goes, warnings still pass.
+        logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
+            logging.WARNING
+        )
+    return execute(cfg, beam_args, runner)
 
 
 def add_rerun_parser(sub: argparse._SubParsersAction) -> None:

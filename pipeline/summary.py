@@ -24,10 +24,14 @@ def collect(result: Any) -> dict[str, Any]:
     queried = result.metrics().query(MetricsFilter())
     counters = {name: 0 for name in metrics.COUNTERS}
     by_reason: dict[str, int] = {}
+    devices: dict[str, int] = {}
     for counter in queried["counters"]:
         name = counter.key.metric.name
         if name in counters:
             counters[name] += counter.committed or 0
+        elif name.startswith(metrics.MODEL_DEVICE_PREFIX):
+            kind = name.removeprefix(metrics.MODEL_DEVICE_PREFIX)
+            devices[kind] = devices.get(kind, 0) + (counter.committed or 0)
         elif name.startswith(metrics.REASON_PREFIX):
             reason = name.removeprefix(metrics.REASON_PREFIX)
             by_reason[reason] = by_reason.get(reason, 0) + (counter.committed or 0)
@@ -45,6 +49,8 @@ def collect(result: Any) -> dict[str, Any]:
             seconds["model"] = seconds.get("model", 0.0) + value.sum / 1e6
     return {
         "counters": counters,
+        # model loads (worker processes) per device kind their first model call ran on
+        "model_devices": dict(sorted(devices.items())),
         "failures_by_reason": dict(sorted(by_reason.items())),
         "stage_seconds": seconds,
     }
@@ -73,15 +79,29 @@ def failure_threshold_exceeded(
     )
 
 
+def model_devices(summary: dict[str, Any]) -> str:
+    """ "GPU (2 model loads)", "CPU (1 model load)", or both; "-" when no model ran."""
+    devices = summary.get("model_devices") or {}
+    parts = [f"{kind} ({n} model load{'s' if n != 1 else ''})" for kind, n in devices.items() if n]
+    return ", ".join(parts) or "- (no model call)"
+
+
 def render(
     summary: dict[str, Any], output_root: str, wall_seconds: float, tables: str = "Parquet"
 ) -> str:
     c = summary["counters"]
     failed, tried = failed_slides(c)
+    not_found = []
+    if c.get("requested_not_found"):
+        not_found.append(
+            f"  not found           {c['requested_not_found']} requested slides were not "
+            f"found in the source (of {c['requested']} asked for by UUID)"
+        )
     lines = [
         "",
         "pathembed run summary",
         f"  slides found        {c['slides_found']}",
+        *not_found,
         f"  files ignored       {c['files_ignored']} (not whole-slide images; listed in the log)",
         f"  already complete    {c['slides_skipped_complete']} (skipped; --force to redo)",
         f"  slides done         {c['slides_written']}",
@@ -91,6 +111,9 @@ def render(
         f"  pixel reads         {c['pixel_source_requests']} requests "
         "(local files and remote sources), "
         f"{c['pixel_frames_read']} frames, {c['pixel_source_bytes_read'] / 1e6:.1f} MB",
+        f"  model ran on        {model_devices(summary)}",
+        f"  frames decoded      {c.get('gpu_decoded_frames', 0)} on the GPU (read.gpu_decode), "
+        "the others on the CPU",
         f"  wall time           {wall_seconds:.1f} s",
         "  time per stage (summed over workers):",
     ]
@@ -113,6 +136,8 @@ def finish(result: Any, cfg: Any, run_id: str, wall_seconds: float) -> int:
     the run's tables: a slide counts as done only then), checks the failed share; returns the
     exit status."""
     collected = collect(result)
+    if cfg.run.uuids:
+        note_requested(collected["counters"], len(cfg.run.uuids), run_id)
     tables = (
         f"BigQuery {cfg.tables.bigquery_dataset}" if cfg.tables.sink == "bigquery" else "Parquet"
     )
@@ -125,6 +150,22 @@ def finish(result: Any, cfg: Any, run_id: str, wall_seconds: float) -> int:
         _LOG.error("run %s: %s", run_id, exceeded)
         return FAILED_SHARE_EXIT
     return 0
+
+
+def note_requested(counters: dict[str, Any], requested: int, run_id: str) -> None:
+    """A run that asked for slides by UUID (--uuids, rerun): how many of them enumeration
+    never found (neither as a slide nor as a failure: e.g. the files were removed), so that
+    "0 done, 0 failed" is never all a rerun says about slides it could not find."""
+    found = counters.get(metrics.REQUESTED_FOUND, 0)
+    counters["requested"] = requested
+    counters["requested_not_found"] = max(0, requested - found)
+    if counters["requested_not_found"]:
+        _LOG.warning(
+            "run %s: %d requested slides were not found in the source (of %d asked for by "
+            "UUID): not enumerated at all, e.g. their files were removed, or the source flags "
+            "differ from the failed run's",
+            run_id, counters["requested_not_found"], requested,
+        )  # fmt: skip
 
 
 def write_run_summary(output_root: str, run_id: str, collected: dict[str, Any]) -> str:

@@ -10,8 +10,11 @@ the project's handler), clustering (the default Lloyd's k-means vs the seed's Mi
 20k and 100k x 384 embeddings: Gaussian clusters and stub-tiny embeddings of the samples),
 artifact writing, then two end-to-end DirectRunner runs in child processes: medium-20x with
 stub-tiny (seconds per stage), and a generated 100k-patch slide (20k with --quick) for peak
-memory, with a cheap pooling model so it finishes in minutes; and (`--only hashing`) the bytes
-read per slide with and without the PixelData SHA-512 (hashing.pixeldata_sha512: all).
+memory, with a cheap pooling model so it finishes in minutes, both in one process
+(`--workers 1`); (`--only hashing`) the bytes read per slide with and without the PixelData
+SHA-512 (hashing.pixeldata_sha512: all); and (`--only scale`, scripts/bench_scale.py) runs of
+8 to 64 slides: peak memory against the run's length, when the first slide is complete, and
+`--workers 2` against `--workers 1`.
 
 Every timing is the best of a few interleaved rounds (other processes share the machine);
 "per core" is items per CPU second of this process (all its threads). Ratios compare two
@@ -50,7 +53,7 @@ import psutil  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.encaps import generate_frames  # noqa: E402
 
-from scripts import bench_decoders, bench_slides  # noqa: E402
+from scripts import bench_decoders, bench_scale, bench_slides  # noqa: E402
 from transforms import clustering, patches, tissue  # noqa: E402
 from transforms.dicom_io import byte_ranges, pixel_hash  # noqa: E402
 from transforms.dicom_io.frames import FrameGrid  # noqa: E402
@@ -60,7 +63,17 @@ from transforms.samples.slides import write_samples  # noqa: E402
 from transforms.sources.dicom_files import enumerate_dicom_folder  # noqa: E402
 
 GIB = 1024**3
-PARTS = ("mask", "assembly", "model", "clustering", "e2e", "memory", "hashing", "decoders")
+PARTS = (
+    "mask",
+    "assembly",
+    "model",
+    "clustering",
+    "e2e",
+    "memory",
+    "hashing",
+    "scale",
+    "decoders",
+)
 PATCH = 224
 DIM = 384
 RSS_LIMIT = 4 * GIB
@@ -488,7 +501,10 @@ def run_pipeline(
     cache_dir: pathlib.Path,
     extra: list[str] = (),
 ) -> dict:
-    """`pathembed run` in a child process: wall, peak RSS (overall and per phase), summary."""
+    """`pathembed run` in a child process: wall, peak RSS (overall and per phase), summary.
+
+    In process (`--workers 1`) unless `extra` says otherwise: the RSS and the per-phase log
+    markers are those of that one process."""
     argv = [
         sys.executable,
         "-c",
@@ -502,6 +518,8 @@ def run_pipeline(
         model,
         "--set",
         f"model.cache_dir={cache_dir}",
+        "--workers",
+        "1",
         *extra,
     ]
     samples: list[tuple[float, int]] = []
@@ -850,9 +868,19 @@ def main(argv: list[str] | None = None) -> int:
     if "e2e" in parts:
         new_rows, new_ratios, e2e = part_e2e(workdir, cache_dir)
         rows, ratios = rows + new_rows, ratios + new_ratios
-    if "memory" in parts:
-        new_rows, new_ratios, large = part_memory(workdir, cache_dir, quick, model_rss)
-        rows, ratios = rows + new_rows, ratios + new_ratios
+    scale = None
+    if "scale" in parts:
+        log("scale: runs of 8 to 64 slides (memory, first slide, workers)")
+        frames = bench_slides.tissue_frames(workdir / "slides" / "medium-20x" / "level-0.dcm", 200)
+        model = pooling_model(workdir / "models" / "bench-pool")
+        scale_rows, scale_ratios, scale = bench_scale.part_scale(workdir, cache_dir, model, frames)
+        for r in scale_rows:
+            rows.append(
+                Row("scale", r["what"], round(r["patches_per_s"] * r["wall_s"]), "patches",
+                    r["wall_s"], note=f"peak RSS {r['peak_rss_gib']:.2f} GiB, first slide "
+                    f"complete at {r['first_complete_s']:.1f} s")
+            )  # fmt: skip
+        ratios += [Ratio(*ratio) for ratio in scale_ratios]
 
     hashing = None
     if "hashing" in parts:
@@ -898,6 +926,7 @@ def main(argv: list[str] | None = None) -> int:
             "large_slide": large,
             "hashing_bytes": hashing,
             "decoders": decoders,
+            "scale": scale,
         }
         args.json.write_text(json.dumps(document, indent=1, default=float))
         print(f"\nresults: {args.json}")

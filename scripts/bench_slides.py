@@ -71,12 +71,13 @@ def _write_level(path: pathlib.Path, ds: pydicom.Dataset, frames: list[bytes], n
 
 
 def write_large_slide(
-    out_dir: pathlib.Path, patches: int, frames: list[bytes]
+    out_dir: pathlib.Path, patches: int, frames: list[bytes], name: str | None = None
 ) -> list[pathlib.Path]:
-    """A square 20x slide (0.5 um/px) whose grid has at least `patches` cells, all tissue."""
+    """A square 20x slide (0.5 um/px) whose grid has at least `patches` cells, all tissue.
+    `name` (default bench-{patches}) decides its folder and UIDs: other names, other slides."""
     side = (int(np.ceil(np.sqrt(patches))) * PATCH + PATCH // 2) // 20 * 20 + 20
     spec = SampleSpec(
-        name=f"bench-{patches}",
+        name=name or f"bench-{patches}",
         native_spacing_mm=0.0005,
         width=side,
         height=side,

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# `pathembed run` in process unless a test asks for --workers: the spies, patched retries and
+# injected faults of the end-to-end tests live in the test process (pipeline/run.py).
+os.environ.setdefault("PATHEMBED_WORKERS", "1")
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real"
 

@@ -94,3 +94,46 @@ def run(con: Any, sql: str, params: Mapping[str, Any] | None = None) -> list[dic
         else:
             rows = []
     return rows
+
+
+class DuckDBBigQuery:
+    """What merge_run asks of a BigQuery client, on a DuckDB connection: scripts (transpiled as
+    above) and Parquet load jobs (a wildcard URI appended to an existing table by column
+    name, as BigQuery's load matches Parquet columns to the table's). There is no local
+    BigQuery to run them on; the SQL and the files are the project's own."""
+
+    class _Done:
+        def result(self) -> None:
+            return None
+
+    def __init__(self, con: Any):
+        self.con = con
+        self.loads: list[tuple[str, str]] = []
+
+    def query(self, sql: str) -> _Done:
+        run(self.con, _one_alter_action_each(sql))
+        return self._Done()
+
+    def load_table_from_uri(self, uri: str, table_id: str, job_config: Any = None) -> _Done:
+        assert (
+            job_config.source_format == "PARQUET" and job_config.write_disposition == "WRITE_APPEND"
+        )
+        table = table_id.rsplit(".", 1)[1]
+        self.con.execute(
+            f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{uri}', union_by_name=true)"
+        )
+        self.loads.append((uri, table))
+        return self._Done()
+
+
+def _one_alter_action_each(sql: str) -> str:
+    """BigQuery's `ALTER TABLE t ADD COLUMN a ..., ADD COLUMN b ...;` as one ALTER per column
+    (DuckDB takes one action per ALTER statement)."""
+
+    def split(match: re.Match) -> str:
+        table, actions = match.group(1), match.group(2)
+        return "".join(
+            f"ALTER TABLE {table} {action.strip()};" for action in actions.split(",\n")
+        )
+
+    return re.sub(r"ALTER TABLE (`[^`]+`)\s+(.*?);", split, sql, flags=re.S)

@@ -12,8 +12,8 @@ import sqlite3
 from pathlib import Path
 
 import apache_beam as beam
-import fastavro
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.gcp import bigquery_tools
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -24,13 +24,23 @@ from transforms.outputs.bigquery_sink import (
     RunTables,
     bigquery_row,
     ddl_file_text,
-    load_arguments,
+    load_job_config,
+    load_jobs,
     merge_sql,
     prepare_sql,
     tables_ddl,
+    unmerged_runs,
 )
-from transforms.outputs.sinks import WriteTable
-from transforms.outputs.tables import SCHEMAS, TABLES, arrow_schema, bigquery_schema, row_errors
+from transforms.outputs.layout import row_file, run_summary_uri
+from transforms.outputs.sinks import WriteFailureRowFn
+from transforms.outputs.tables import (
+    SCHEMAS,
+    TABLES,
+    arrow_schema,
+    bigquery_schema,
+    parquet_bytes,
+    row_errors,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SQL = ROOT / "transforms" / "sql"
@@ -103,17 +113,6 @@ def test_timestamps_need_a_zone_and_load_as_iso_strings():
     assert bigquery_row(row, TABLES["failures"])["time"] == "2026-01-02T03:04:05+00:00"
     naive = {**row, "time": now.replace(tzinfo=None)}
     assert row_errors(naive, TABLES["failures"]) == ["time: naive datetime (no time zone)"]
-
-
-def test_a_row_that_does_not_fit_fails_the_parquet_sink_too(tmp_path):
-    bad = _search_row(embedding=[0.5] * 383)
-    with (
-        pytest.raises(Exception, match=r"embedding: 383 values, expected 384") as caught,
-        beam.Pipeline(runner=FnApiRunner()) as p,
-    ):
-        _ = p | beam.Create([bad]) | WriteTable("search", TablesConfig(), str(tmp_path), "run-1")
-    assert "CheckSchema" in str(caught.value)
-    assert not list(tmp_path.rglob("*.parquet"))
 
 
 def test_the_checked_in_ddl_is_generated_from_the_schemas():
@@ -317,48 +316,58 @@ def _search_rows(n: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def test_the_sink_loads_avro_files_which_are_much_smaller_than_json(tmp_path):
-    """The load files Beam writes for FILE_LOADS, by the writers WriteToBigQuery uses for each
-    temp_file_format, on search rows of 384 floats: Avro at least 2x smaller than JSON."""
-    args = load_arguments("my-project.d.search_staging_r", TABLES["search"])
-    assert args["temp_file_format"] == bigquery_tools.FileFormat.AVRO
-    assert args["method"] == beam.io.WriteToBigQuery.Method.FILE_LOADS
-    transform = beam.io.WriteToBigQuery(**args)
-    assert transform._temp_file_format == bigquery_tools.FileFormat.AVRO
-
-    rows = _search_rows(200)
-    for row in rows:
-        assert row_errors(row, TABLES["search"]) == []
-    schema = args["schema"]
-    with (tmp_path / "rows.avro").open("wb") as handle:
-        writer = bigquery_tools.AvroRowWriter(handle, schema)
-        for row in rows:
-            writer.write(row)
-        writer.flush()
-    with (tmp_path / "rows.json").open("wb") as handle:
-        writer = bigquery_tools.JsonRowWriter(handle)
-        for row in rows:
-            writer.write(row)
-        writer.flush()
-    avro = (tmp_path / "rows.avro").stat().st_size
-    json_size = (tmp_path / "rows.json").stat().st_size
-    assert json_size / avro >= 2.0, (json_size, avro)
+def _write_row_files(root: Path, run_id: str, uuids: list[str]) -> None:
+    for uuid in uuids:
+        for table, rows in (("resource", []), ("search", _search_rows(2))):
+            path = Path(row_file(str(root), table, run_id, uuid))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(parquet_bytes(table, rows))
 
 
-def test_avro_load_files_take_failure_timestamps_as_datetimes(tmp_path):
-    args = load_arguments("my-project.d.failures_staging_r", TABLES["failures"])
-    now = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
-    row = {"instance_uuid": None, "SeriesInstanceUID": None, "stage": "enumerate",
-           "reason_code": "no_tissue", "message": "m", "run_id": "r", "time": now}  # fmt: skip
-    row |= {c.name: None for c in TABLES["failures"] if c.name not in row}
-    path = tmp_path / "failures.avro"
-    with path.open("wb") as handle:
-        writer = bigquery_tools.AvroRowWriter(handle, args["schema"])
-        writer.write(row)  # no ISO-string conversion needed
-        writer.flush()
-    with path.open("rb") as handle:
-        (back,) = list(fastavro.reader(handle))
-    assert back["time"] == now
+def test_the_load_jobs_take_the_run_row_files_as_parquet_with_lists(tmp_path):
+    """One load job per table that has row files, from a wildcard over the run's folder, as
+    Parquet with LIST inference (the embedding column loads as REPEATED FLOAT64)."""
+    _write_row_files(tmp_path, "run9", ["a", "b"])
+    run = RunTables.of(TablesConfig(sink="bigquery", bigquery_dataset=DATASET), "run9")
+    jobs = load_jobs(str(tmp_path), run, "run9")
+    assert jobs == {
+        run.staging["resource"]: f"{tmp_path}/tables/resource/run9/*.parquet",
+        run.staging["search"]: f"{tmp_path}/tables/search/run9/*.parquet",
+    }  # no failures files: no failures load
+    config = load_job_config()
+    assert config.source_format == "PARQUET"
+    assert config.parquet_options.enable_list_inference is True
+    assert config.write_disposition == "WRITE_APPEND"
+    # The files hold what the load needs: REQUIRED columns required, the embedding a list.
+    schema = pq.read_schema(tmp_path / "tables" / "search" / "run9" / "a.parquet")
+    assert schema.equals(arrow_schema(TABLES["search"]))
+
+
+def test_runs_that_died_before_their_merge_are_merged_first_oldest_first(tmp_path):
+    """A dead job's finished slides have row files but no run summary: the next merge takes
+    them too (later runs skip those slides as done), before its own run; merged runs are not
+    merged again."""
+    for run_id in ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc"):
+        _write_row_files(tmp_path, run_id, ["a"])
+    summary = Path(run_summary_uri(str(tmp_path), "20260101T000000Z-aaaaaa"))
+    summary.parent.mkdir(parents=True)
+    summary.write_text("{}")
+    assert unmerged_runs(str(tmp_path), "20260104T000000Z-dddddd") == [
+        "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc", "20260104T000000Z-dddddd",
+    ]  # fmt: skip
+
+
+def test_a_failure_row_that_does_not_fit_fails_before_any_file_is_written(tmp_path):
+    bad = {"instance_uuid": "u", "SeriesInstanceUID": None, "stage": "plan",
+           "reason_code": None, "message": "m", "run_id": "r",
+           "time": datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)}  # fmt: skip
+    with (
+        pytest.raises(Exception, match=r"reason_code") as caught,
+        beam.Pipeline(runner=FnApiRunner()) as p,
+    ):
+        _ = p | beam.Create([bad]) | beam.ParDo(WriteFailureRowFn(str(tmp_path), "run-1"))
+    assert "reason_code: NULL in a REQUIRED column" in str(caught.value)
+    assert not list(tmp_path.rglob("*.parquet"))
 
 
 def test_before_the_job_older_final_tables_get_the_newer_nullable_columns():

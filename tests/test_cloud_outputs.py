@@ -152,7 +152,7 @@ def test_the_gcs_tables_hold_the_local_runs_rows(runs):
         (blob,) = client.list_blobs(BUCKET, prefix=f"{PREFIX}/tables/{table}/")
         assert blob.name.endswith(".parquet")
         remote = pq.read_table(io.BytesIO(blob.download_as_bytes())).to_pylist()
-        (local_file,) = (local / "tables" / table).glob("*.parquet")
+        (local_file,) = (local / "tables" / table).rglob("*.parquet")  # one slide, one row file
         rows = pq.read_table(local_file).to_pylist()
         assert len(remote) == len(rows) > 0, table
         if table == "search":
@@ -173,7 +173,7 @@ def test_rows_of_a_run_validate_against_the_bigquery_schema(runs):
     local, _, _ = runs
     counts = {}
     for table, columns in TABLES.items():
-        (path,) = (local / "tables" / table).glob("*.parquet")
+        (path,) = (local / "tables" / table).rglob("*.parquet")
         rows = pq.read_table(path).to_pylist()
         counts[table] = len(rows)
         for row in rows:
@@ -183,7 +183,7 @@ def test_rows_of_a_run_validate_against_the_bigquery_schema(runs):
         if table == "search":
             assert all(len(r["embedding"]) == EMBEDDING_DIM for r in rows)
             assert all(np.isfinite(r["embedding"]).all() for r in rows)
-    resource = pq.read_table(next((local / "tables" / "resource").glob("*.parquet"))).to_pylist()
+    resource = pq.read_table(next((local / "tables" / "resource").rglob("*.parquet"))).to_pylist()
     assert counts["search"] == resource[0]["number_of_centroids"]
     assert counts["resource"] == 1 and counts["failures"] == 1
     # The timestamps go to BigQuery as ISO 8601 strings with a zone.

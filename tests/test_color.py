@@ -37,8 +37,7 @@ def _first_chunk(folder):
 
 
 def _read(chunk, icc_profile):
-    [(_, pixels)] = list(stages.ReadPatchesFn(224, icc_profile).process(chunk))
-    return pixels
+    return stages.read_chunk(chunk, 224, icc_profile)
 
 
 def test_stored_values_by_default_and_srgb_from_the_profile(sample_slides, adobe_slide):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline.search_cli import fetch_command
-from transforms.outputs import archive, artifacts, layout
+from transforms.outputs import archive, artifacts, layout, lease
 from transforms.records import SlideRecord
 from transforms.sources.dicom_files import enumerate_dicom_folder
 from transforms.stages import SkipDoneOrUnrequested
@@ -158,3 +158,20 @@ def test_a_marker_from_before_sizes_vouches_only_for_present_files(tmp_path, bas
     assert list(_skip_done(tmp_path).process(record)) == []  # not redone on upgrade
     Path(paths.labels).write_bytes(b"")
     assert list(_skip_done(tmp_path).process(record)) == [record]
+
+
+def test_a_slide_another_live_run_is_writing_is_skipped_and_taken_once_it_is_free(
+    tmp_path, base_record
+):
+    """One writer per slide: SkipDone takes the slide's lease for its run; a concurrent run
+    finds the lease live and leaves the slide to it; once released, the next run takes it."""
+    record = dataclasses.replace(base_record, instance_uuid=str(uuid.uuid4()))
+    first, second = _skip_done(tmp_path, run_id="run-a"), _skip_done(tmp_path, run_id="run-b")
+    assert list(first.process(record)) == [record]
+    paths = layout.ArtifactPaths.for_slide(str(tmp_path), record.instance_uuid)
+    assert lease.live_holder(paths) == "run-a"
+    assert list(second.process(record)) == []  # in use by run-a
+    assert list(first.process(record)) == [record]  # a retry of run-a's bundle: re-entrant
+    lease.acquire(paths, "run-a", 60).release()  # run-a wrote (or failed) the slide
+    assert list(second.process(record)) == [record]
+    assert lease.live_holder(paths) == "run-b"

@@ -1,12 +1,12 @@
 """The Dataflow worker image's Dockerfile, parsed (docker build cannot run here): its base
-image is Beam's Python 3.11 SDK at the pinned Beam version, it installs the CUDA build of the
-pinned TensorFlow and the project under requirements.lock, and keeps Beam's boot entrypoint."""
+image is Beam's Python 3.11 SDK at the pinned Beam version, it installs the project's `gpu`
+extra (the CUDA build of the pinned TensorFlow, nvImageCodec) under requirements.lock, and
+keeps Beam's boot entrypoint. `make setup` installs the `cpu` extra."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
 import tomllib
 from pathlib import Path
 
@@ -46,29 +46,40 @@ def test_base_image_is_the_beam_python_311_sdk_at_the_pinned_version():
     assert _pins()["requires-python"] == ">=3.11,<3.12"  # the image's Python
 
 
-def test_tensorflow_with_cuda_at_the_pinned_version_and_the_project_under_the_lock():
+def _extras() -> dict[str, list[str]]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def test_tensorflow_cpu_and_gpu_builds_are_extras_of_one_version():
+    extras = _extras()
+    (cpu,) = [d for d in extras["cpu"] if d.startswith("tensorflow")]
+    tf = cpu.removeprefix("tensorflow-cpu==")
+    assert cpu == f"tensorflow-cpu=={tf}"
+    assert f"tensorflow[and-cuda]=={tf}" in extras["gpu"]
+    assert any(d.startswith("nvidia-nvimgcodec-cu12[") and "nvjpeg2k" in d for d in extras["gpu"])
+    # no TensorFlow in the base dependencies: the CPU and CUDA wheels cannot be installed together
+    assert not any(name.startswith("tensorflow") for name in _pins())
+    lock = (ROOT / "requirements.lock").read_text().replace("tensorflow-cpu", "tensorflow_cpu")
+    assert f"tensorflow_cpu=={tf}" in lock
+    for dep in extras["gpu"]:
+        if dep.startswith("nvidia-nvimgcodec"):
+            name, _, version = dep.partition("==")
+            bare = re.sub(r"\[.*\]", "", name)
+            assert f"{bare}=={version}" in lock
+    # make setup keeps the CPU build
+    assert "-c requirements.lock -e '.[cpu,dev]'" in (ROOT / "Makefile").read_text()
+
+
+def test_the_image_installs_the_gpu_extra_under_the_lock():
     runs = " ".join(args for op, args in _instructions() if op == "RUN")
-    tf = _pins()["tensorflow-cpu"]
-    # pyproject's tensorflow-cpu pin becomes tensorflow[and-cuda], and the build checks it did.
-    assert 's/"tensorflow-cpu==\\([0-9.]*\\)"/"tensorflow[and-cuda]==\\1"/' in runs
-    assert f"grep -q '\"tensorflow\\[and-cuda\\]=={tf}\"' pyproject.toml" in runs
-    # ...applied here with sed exactly as the build applies it:
-    (expression,) = re.findall(r"sed -i '([^']*)' pyproject.toml", runs)
-    swapped = subprocess.run(
-        ["sed", "-e", expression, str(ROOT / "pyproject.toml")],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    deps = tomllib.loads(swapped)["project"]["dependencies"]
-    assert f"tensorflow[and-cuda]=={tf}" in deps and not any("tensorflow-cpu" in d for d in deps)
-    assert "requirements.lock > /tmp/constraints.txt" in runs
-    assert "pip install -c /tmp/constraints.txt ." in runs
-    copied = {args.split()[0] for op, args in _instructions() if op == "COPY"}
+    assert "pip install -c requirements.lock '.[gpu]'" in runs
+    assert "sed " not in runs  # pyproject.toml is installed as it is
+    assert "from nvidia import nvimgcodec" in runs and "import apache_beam, tensorflow" in runs
+    copied = {src for op, args in _instructions() if op == "COPY" for src in args.split()[:-1]}
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     for package in packages["packages"]["find"]["include"]:
         assert package.rstrip("*") in copied
-    assert {"pyproject.toml", "configs"} <= copied
-    lock = (ROOT / "requirements.lock").read_text()
-    assert f"tensorflow_cpu=={tf}" in lock.replace("tensorflow-cpu", "tensorflow_cpu")
+    assert {"pyproject.toml", "requirements.lock", "configs"} <= copied
 
 
 def test_the_beam_boot_entrypoint_is_kept():

@@ -17,13 +17,14 @@ from pipeline.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATOR = "beam:resources:accelerator:v1"
 TOP_LEVEL = [
-    "Enumerate", "SkipDone", "PlanSlide", "Reshuffle", "Embed", "GroupBySlide", "ClusterSlide",
-    "WriteArtifacts", "WriteResourceTable", "WriteSearchTable",
+    "Enumerate", "CountFound", "SpreadSlides", "SkipDone", "CountTodo", "WriteTodo",
+    "SpreadTodo", "PlanSlide", "EmbedSlide", "ClusterSlide", "WriteSlide",
     "EnumerateFailures", "EnumerateBreaker", "PlanFailures", "PlanBreaker",
     "ReadFailures", "ReadBreaker", "EmbedFailures", "EmbedBreaker",
     "ClusterFailures", "ClusterBreaker",
-    "WriteFailures", "WriteBreaker", "AllFailures", "WriteFailuresTable",
+    "WriteFailures", "WriteBreaker", "AllFailures", "WriteFailureRows",
 ]  # fmt: skip
+GROUP_BY_KEY = "beam:transform:group_by_key:v1"
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +47,54 @@ def test_the_production_graph_reads_bigquery_and_writes_gcs_and_bigquery(product
     assert names == TOP_LEVEL
     every = {t.unique_name for _, t in launch.walk_transforms(proto)}
     assert "Enumerate/RunQuery" in every  # the BigQuery source (transforms/sql/idc_slides.sql)
-    for table in ("WriteResourceTable", "WriteSearchTable", "WriteFailuresTable"):
-        assert f"{table}/CheckSchema" in every
-        assert f"{table}/WriteBigQueryTable/Load" in every
-        loads = [n for n in every if n.startswith(f"{table}/WriteBigQueryTable/Load/")]
-        assert any("BigQueryBatchFileLoads" in n for n in loads), loads  # method FILE_LOADS
-    assert not any("WriteToParquet" in n or "WriteParquetTable" in n for n in every)
+    # Rows go to per-slide files under the gs:// root, loaded into BigQuery after the job
+    # (transforms/outputs/bigquery_sink.py merge_run), not by a load at the end of the job.
+    assert not any("WriteToBigQuery" in n or "BigQueryBatchFileLoads" in n for n in every)
+
+
+def _producers(proto) -> dict[str, str]:
+    """{pcollection id: unique name of the top-level transform that outputs it}."""
+    produced = {}
+    for depth, t in launch.walk_transforms(proto):
+        if depth == 0:
+            produced.update({pc: t.unique_name for pc in t.outputs.values()})
+    return produced
+
+
+def test_the_production_graph_spreads_slides_before_planning_and_has_no_run_wide_barrier(
+    production,
+):
+    """Enumeration -> Reshuffle -> SkipDone -> Reshuffle -> PlanSlide, and no GroupByKey after
+    planning: the only grouping steps are the two reshuffles and the todo count, so every slide
+    is written (and its rows committed) while others are still being embedded."""
+    _, proto = production
+    top = {t.unique_name: t for depth, t in launch.walk_transforms(proto) if depth == 0}
+    produced = _producers(proto)
+
+    def upstream(name: str) -> str:
+        (pcoll,) = top[name].inputs.values()
+        return produced[pcoll]
+
+    assert upstream("PlanSlide") == "SpreadTodo" and upstream("SpreadTodo") == "SkipDone"
+    assert upstream("SkipDone") == "SpreadSlides"
+    assert upstream("SpreadSlides") == "CountFound" and upstream("CountFound") == "Enumerate"
+    assert upstream("EmbedSlide") == "PlanSlide" and upstream("ClusterSlide") == "EmbedSlide"
+    assert upstream("WriteSlide") == "ClusterSlide"
+    grouping = {
+        t.unique_name.split("/")[0]
+        for _, t in launch.walk_transforms(proto)
+        if t.spec.urn == GROUP_BY_KEY
+    }
+    assert grouping == {"SpreadSlides", "SpreadTodo", "CountTodo"}, grouping
 
 
 def test_the_gpu_hint_is_on_the_embedding_step_only(production):
     cfg, proto = production
     hints = launch.resource_hints_by_transform(proto)
     gpu = {name for name, h in hints.items() if ACCELERATOR in h}
-    embed = {name for name in hints if name == "Embed" or name.startswith("Embed/")}
+    embed = {name for name in hints if name == "EmbedSlide" or name.startswith("EmbedSlide/")}
     assert gpu == embed
-    assert {"Embed/ReadPatches", "Embed/RunInference"} <= gpu  # pixels never leave the step
+    assert "EmbedSlide/RunInference" in gpu  # reads and embeds: pixels never leave the step
     expected = "type:nvidia-l4;count:1;machine_type:g2-standard-16;install-nvidia-driver"
     assert {hints[name][ACCELERATOR] for name in gpu} == {expected}
     assert cfg.dataflow.embed_resource_hints() == {"accelerator": expected}
@@ -87,12 +121,12 @@ def test_launch_dry_run_prints_options_and_the_graph(tmp_path, capsys):
                    '"sdk_location": "container"'):  # fmt: skip
         assert option in out, option
     hint = "type:nvidia-tesla-t4;count:2;machine_type:n1-standard-16;install-nvidia-driver"
-    assert f"Embed  [accelerator={hint}]" in out
+    assert f"EmbedSlide  [accelerator={hint}]" in out
     assert "\nClusterSlide\n" in out and "dry run: nothing submitted" in out
     graph = dot.read_text()
     assert graph.startswith("digraph pathembed {")
-    assert '"Reshuffle" -> "Embed";' in graph and '"Embed" -> "GroupBySlide";' in graph
-    assert graph.count("fillcolor") == 1  # only Embed is drawn as a GPU step
+    assert '"PlanSlide" -> "EmbedSlide";' in graph and '"EmbedSlide" -> "ClusterSlide";' in graph
+    assert graph.count("fillcolor") == 1  # only EmbedSlide is drawn as a GPU step
 
 
 def test_no_gpu_type_means_no_hint_anywhere(tmp_path):

@@ -14,13 +14,16 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 import requests
 
+from pipeline import summary
 from pipeline.cli import main
 from pipeline.summary import failure_threshold_exceeded
 from tests import bad_slides
-from transforms import patches
+from tests.bad_slides import TINY
+from transforms import metrics, patches
 from transforms.dicom_io import retry
 from transforms.dicom_io.byte_ranges import HttpSource
 from transforms.errors import SlideError
@@ -31,8 +34,12 @@ from transforms.outputs.reruns import (
     is_unchanged,
     known_instances,
 )
+from transforms.records import local_instance_uuid, requested, requested_keys
+from transforms.samples.slides import SampleSpec, write_slide
 from transforms.sources import manifest
 from transforms.sources.dicom_files import enumerate_dicom_folder
+from transforms.sources.enumeration import _tagged
+from transforms.stages import SkipDoneOrUnrequested
 
 A = "6fa459ea-ee8a-3ca4-894e-db77e160355e"
 B = "0d8e4f4c-9c1e-4b53-8a7e-2f0c5b0d9e11"
@@ -285,3 +292,173 @@ def test_credentials_are_sent_but_never_written_to_messages_or_logs(flaky, monke
     assert _Flaky.auth[0] == f"Bearer {secret}"
     assert failure.value.reason == "transient_http"
     assert secret not in str(failure.value) and secret not in caplog.text
+
+
+# --- reruns of slides that failed at enumeration -------------------------------------------
+
+
+def _tiny_40x(root: Path, name: str, seed: int) -> Path:
+    """A tiny 40x slide with a 20x level: the level embedded (20x) is not the finest (40x),
+    whose UUID a failure row of the whole series carries."""
+    write_slide(root, SampleSpec(name, TINY.native_spacing_mm / 2, TINY.width * 2,
+                                 TINY.height * 2, (1, 2, 8), seed))  # fmt: skip
+    return root / name
+
+
+def _rewrite(slide: Path, change) -> dict[Path, bytes]:
+    """Applies `change(ds, level)` to each level file of `slide` in place; returns the
+    original bytes (to restore the slide: "the file got fixed")."""
+    originals = {}
+    for level, path in enumerate(sorted(slide.glob("level-*.dcm"))):
+        originals[path] = path.read_bytes()
+        ds = pydicom.dcmread(path)
+        change(ds, level)
+        ds.save_as(path, enforce_file_format=True)
+    return originals
+
+
+def _sop(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest.mark.e2e
+def test_rerun_finds_slides_that_failed_at_enumeration(tmp_path, caplog):
+    """Three slides fail at enumeration; rerun by the failure rows' UUIDs (one reason code):
+    - fixed: a malformed StudyInstanceUID (a row under its 40x level's UUID), repaired since:
+      processed, and complete under its 20x level's UUID;
+    - broken: two optical paths (a row under its 40x level's UUID) and its 20x file with a
+      malformed SeriesInstanceUID (a row under that file's UUID); only the latter is asked
+      for, the series UID is repaired, the optical paths are not: a new failure row;
+    - gone: a malformed StudyInstanceUID, its files deleted since: reported as not found."""
+    slides = tmp_path / "slides"
+    fixed = _tiny_40x(slides, "fixed", 7)
+    broken = _tiny_40x(slides, "broken", 8)
+    gone = _tiny_40x(slides, "gone", 9)
+    (good_fixed,) = enumerate_dicom_folder(fixed)
+    fixed_40x, fixed_20x = (_sop(p) for p in sorted(fixed.glob("level-*.dcm"))[:2])
+    assert good_fixed.sop_instance_uid == fixed_20x  # embedded from the 20x level
+    originals = _rewrite(fixed, bad_slides.set_attribute("StudyInstanceUID", "1.2.x"))
+    _rewrite(gone, bad_slides.set_attribute("StudyInstanceUID", "1.2.x"))
+    broken_20x_file = sorted(broken.glob("level-*.dcm"))[1]
+    broken_series = pydicom.dcmread(broken_20x_file, stop_before_pixels=True).SeriesInstanceUID
+
+    def two_paths_and_a_bad_series(ds: pydicom.Dataset, level: int) -> None:
+        bad_slides.second_optical_path(ds, level)
+        if level == 1:
+            ds.SeriesInstanceUID = "1.2.y"
+
+    _rewrite(broken, two_paths_and_a_bad_series)
+    out = tmp_path / "out"
+
+    def cli(*args: str) -> dict:
+        patches.open_slide.cache_clear()
+        before = set((out / "runs").glob("*.json")) if (out / "runs").exists() else set()
+        code = main([
+            *args, "--input", str(slides), "--output-root", str(out), "--model", "stub-tiny",
+            "--set", f"model.cache_dir={tmp_path / 'models'}",
+        ])  # fmt: skip
+        assert code == 0
+        (new,) = set((out / "runs").glob("*.json")) - before
+        return json.loads(new.read_text())["counters"]
+
+    first = cli("run")
+    assert first["slides_written"] == 0 and first["enumerate_failures"] == 4
+    rows = pq.read_table(out / "tables" / "failures").to_pylist()
+    by_uuid = {r["instance_uuid"]: r["reason_code"] for r in rows}
+    assert by_uuid[local_instance_uuid(fixed_40x)] == "malformed_header"
+    assert local_instance_uuid(fixed_20x) not in by_uuid  # the row's UUID is not the record's
+    assert by_uuid[local_instance_uuid(_sop(broken_20x_file))] == "malformed_header"
+
+    for path, data in originals.items():  # fixed repaired
+        path.write_bytes(data)
+    ds = pydicom.dcmread(broken_20x_file)  # broken: the series UID repaired, not the paths
+    ds.SeriesInstanceUID = broken_series
+    ds.save_as(broken_20x_file, enforce_file_format=True)
+    for path in gone.glob("*.dcm"):
+        path.unlink()
+
+    with caplog.at_level("INFO"):
+        second = cli(
+            "rerun", "--failures", str(out / "tables" / "failures"), "--reason", "malformed_header"
+        )
+    assert second["slides_written"] == 1 and second["slides_to_process"] == 1
+    assert (out / good_fixed.instance_uuid / "path_foundation" / "v1" / "_COMPLETE.json").exists()
+    assert second["enumerate_failures"] == 1  # broken: failed again, counted as failed
+    assert summary.failed_slides(second) == (1, 2)
+    assert second["requested_not_found"] == 1  # gone
+    assert "1 requested slides were not found in the source" in caplog.text
+    rerun_rows = [
+        r for r in pq.read_table(out / "tables" / "failures").to_pylist()
+        if r["instance_uuid"] not in by_uuid or r["reason_code"] == "multiple_planes"
+    ]  # fmt: skip
+    assert {r["reason_code"] for r in rerun_rows} == {"multiple_planes"}
+
+
+def test_a_series_answers_every_uuid_its_failure_rows_could_carry(tmp_path):
+    """The record of a 40x slide is its 20x level's UUID; a failure row of the same series
+    carried its 40x level's (or one file's) UUID. Asking for any of those finds the record, in
+    enumeration and in SkipDone alike; asking for another slide's does not."""
+    slide = _tiny_40x(tmp_path / "slides", "s", 7)
+    sops = [_sop(p) for p in sorted(slide.glob("level-*.dcm"))]
+    (record,) = enumerate_dicom_folder(slide)
+    level_uuids = {local_instance_uuid(sop) for sop in sops}
+    assert record.instance_uuid == local_instance_uuid(sops[1])
+    assert level_uuids <= record.failure_keys
+    finest = frozenset({local_instance_uuid(sops[0])})
+    other = frozenset({A})
+    assert requested(record, finest) and requested(record, frozenset())
+    assert not requested(record, other)
+    assert requested_keys(record, finest | other) == finest
+
+    (tagged,) = _tagged(record, finest, "auto")
+    assert tagged.instance_uuid == record.instance_uuid
+    assert list(_tagged(record, other, "auto")) == []
+    skip = SkipDoneOrUnrequested(
+        output_root=str(tmp_path / "out"), dataset_version="v1", n_clusters=500,
+        parameter_hash="h", uuids=finest, force=False,
+    )  # fmt: skip
+    assert list(skip.process(record)) == [record]
+    skip._uuids = other
+    assert list(skip.process(record)) == []
+
+
+def test_a_series_that_fails_again_answers_the_uuids_of_its_earlier_rows(tmp_path):
+    """A failure row under one file's UUID (a malformed SeriesInstanceUID); once that file
+    joins its series and the series fails as a whole (under its finest level's UUID), a
+    rerun asking for the file's UUID gets the series' failure, not silence."""
+    slide = _tiny_40x(tmp_path / "slides", "s", 8)
+    files = sorted(slide.glob("level-*.dcm"))
+    series = str(pydicom.dcmread(files[1], stop_before_pixels=True).SeriesInstanceUID)
+
+    def bad_series(ds: pydicom.Dataset, level: int) -> None:
+        bad_slides.second_optical_path(ds, level)
+        if level == 1:
+            ds.SeriesInstanceUID = "1.2.y"
+
+    _rewrite(slide, bad_series)
+    by_reason = {f.error.reason.value: f for f in enumerate_dicom_folder(slide)}
+    file_row = by_reason["malformed_header"]
+    assert file_row.instance_uuid == local_instance_uuid(_sop(files[1]))
+    ds = pydicom.dcmread(files[1])
+    ds.SeriesInstanceUID = series
+    ds.save_as(files[1], enforce_file_format=True)
+    (again,) = enumerate_dicom_folder(slide)
+    assert again.error.reason.value == "multiple_planes"
+    assert again.instance_uuid == local_instance_uuid(_sop(files[0]))  # another UUID
+    asked = frozenset({file_row.instance_uuid})
+    (out,) = _tagged(again, asked, "auto")
+    assert out.tag == "failed" and out.value is again
+
+
+def test_the_summary_says_how_many_requested_slides_were_not_found(caplog):
+    counters = {name: 0 for name in metrics.COUNTERS} | {metrics.REQUESTED_FOUND: 2}
+    with caplog.at_level("WARNING"):
+        summary.note_requested(counters, 5, "r1")
+    assert counters["requested_not_found"] == 3
+    assert "3 requested slides were not found in the source" in caplog.text
+    text = summary.render({"counters": counters, "stage_seconds": {}}, "out", 1.0)
+    assert "3 requested slides were not found in the source (of 5" in text
+    counters[metrics.REQUESTED_FOUND] = 5
+    summary.note_requested(counters, 5, "r1")
+    text = summary.render({"counters": counters, "stage_seconds": {}}, "out", 1.0)
+    assert counters["requested_not_found"] == 0 and "not found" not in text

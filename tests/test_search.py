@@ -254,11 +254,10 @@ def test_cli_search_with_a_new_dicom_folder_embeds_it_first(archive, tmp_path, c
     real = archive["real"]["instance_uuid"]
     shutil.copytree(Path(archive["root"]) / real, query_root / real)
     for table in ("resource", "search"):
-        (query_root / "tables" / table).mkdir(parents=True)
-        shutil.copy2(
-            Path(archive["root"]) / "tables" / table / f"{archive['real']['run_id']}.parquet",
-            query_root / "tables" / table,
-        )  # fmt: skip
+        shutil.copytree(
+            Path(archive["root"]) / "tables" / table / archive["real"]["run_id"],
+            query_root / "tables" / table / archive["real"]["run_id"],
+        )
     assert main(["search", "--dicom", str(archive["base"] / "slides"), "--output-root",
                  archive["root"], "--query-output-root", str(query_root), "--model", "stub-tiny",
                  "--set", f"model.cache_dir={archive['cache']}", "--json"]) == 0  # fmt: skip
@@ -420,7 +419,7 @@ def test_search_html_reads_no_thumbnail_outside_the_output_root(archive, tmp_pat
     secret.write_bytes(b"\xff\xd8TOP-SECRET-BYTES")
     real = archive["real"]
     resource_dir = root / "tables" / "resource"
-    for part in resource_dir.glob("*.parquet"):
+    for part in resource_dir.rglob("*.parquet"):
         table = pq.read_table(part)
         rows = table.to_pylist()
         for row in rows:  # a tampered table: thumbnails pointing outside the root

@@ -251,6 +251,10 @@ def test_query_rows_become_records_and_failure_rows(idc_db):
     # a failure row carries a valid instance UUID of the series (for reruns by UUID)
     assert by_series["1.9.3"].instance_uuid == _instance("1.9.3", 1, 0, 0)["crdc_instance_uuid"]
     assert by_series["1.9.6"].instance_uuid is not None
+    # ... and answers a rerun naming any instance UUID of the row (records.failure_keys)
+    other_level = _instance("1.9.3", 2, 0, 0)["crdc_instance_uuid"]
+    assert other_level != by_series["1.9.3"].instance_uuid
+    assert other_level in by_series["1.9.3"].failure_keys
     # the series' license and DOI as dicom_all lists them travel with each slide
     for record in (r for r in out if isinstance(r, SlideRecord)):
         assert (record.source_license, record.source_doi) == (
@@ -455,3 +459,60 @@ def test_bigquery_dry_run_of_the_slides_query():
 
 def test_the_duckdb_translation_is_not_empty():
     assert to_duckdb("SELECT 1")
+
+
+def _row(table: str, **values) -> dict:
+    """A row of `table` that fits its schema, every column filled by a value of its type."""
+    from transforms.outputs.tables import TABLES
+
+    defaults = {
+        "STRING": "x", "INT64": 1, "FLOAT64": 1.0, "BOOL": False,
+        "TIMESTAMP": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+    }  # fmt: skip
+    row = {}
+    for col in TABLES[table]:
+        value = [0.5] * col.length if col.repeated else defaults[col.type]
+        row[col.name] = values.get(col.name, value)
+    return row
+
+
+def test_merge_only_loads_a_dead_runs_row_files_merges_them_and_commits_the_run(tmp_path):
+    """A job died after finishing some slides: their row files are under the output root.
+    `launch --merge-only RUN_ID` loads them into staging tables, merges them and writes the
+    run's summary (the run is committed); merging again changes nothing."""
+    from pipeline import launch
+    from pipeline.config import PipelineConfig, SourceConfig
+    from tests.sql_duckdb import DuckDBBigQuery
+    from transforms.outputs import layout
+    from transforms.outputs.tables import parquet_bytes
+
+    root, run_id = str(tmp_path), "20260105T000000Z-dead01"
+    rows = {"resource": [], "search": []}
+    for uid in ("slide-a", "slide-b"):
+        resource = _row("resource", instance_uuid=uid, SeriesInstanceUID=uid, run_id=run_id)
+        search = [_row("search", instance_uuid=uid, SeriesInstanceUID=uid, centroid_index=k)
+                  for k in range(3)]  # fmt: skip
+        for table, table_rows in (("resource", [resource]), ("search", search)):
+            path = Path(layout.row_file(root, table, run_id, uid))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(parquet_bytes(table, table_rows))
+            rows[table] += table_rows
+    cfg = PipelineConfig(
+        source=SourceConfig(kind="bigquery"), output_root=root,
+        tables=TablesConfig(sink="bigquery", bigquery_dataset="p-roject.d"),
+    )  # fmt: skip
+    bq = DuckDBBigQuery(duckdb.connect())
+    search, resource = cfg.tables.search, cfg.tables.resource
+    assert launch.merge_only(cfg, run_id, bq) == [run_id]
+    assert len(bq.loads) == 2  # resource and search; no failure rows were written
+    counts = dict(bq.con.execute(
+        f"SELECT instance_uuid, COUNT(*) FROM {search} GROUP BY 1").fetchall()
+    )  # fmt: skip
+    assert counts == {"slide-a": 3, "slide-b": 3}
+    assert Path(layout.run_summary_uri(root, run_id)).exists()  # committed
+    assert bigquery_sink.unmerged_runs(root, "20260106T000000Z-next01") == [
+        "20260106T000000Z-next01"
+    ]  # the next run does not merge it again
+    assert launch.merge_only(cfg, run_id, bq) == [run_id]  # asked again: idempotent
+    assert bq.con.execute(f"SELECT COUNT(*) FROM {search}").fetchone()[0] == 6
+    assert bq.con.execute(f"SELECT COUNT(*) FROM {resource}").fetchone()[0] == 2

@@ -32,7 +32,7 @@ def test_a_row_the_table_would_refuse_fails_the_slide_before_anything_is_written
     result = SlideResult(plan, embeddings, spoiled)
     model = ModelInfo("stub-tiny", "0", "test", True)
     params = cfg.output_params(model.name, model.version)
-    write = stages.WriteArtifactsFn(RunContext(
+    write = stages.WriteSlideFn(RunContext(
         output_root=str(tmp_path / "out"), model=model, parameter_hash="h", params=params,
         dataset_version=DATASET_VERSION, pipeline_version=PIPELINE_VERSION, run_id="run-1",
     ))  # fmt: skip

@@ -44,6 +44,8 @@ class ReasonCode(enum.StrEnum):
     NOT_BRIGHTFIELD = "not_brightfield"
     # A header value that would drive an unbounded allocation (frames, offset tables, ...).
     OVERSIZED_HEADER = "oversized_header"
+    # Another run took the slide over while this one was working on it (its lease expired).
+    LEASE_LOST = "lease_lost"
 
 
 class SlideError(Exception):

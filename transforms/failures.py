@@ -7,12 +7,15 @@ one row shape: {instance_uuid, SeriesInstanceUID, stage, reason_code, message, r
 The breaker, and the one failed-share rule (`exceeds`) that both it and the end-of-run check
 (pipeline/summary.py) apply:
 
-Each worker process counts, per run, the slides it started (`tried`) and the distinct slides
-that failed in it; once it has tried `min_slides` and more than `max_failed_fraction` of them
-failed, the next failure row raises `FailedShareExceeded` in a step without exception handling,
-which fails the job (Dataflow: after its bundle retries, which fail the same way). The counts
-are per process, so on a many-worker job they are each worker's own sample; `pathembed run`
-also checks the job's counters when the run ends (pipeline/summary.py).
+Each worker process counts, per run and per stage, the slides that reached the stage in it
+(`tried`, counted by the stage's own step: stages.py) and the distinct slides that failed
+there. Once a stage has tried `min_slides` in a process and more than `max_failed_fraction` of
+them failed, the next failure row raises `FailedShareExceeded` in a step without exception
+handling, which fails the job (Dataflow: after its bundle retries, which fail the same way).
+The failure rows of a stage are counted where the stage ran (the breaker step is fused with
+it), so the share is right whichever processes and workers the shuffles spread slides over:
+twenty bad slides among 68,000 never read as "20 of 20". The counts are each worker's own
+sample; `pathembed run` also checks the job's counters when the run ends (pipeline/summary.py).
 
 Not for judging single slides: a slide's own failure always becomes a row and the run goes on.
 """
@@ -33,6 +36,8 @@ from transforms.records import FolderFailure, SlideRecord
 
 _LOG = logging.getLogger(__name__)
 RERUN = "then rerun the failures (docs/failures.md: Recovering from failures)"
+# Starts the breaker's message: how the driver tells it from other errors in a worker's text.
+BREAKER_MARK = "[failed-share breaker]"
 
 
 def exceeds(failed: int, tried: int, max_failed_fraction: float | None, min_slides: int) -> bool:
@@ -82,31 +87,39 @@ class _Counts:
 
 
 _LOCK = threading.Lock()
-_RUNS: dict[str, _Counts] = {}
+_RUNS: dict[tuple[str, str], _Counts] = {}  # (run_id, stage) -> counts in this process
 
 
-def note_tried(run_id: str) -> None:
-    """A slide of run `run_id` was started in this process."""
+def note_tried(run_id: str, stage: str) -> None:
+    """A slide of run `run_id` reached `stage` in this process."""
     with _LOCK:
-        _RUNS.setdefault(run_id, _Counts()).tried += 1
+        _RUNS.setdefault((run_id, stage), _Counts()).tried += 1
+
+
+def tried(element: Any, run_id: str, stage: str) -> Any:
+    """`element` unchanged, counted as tried at `stage` (a Map fused with the stage)."""
+    note_tried(run_id, stage)
+    return element
 
 
 def _share(counts: _Counts, max_failed_fraction: float | None, min_slides: int):
     """(failed, tried) when the failed share exceeds the threshold, else None."""
-    failed, tried = len(counts.failed), max(counts.tried, len(counts.failed))
-    return (failed, tried) if exceeds(failed, tried, max_failed_fraction, min_slides) else None
+    failed, tried_ = len(counts.failed), max(counts.tried, len(counts.failed))
+    return (failed, tried_) if exceeds(failed, tried_, max_failed_fraction, min_slides) else None
 
 
 def note_failed(
     run_id: str,
+    stage: str,
     instance_uuid: str | None,
     max_failed_fraction: float | None,
     min_slides: int,
     reason: str | None = None,
 ) -> None:
-    """A failure row of run `run_id`; raises FailedShareExceeded when the share is exceeded."""
+    """A failure row of run `run_id` at `stage`; raises FailedShareExceeded when the share of
+    the slides that reached the stage in this process and failed there is exceeded."""
     with _LOCK:
-        counts = _RUNS.setdefault(run_id, _Counts())
+        counts = _RUNS.setdefault((run_id, stage), _Counts())
         counts.failed_rows += 1
         if reason:
             counts.reasons[reason] += 1
@@ -114,33 +127,53 @@ def note_failed(
         exceeded = _share(counts, max_failed_fraction, min_slides)
         reasons = collections.Counter(counts.reasons)
     if exceeded:
-        failed, tried = exceeded
+        failed, tried_ = exceeded
         raise FailedShareExceeded(
-            f"run {run_id} stopped: {failed} of the {tried} slides tried in this worker failed "
-            f"({failed / tried:.0%}), more than run.max_failed_fraction = "
+            f"{BREAKER_MARK} run {run_id} stopped: {failed} of the {tried_} slides that reached "
+            f"the {stage} stage in this worker failed there "
+            f"({failed / tried_:.0%}), more than run.max_failed_fraction = "
             f"{max_failed_fraction:.0%} (most common reasons: "
             f"{', '.join(f'{r} {n}' for r, n in reasons.most_common(3)) or 'unknown'}); "
             f"{advice_for(reasons)}, {RERUN}"
         )
 
 
-def tripped(run_id: str, max_failed_fraction: float | None, min_slides: int) -> bool:
-    """True when this process's counts for `run_id` exceed the threshold (the driver asks this
-    after a DirectRunner run failed, to tell the breaker from other errors)."""
+def tripped(
+    run_id: str,
+    max_failed_fraction: float | None,
+    min_slides: int,
+    error: BaseException | None = None,
+) -> bool:
+    """True when the breaker stopped run `run_id`: this process's counts exceed the threshold
+    (an in-process runner), or `error`, the run's exception, carries the breaker's message (a
+    worker process's exception reaches the driver as text)."""
+    if error is not None and f"{BREAKER_MARK} run {run_id} stopped" in str(error):
+        return True
     with _LOCK:
-        counts = _RUNS.get(run_id)
-        return counts is not None and _share(counts, max_failed_fraction, min_slides) is not None
+        return any(
+            _share(counts, max_failed_fraction, min_slides) is not None
+            for (run, _), counts in _RUNS.items()
+            if run == run_id
+        )
+
+
+# Failure rows of these stages are failures of the step that counts them (stages.py): reading
+# happens inside the embed step.
+_COUNTED_AT = {"read": "embed"}
 
 
 def check_failure_row(
     row: dict, run_id: str, max_failed_fraction: float | None, min_slides: int
 ) -> dict:
-    """Counts a failure row (a slide that failed at enumeration also counts as tried)."""
-    if row.get("stage") == "enumerate":
-        note_tried(run_id)
+    """Counts a failure row at its stage (a slide that failed at enumeration also counts as
+    tried there: the records that did not fail are counted by the DAG's CountFound step)."""
+    stage = _COUNTED_AT.get(row.get("stage"), row.get("stage") or "unknown")
+    if stage == "enumerate":
+        note_tried(run_id, stage)
     note_failed(
-        run_id, row.get("instance_uuid"), max_failed_fraction, min_slides, row.get("reason_code")
-    )
+        run_id, stage, row.get("instance_uuid"), max_failed_fraction, min_slides,
+        row.get("reason_code"),
+    )  # fmt: skip
     return row
 
 
@@ -152,12 +185,12 @@ def _identity(element: Any) -> tuple[str | None, str | None]:
         return _identity(element.record)
     if isinstance(element, SlideResult):
         return _identity(element.plan.record)
+    if isinstance(element, tuple) and element and isinstance(element[0], SlidePlan):
+        return _identity(element[0])  # RunInference's PredictionResult(plan, embeddings)
     if isinstance(element, tuple) and element and isinstance(element[0], str):
-        return element[0], None  # (uuid, grouped) after GroupByKey
-    if isinstance(element, tuple) and element and isinstance(element[0], tuple):
-        return _identity(element[0])  # ((uuid, rows), patches or inference) around the model
+        return element[0], None  # (uuid, ...) keyed elements
     if isinstance(element, list) and element:
-        return _identity(element[0])  # a RunInference batch of keyed chunks
+        return _identity(element[0])  # a RunInference batch of slides
     return None, None
 
 
@@ -186,7 +219,7 @@ def dead_letter_row(dead_letter: tuple, stage: str, run_id: str) -> dict:
         # An exception in the model call (out of memory, a kernel error) fails one chunk.
         code = ReasonCode.INFERENCE_ERROR if stage == "embed" else ReasonCode.INTERNAL_ERROR
         what = (
-            "the model call failed for a chunk of this slide"
+            "the model call failed for this slide"
             if stage == "embed"
             else f"an unexpected error stopped this slide at the {stage} stage"
         )

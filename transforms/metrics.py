@@ -20,6 +20,7 @@ PIXEL_SOURCE_BYTES_READ = "pixel_source_bytes_read"
 SLIDES_FOUND = "slides_found"
 ENUMERATE_FAILURES = "enumerate_failures"
 SLIDES_SKIPPED_COMPLETE = "slides_skipped_complete"
+SLIDES_SKIPPED_IN_USE = "slides_skipped_in_use"  # another live run holds the slide's lease
 SLIDES_TO_PROCESS = "slides_to_process"
 SLIDES_PLANNED = "slides_planned"
 PATCHES_PLANNED = "patches_planned"
@@ -27,8 +28,13 @@ SLIDES_WRITTEN = "slides_written"
 PATCHES_EMBEDDED = "patches_embedded"
 FAILURES = "failures"
 FILES_IGNORED = "files_ignored"  # files under a folder that are not WSI images
+# Asked-for UUIDs (--uuids, rerun) that enumeration found, as a slide or as a failure.
+REQUESTED_FOUND = "requested_found"
 QIDO_OFFSET_IGNORED = "qido_offset_ignored"  # a DICOMweb server that ignored QIDO's offset
 REASON_PREFIX = "failures_"  # + reason code: failure rows per reason
+# + GPU or CPU: model loads (worker processes) whose first call ran on that kind of device
+MODEL_DEVICE_PREFIX = "model_device_"
+GPU_DECODED_FRAMES = "gpu_decoded_frames"  # frames decoded by nvImageCodec (read.gpu_decode)
 
 COUNTERS = (
     PIXEL_SOURCE_REQUESTS,
@@ -37,6 +43,7 @@ COUNTERS = (
     SLIDES_FOUND,
     ENUMERATE_FAILURES,
     SLIDES_SKIPPED_COMPLETE,
+    SLIDES_SKIPPED_IN_USE,
     SLIDES_TO_PROCESS,
     SLIDES_PLANNED,
     PATCHES_PLANNED,
@@ -44,6 +51,8 @@ COUNTERS = (
     PATCHES_EMBEDDED,
     FAILURES,
     FILES_IGNORED,
+    REQUESTED_FOUND,
+    GPU_DECODED_FRAMES,
 )
 # Summary label -> the distribution `timed(stage)` fills (milliseconds per call).
 STAGES = {
@@ -52,6 +61,11 @@ STAGES = {
     "cluster": "cluster_ms",
     "write": "write_ms",
 }
+
+
+def device_kind(device: str) -> str:
+    """ "GPU" for a TensorFlow GPU device name ("GPU:0", "/device:GPU:0"), else "CPU"."""
+    return "GPU" if "GPU" in device.upper() else "CPU"
 
 
 def counter(name: str):

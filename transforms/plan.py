@@ -1,5 +1,6 @@
 """Planning a slide: tissue mask at ~2X, the patch grid at ~20x, thumbnails, work chunks; and
-the per-slide elements that travel the DAG after planning (SlidePlan, PatchChunk, SlideResult).
+the per-slide elements that travel the DAG after planning (SlidePlan with its PatchChunks,
+SlideResult).
 
 `plan_slide` is a plain function of a slide record and an opened ez-wsi slide; the Beam stage
 around it only keys and emits its results. Only coordinates leave this step, never pixels.
@@ -47,6 +48,19 @@ class PlanParams:
 
 
 @dataclass(frozen=True)
+class PatchChunk:
+    """Neighbouring patches of one slide, read as one region and embedded together."""
+
+    record: SlideRecord
+    chunk_index: int
+    indices: np.ndarray  # int64 [n]: rows of the slide's embedding arrays
+    coords: np.ndarray  # int64 [n, 2]
+
+    def __repr__(self) -> str:
+        return f"PatchChunk({self.record.instance_uuid}#{self.chunk_index}, {len(self.indices)})"
+
+
+@dataclass(frozen=True)
 class SlidePlan:
     """Everything about a slide decided before its patches are embedded."""
 
@@ -64,22 +78,12 @@ class SlidePlan:
     # (1: the level as is), giving an image of mask_image_size (width, height).
     mask_factor: int = 1
     mask_image_size: tuple[int, int] = (0, 0)
+    # The patches in reading order: neighbouring patches in chunks of at most
+    # PlanParams.chunk_size, read and embedded one after another (stages.embed_plan).
+    chunks: tuple[PatchChunk, ...] = ()
 
     def __repr__(self) -> str:
         return f"SlidePlan({self.record.instance_uuid}, {len(self.coords)} patches)"
-
-
-@dataclass(frozen=True)
-class PatchChunk:
-    """Neighbouring patches of one slide: the unit of work that crosses the shuffle."""
-
-    record: SlideRecord
-    chunk_index: int
-    indices: np.ndarray  # int64 [n]: rows of the slide's embedding arrays
-    coords: np.ndarray  # int64 [n, 2]
-
-    def __repr__(self) -> str:
-        return f"PatchChunk({self.record.instance_uuid}#{self.chunk_index}, {len(self.indices)})"
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,11 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
         md5, sha512 = instance_hashes(record.embedding_file)
     elif params.pixeldata_sha512 == "all":
         sha512, _ = pixel_hash.pixeldata_sha512(record.embedding_file, record.dicomweb_auth)
+    side = patches.block_side(params.chunk_size)
+    chunks = tuple(
+        PatchChunk(record, k, idx, grid.coords[idx])
+        for k, idx in enumerate(patches.chunk_order(grid.coords // params.patch_size, side))
+    )
     plan = SlidePlan(
         record=record,
         coords=grid.coords,
@@ -165,10 +174,6 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
         pixeldata_sha512=sha512,
         mask_factor=factor,
         mask_image_size=(mask_image.shape[1], mask_image.shape[0]),
+        chunks=chunks,
     )
-    side = patches.block_side(params.chunk_size)
-    chunks = [
-        PatchChunk(record, k, idx, grid.coords[idx])
-        for k, idx in enumerate(patches.chunk_order(grid.coords // params.patch_size, side))
-    ]
-    return plan, chunks
+    return plan, list(chunks)

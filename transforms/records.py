@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from transforms.errors import ReasonCode, SlideError
 from transforms.levels import LevelChoice
@@ -65,6 +65,33 @@ def failure_uuid(uid: object, known_uuids: Mapping[str, str] | None = None, wher
         return str(uuid.uuid5(uuid.NAMESPACE_URL, f"pathembed:malformed:{raw or where}"))
 
 
+def failure_keys(
+    instances: Iterable[tuple[object, str]],
+    series_uid: object = None,
+    known_uuids: Mapping[str, str] | None = None,
+) -> frozenset[str]:
+    """Every UUID a failure row of this series could carry, from its instances' (UID, URI)
+    pairs: `failure_uuid` of each instance (as a row of the series, or of that file alone),
+    and of the series (a series whose headers could not be read). A rerun names slides by
+    their failure rows' UUIDs, while a slide that enumerates is the UUID of its embedding
+    level: these keys are how the one finds the other (`requested`)."""
+    keys = {failure_uuid(uid, known_uuids, where=where) for uid, where in instances}
+    if series_uid is not None:
+        keys.add(failure_uuid(series_uid))
+    return frozenset(keys)
+
+
+def requested(item: SlideRecord | FolderFailure, uuids: frozenset[str]) -> bool:
+    """True when a run asked for no UUIDs, or for the item's UUID or one its failure rows
+    carried in an earlier run (`failure_keys`)."""
+    return not uuids or item.instance_uuid in uuids or not uuids.isdisjoint(item.failure_keys)
+
+
+def requested_keys(item: SlideRecord | FolderFailure, uuids: frozenset[str]) -> frozenset[str]:
+    """The asked-for UUIDs this item answers (to tell which were never found)."""
+    return frozenset(uuids & ({item.instance_uuid} | item.failure_keys))
+
+
 @dataclass(frozen=True)
 class SlideRecord:
     """One slide to embed: identity, chosen levels, and where each pyramid level is read."""
@@ -86,6 +113,10 @@ class SlideRecord:
     # `source_DOI`; BigQuery dicom_all the same), None where the source does not know them.
     source_license: str | None = None
     source_doi: str | None = None
+    # The UUIDs a failure row of this series may have carried in an earlier run (the finest
+    # level's, a single file's: `failure_keys`), so a rerun of those rows finds the slide.
+    # Bookkeeping, not identity: not compared (a manifest does not store them).
+    failure_keys: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __repr__(self) -> str:
         return f"SlideRecord({self.instance_uuid}, series={self.series_instance_uid})"
@@ -108,3 +139,6 @@ class FolderFailure:
     instance_uuid: str | None
     series_instance_uid: str | None
     error: SlideError
+    # Other UUIDs the same series' failure rows may carry (`failure_keys`): a rerun asking
+    # for any of them gets this failure's row.
+    failure_keys: frozenset[str] = field(default=frozenset(), compare=False)

@@ -1,29 +1,38 @@
-"""The DAG's steps as thin Beam wrappers: each keys, times and counts; the work is elsewhere.
+"""The DAG's steps as thin Beam wrappers: each times and counts; the work is elsewhere.
 
-SkipDoneOrUnrequested (outputs/artifacts.py: markers), PlanSlideFn (plan.py), EmbedChunks =
-ReadPatchesFn (patches.py) + RunInference (models/handler.py), ClusterSlideFn (clustering.py),
-WriteArtifactsFn (outputs/artifacts.py). Failures are not handled here: the DAG wraps every
-step with Beam's `with_exception_handling`, and transforms/failures.py turns dead letters into
-failure rows.
+After planning, the slide is the unit: SkipDoneOrUnrequested (outputs/artifacts.py: markers),
+PlanSlideFn (plan.py), EmbedSlides = RunInference over whole slides (SlideModelHandler: the
+chunks read ahead by threads with patches.py, embedded with models/handler.py),
+ClusterSlideFn (clustering.py), WriteSlideFn (outputs/artifacts.py: files, rows, marker). No
+step waits for other slides, so a slide is written and committed while others are still being
+read. Failures are not handled here: the DAG wraps every step with Beam's
+`with_exception_handling`, and transforms/failures.py turns dead letters into failure rows;
+each step counts the slides that reach it for the breaker (failures.note_tried).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import functools
+import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.runners.worker import statesampler
 
 from models.signature import EMBEDDING_DIM
 from transforms import clustering, failures, metrics, patches
+from transforms.dicom_io import gpu_decode
 from transforms.errors import ReasonCode, SlideError
-from transforms.outputs import artifacts, reruns
+from transforms.outputs import artifacts, lease, reruns
 from transforms.outputs.layout import ArtifactPaths
 from transforms.plan import PatchChunk, PlanParams, SlidePlan, SlideResult, plan_slide
-from transforms.records import SlideRecord
+from transforms.records import SlideRecord, requested
 
 _LOG = logging.getLogger(__name__)
 
@@ -32,8 +41,8 @@ class SkipDoneOrUnrequested(beam.DoFn):
     """Keeps slides that were asked for and are not complete with these parameters.
 
     Complete: the completion marker is present, its parameter hash is this run's, its
-    instance hash is the record's (when both are known), the run that wrote it finished
-    (its tables hold the slide's rows), and the files it records are there with their recorded
+    instance hash is the record's (when both are known), the run that wrote it wrote the
+    slide's rows (its resource row file), and the files it records are there with their recorded
     sizes (and SHA-256 checksums with `verify_checksums`). With `resource_table` (new-release
     mode) slides in that table with an unchanged instance hash are skipped without looking
     at their markers; the table is read once per worker, in `setup`.
@@ -51,6 +60,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         resource_table: str | None = None,
         run_id: str | None = None,
         verify_checksums: bool = False,
+        lease_ttl_s: float = 3600.0,
     ):
         self._root = output_root
         self._version = dataset_version
@@ -61,8 +71,9 @@ class SkipDoneOrUnrequested(beam.DoFn):
         self._resource_table = resource_table
         self._run_id = run_id
         self._verify_checksums = verify_checksums
+        self._lease_ttl_s = lease_ttl_s
+        self._in_use = metrics.counter(metrics.SLIDES_SKIPPED_IN_USE)
         self._known: dict[str, str | None] = {}
-        self._committed: dict[str, bool] = {}
         self._skipped = metrics.counter(metrics.SLIDES_SKIPPED_COMPLETE)
         self._to_process = metrics.counter(metrics.SLIDES_TO_PROCESS)
 
@@ -70,11 +81,6 @@ class SkipDoneOrUnrequested(beam.DoFn):
         if self._resource_table:
             self._known = reruns.known_instances(self._resource_table)
             _LOG.info("%d slides already in %s", len(self._known), self._resource_table)
-
-    def _run_committed(self, run_id: str | None) -> bool:
-        if run_id not in self._committed:
-            self._committed[run_id] = artifacts.run_committed(self._root, run_id)
-        return self._committed[run_id]
 
     def _complete(self, record: SlideRecord) -> bool:
         paths = ArtifactPaths.for_slide(
@@ -88,7 +94,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
                 record.instance_hash is None
                 or marker.get("instance_hash") in (None, record.instance_hash)
             )
-            and self._run_committed(marker.get("run_id"))
+            and artifacts.rows_committed(self._root, marker.get("run_id"), record.instance_uuid)
         )
         if not done:
             return False
@@ -99,7 +105,7 @@ class SkipDoneOrUnrequested(beam.DoFn):
         return problem is None
 
     def process(self, record: SlideRecord) -> Iterator[SlideRecord]:
-        if self._uuids and record.instance_uuid not in self._uuids:
+        if not requested(record, self._uuids):  # by its UUID or an earlier failure row's
             return
         unchanged = self._resource_table and reruns.is_unchanged(
             self._known, record.instance_uuid, record.instance_hash
@@ -107,24 +113,32 @@ class SkipDoneOrUnrequested(beam.DoFn):
         if unchanged or (not self._force and self._complete(record)):
             self._skipped.inc()
             return
+        if self._run_id and not self._lease(record):
+            self._in_use.inc()  # another live run is writing it: it is that run's to finish
+            return
         self._to_process.inc()
-        if self._run_id:
-            failures.note_tried(self._run_id)
         yield record
 
+    def _lease(self, record: SlideRecord) -> bool:
+        """Takes the slide's lease for this run (one writer per slide: outputs/lease.py); it
+        is released when the slide is written or has failed."""
+        paths = ArtifactPaths.for_slide(self._root, record.instance_uuid, self._version)
+        return lease.acquire(paths, self._run_id, self._lease_ttl_s) is not None
 
-@beam.typehints.with_output_types(PatchChunk, plan=tuple)  # declares the tagged output
+
 class PlanSlideFn(beam.DoFn):
-    """SlideRecord -> chunks (main output) and ('plan', (uuid, SlidePlan))."""
+    """SlideRecord -> SlidePlan (coordinates, thumbnails and the chunks to read; no pixels)."""
 
-    def __init__(self, params: PlanParams):
+    def __init__(self, params: PlanParams, run_id: str):
         self._params = params
+        self._run_id = run_id
         self._patches = metrics.counter(metrics.PATCHES_PLANNED)
         self._slides = metrics.counter(metrics.SLIDES_PLANNED)
 
-    def process(self, record: SlideRecord) -> Iterator[Any]:
+    def process(self, record: SlideRecord) -> Iterator[SlidePlan]:
+        failures.note_tried(self._run_id, "plan")
         with metrics.timed("plan"):
-            plan, chunks = plan_slide(record, self._params)
+            plan, _ = plan_slide(record, self._params)
         self._slides.inc()
         self._patches.inc(len(plan.coords))
         _LOG.info(
@@ -133,47 +147,101 @@ class PlanSlideFn(beam.DoFn):
             len(plan.coords),
             plan.grid_columns,
             plan.grid_rows,
-            len(chunks),
+            len(plan.chunks),
         )
-        yield beam.pvalue.TaggedOutput("plan", (record.instance_uuid, plan))
-        yield from chunks
+        yield plan
 
 
-class ReadPatchesFn(beam.DoFn):
-    """PatchChunk -> ((uuid, rows), uint8 patches [n, 224, 224, 3]), read as one region."""
+class ReadError(SlideError):
+    """A chunk of the slide could not be read: its failure row says stage `read`."""
 
-    def __init__(self, patch_size: int, icc_profile: str = "none"):
-        self._patch_size = patch_size
-        self._icc_profile = icc_profile
-
-    def process(self, chunk: PatchChunk) -> Iterator[tuple[tuple[str, np.ndarray], np.ndarray]]:
-        record = chunk.record
-        with metrics.timed("read"):
-            slide = patches.open_slide(record.files, record.dicomweb_auth)
-            level = patches.level_of(slide, record.sop_instance_uid)
-            pixels = patches.read_patches(
-                slide, level, chunk.coords, record.levels.downsample, self._patch_size
-            )
-            if self._icc_profile == "srgb":
-                transform = patches.srgb_transform(record.files, record.dicomweb_auth)
-                pixels = patches.to_srgb(pixels, transform)
-        yield (record.instance_uuid, chunk.indices), pixels
+    def __reduce__(self):
+        return (ReadError, (self.reason, self.message))
 
 
-def by_slide(keyed: tuple[tuple[str, np.ndarray], Any]) -> tuple[str, tuple]:
-    """((uuid, rows), PredictionResult) -> (uuid, (rows, embeddings [n, D])).
+def read_chunk(chunk: PatchChunk, patch_size: int, icc_profile: str = "none") -> np.ndarray:
+    """uint8 patches [n, 224, 224, 3] of one chunk, read as one region."""
+    record = chunk.record
+    with metrics.timed("read"):
+        slide = patches.open_slide(record.files, record.dicomweb_auth)
+        level = patches.level_of(slide, record.sop_instance_uid)
+        pixels = patches.read_patches(
+            slide, level, chunk.coords, record.levels.downsample, patch_size
+        )
+        if icc_profile == "srgb":
+            transform = patches.srgb_transform(record.files, record.dicomweb_auth)
+            pixels = patches.to_srgb(pixels, transform)
+    return pixels
 
-    The model's output is checked per chunk before it can reach a table: one row of
-    EMBEDDING_DIM finite floats per patch. A chunk that fails the check is a dead letter
-    (its slide then fails as incomplete, never written with NaN/Inf or misshapen vectors)."""
-    (instance_uuid, rows), result = keyed
-    embeddings = np.asarray(result.inference)
-    if embeddings.shape != (len(rows), EMBEDDING_DIM):
+
+def _read_or_raise(chunk: PatchChunk, patch_size: int, icc_profile: str, tracker) -> np.ndarray:
+    # Beam finds a step's metrics through a thread-local state tracker: a reader thread borrows
+    # the step's, so its counters (pixel requests, frames) and read times are not lost.
+    statesampler.set_current_tracker(tracker)
+    try:
+        return read_chunk(chunk, patch_size, icc_profile)
+    except SlideError as exc:
+        raise ReadError(exc.reason, exc.message) from exc
+    except Exception as exc:  # an unexpected error still fails only this slide, at `read`
+        raise ReadError(
+            ReasonCode.INTERNAL_ERROR,
+            f"an unexpected error stopped reading chunk {chunk.chunk_index}: {exc!r}",
+        ) from exc
+    finally:
+        statesampler.set_current_tracker(None)
+
+
+def embed_plan(
+    plan: SlidePlan,
+    embed: Callable[[np.ndarray], np.ndarray],
+    patch_size: int,
+    icc_profile: str = "none",
+    read_threads: int = 2,
+) -> np.ndarray:
+    """float32 [N, D] embeddings of a slide's patches, row k from plan.coords[k].
+
+    Chunks are read by `read_threads` threads, at most `read_threads + 1` ahead of the model
+    (decoders and the model release the GIL): the model never waits on decoding once the
+    first chunk is in, and a slide's pixels are never all in memory. Each chunk is embedded
+    as it always was (`embed(pixels)`: the model in batches of model.batch_size), so the
+    embeddings do not depend on the threads.
+    """
+    out = np.zeros((len(plan.coords), EMBEDDING_DIM), np.float32)
+    ahead = read_threads + 1
+    read = functools.partial(
+        _read_or_raise, patch_size=patch_size, icc_profile=icc_profile,
+        tracker=statesampler.get_current_tracker(),
+    )  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(read_threads, "read-chunk") as pool:
+        queue: collections.deque = collections.deque()
+        chunks = iter(plan.chunks)
+        try:
+            for chunk in itertools.islice(chunks, ahead):
+                queue.append((chunk, pool.submit(read, chunk)))
+            while queue:
+                chunk, future = queue.popleft()
+                pixels = future.result()
+                following = next(chunks, None)
+                if following is not None:
+                    queue.append((following, pool.submit(read, following)))
+                out[chunk.indices] = checked_embeddings(embed(pixels), chunk)
+        finally:
+            for _, future in queue:
+                future.cancel()
+    return out
+
+
+def checked_embeddings(embeddings: Any, chunk: PatchChunk) -> np.ndarray:
+    """The model's output for a chunk, checked before it can reach a table: one row of
+    EMBEDDING_DIM finite floats per patch, else the slide fails (never written with NaN/Inf or
+    misshapen vectors)."""
+    instance_uuid, n = chunk.record.instance_uuid, len(chunk.indices)
+    embeddings = np.asarray(embeddings)
+    if embeddings.shape != (n, EMBEDDING_DIM):
         raise SlideError(
             ReasonCode.BAD_MODEL_OUTPUT,
             f"the model returned an array of shape {embeddings.shape} for a chunk of "
-            f"{len(rows)} patches of slide {instance_uuid}; expected "
-            f"({len(rows)}, {EMBEDDING_DIM})",
+            f"{n} patches of slide {instance_uuid}; expected ({n}, {EMBEDDING_DIM})",
         )
     embeddings = embeddings.astype(np.float32)
     bad = ~np.isfinite(embeddings).all(axis=1)
@@ -181,93 +249,160 @@ def by_slide(keyed: tuple[tuple[str, np.ndarray], Any]) -> tuple[str, tuple]:
         raise SlideError(
             ReasonCode.NON_FINITE_EMBEDDING,
             f"the model returned NaN or infinite values for {int(bad.sum())} of the "
-            f"{len(rows)} patches of a chunk of slide {instance_uuid} (first at patch row "
-            f"{int(np.asarray(rows)[bad][0])})",
+            f"{n} patches of a chunk of slide {instance_uuid} (first at patch row "
+            f"{int(chunk.indices[bad][0])})",
         )
-    return instance_uuid, (rows, embeddings)
+    return embeddings
 
 
-class EmbedChunks(beam.PTransform):
-    """PatchChunks -> {'embedded': (uuid, (rows, embeddings [n, D])), 'bad': read dead letters,
-    'embed_bad': dead letters of the model call and of the output check, per chunk}.
+class SlideModelHandler(ModelHandler[SlidePlan, PredictionResult, Any]):
+    """RunInference's handler for whole slides: a SlidePlan in, its embeddings out.
 
-    Reading and embedding are one composite so that they run on the same worker: a GPU
-    resource hint on it (Dataflow right fitting, pipeline/dag.py) puts both on the GPU workers,
-    and only coordinates (the chunks) cross into it, never pixels: a fusion break between a
-    CPU-hinted reader and a GPU-hinted model would ship ~150 kB of pixels per patch.
+    The slide, not the chunk, is RunInference's element so that nothing after the model needs a
+    GroupByKey: a run-wide barrier on every batch runner (no slide could be clustered, written
+    or committed until every slide was embedded, and memory grew with the run). Reading is
+    therefore inside `run_inference` (embed_plan: a bounded read-ahead of chunks) rather than
+    in a preprocessing step, which would hold a whole slide's pixels as one element. The model
+    is still loaded and shared per process by RunInference (and across processes with the
+    wrapped handler's large_model / model_copies), with its metrics and dead letters.
     """
 
-    def __init__(self, handler, patch_size: int, icc_profile: str = "none"):
-        super().__init__()
+    def __init__(
+        self, handler, patch_size: int, icc_profile: str = "none", read_threads: int = 2,
+        gpu_decode: str = "auto",
+    ):  # fmt: skip
+        super().__init__(min_batch_size=1, max_batch_size=1)
         self._handler = handler  # models.handler.PathFoundationModelHandler
-        self._read = ReadPatchesFn(patch_size, icc_profile)
+        self._patch_size = patch_size
+        self._icc_profile = icc_profile
+        self._read_threads = read_threads
+        self._gpu_decode = gpu_decode
 
-    def expand(self, chunks):
-        read = chunks | "ReadPatches" >> beam.ParDo(self._read).with_exception_handling()
-        # Beam's own dead letters for RunInference: one chunk whose model call fails (an
-        # out-of-memory error, a kernel error) fails that chunk, not the run.
+    def load_model(self) -> Any:
+        return self._handler.load_model()
+
+    def run_inference(self, batch, model, inference_args=None) -> list[PredictionResult]:
+        def embed(pixels: np.ndarray) -> np.ndarray:
+            (result,) = self._handler.run_inference([pixels], model)
+            return result.inference
+
+        # read.gpu_decode for the frames this process decodes (with model_copies the model
+        # may live in another process than the one that reads).
+        gpu_decode.set_mode(self._gpu_decode)
+        results = []
+        for plan in batch:
+            embeddings = embed_plan(
+                plan, embed, self._patch_size, self._icc_profile, self._read_threads
+            )
+            results.append(PredictionResult(plan, embeddings, self._handler.model_info().name))
+        return results
+
+    def get_num_bytes(self, batch) -> int:
+        return sum(len(plan.coords) for plan in batch) * self._patch_size**2 * 3
+
+    def get_metrics_namespace(self) -> str:
+        return self._handler.get_metrics_namespace()
+
+    def share_model_across_processes(self) -> bool:
+        return self._handler.share_model_across_processes()
+
+    def model_copies(self) -> int:
+        return self._handler.model_copies()
+
+    def __repr__(self) -> str:
+        return f"SlideModelHandler({self._handler!r})"
+
+
+class EmbedSlides(beam.PTransform):
+    """SlidePlans -> {'embedded': PredictionResult(plan, embeddings [N, D]), 'read_bad': dead
+    letters of slides whose pixels could not be read, 'embed_bad': of the model call and its
+    output check}.
+
+    Reading and embedding are one step so that they run on the same worker: a GPU resource
+    hint on it (Dataflow right fitting, pipeline/dag.py) puts both on the GPU workers, and only
+    coordinates (the plans) cross into it, never pixels.
+    """
+
+    def __init__(self, handler, patch_size: int, icc_profile: str = "none", read_threads=2, *,
+                 gpu_decode: str = "auto", run_id: str):  # fmt: skip
+        super().__init__()
+        self._slides = SlideModelHandler(handler, patch_size, icc_profile, read_threads, gpu_decode)
+        self._run_id = run_id
+
+    def expand(self, plans):
+        # Beam's own dead letters for RunInference: a slide whose read or model call fails
+        # fails that slide, not the run.
         inferred, dlq = (
-            read.good
-            | "RunInference"
-            >> RunInference(KeyedModelHandler(self._handler)).with_exception_handling()
+            plans
+            | "CountTried" >> beam.Map(failures.tried, self._run_id, "embed")
+            | "RunInference" >> RunInference(self._slides).with_exception_handling()
         )
-        checked = inferred | "KeyBySlide" >> beam.Map(by_slide).with_exception_handling()
-        embed_bad = [dlq.failed_inferences, checked.bad]
-        embed_bad += [*dlq.failed_preprocessing, *dlq.failed_postprocessing]
-        bad = embed_bad | "EmbedDeadLetters" >> beam.Flatten()
-        return {"embedded": checked.good, "bad": read.bad, "embed_bad": bad}
+        bad = [dlq.failed_inferences, *dlq.failed_preprocessing, *dlq.failed_postprocessing]
+        split = (
+            bad
+            | "DeadLetters" >> beam.Flatten()
+            | "ReadOrEmbed" >> beam.Partition(lambda dead, _: 0 if _is_read_error(dead) else 1, 2)
+        )
+        return {"embedded": inferred, "read_bad": split[0], "embed_bad": split[1]}
+
+
+def _is_read_error(dead_letter: tuple) -> bool:
+    _, (exc_type, _, _) = dead_letter
+    return isinstance(exc_type, type) and issubclass(exc_type, ReadError)
 
 
 class ClusterSlideFn(beam.DoFn):
-    """(uuid, {'plan': [SlidePlan], 'patches': [(rows, embeddings)]}) -> SlideResult."""
+    """PredictionResult(plan, embeddings) -> SlideResult."""
 
-    def __init__(self, params: clustering.KMeansParams):
+    def __init__(self, params: clustering.KMeansParams, run_id: str):
         self._params = params
+        self._run_id = run_id
 
-    def process(self, element: tuple[str, dict[str, list]]) -> Iterator[SlideResult]:
-        instance_uuid, grouped = element
-        if grouped["plan"]:  # else the plan failed and its failure row is already out
-            yield self._cluster(instance_uuid, grouped["plan"][0], grouped["patches"])
-
-    def _cluster(self, instance_uuid: str, plan: SlidePlan, chunks: list) -> SlideResult:
-        rows = np.concatenate([r for r, _ in chunks]) if chunks else np.zeros(0, np.int64)
-        if len(rows) != len(plan.coords):
-            raise SlideError(
-                ReasonCode.INCOMPLETE_SLIDE,
-                f"{len(rows)} of {len(plan.coords)} patches were embedded; see this slide's "
-                "other failure rows for the chunks that failed",
-            )
-        embeddings = np.concatenate([e for _, e in chunks])[np.argsort(rows)]
-        _LOG.info("embedded %s: %d patches; clustering", instance_uuid, len(embeddings))
+    def process(self, inferred: PredictionResult) -> Iterator[SlideResult]:
+        failures.note_tried(self._run_id, "cluster")
+        plan, embeddings = inferred.example, inferred.inference
+        _LOG.info("embedded %s: %d patches; clustering", plan.record.instance_uuid, len(embeddings))
         with metrics.timed("cluster"):
             clusters = clustering.cluster_embeddings(
-                embeddings, self._params, clustering.random_state_for(instance_uuid)
+                embeddings, self._params, clustering.random_state_for(plan.record.instance_uuid)
             )
-        return SlideResult(plan, embeddings, clusters)
+        yield SlideResult(plan, embeddings, clusters)
 
 
-@beam.typehints.with_output_types(dict, search=dict)  # declares the tagged output
-class WriteArtifactsFn(beam.DoFn):
-    """SlideResult -> resource row (main output) and ('search', row) per centroid."""
+class WriteSlideFn(beam.DoFn):
+    """SlideResult -> the slide's artifacts, its resource and search row files, then its
+    completion marker: the slide is committed here (outputs/artifacts.py). Emits the slide's
+    (instance_uuid, patches) for the counters' sake only."""
 
-    def __init__(self, run: artifacts.RunContext):
+    def __init__(self, run: artifacts.RunContext, lease_ttl_s: float = 3600.0):
         self._run = run
+        self._lease_ttl_s = lease_ttl_s
         self._written = metrics.counter(metrics.SLIDES_WRITTEN)
         self._embedded = metrics.counter(metrics.PATCHES_EMBEDDED)
 
-    def process(self, result: SlideResult) -> Iterator[Any]:
+    def process(self, result: SlideResult) -> Iterator[tuple[str, int]]:
+        failures.note_tried(self._run.run_id, "write")
         slide = artifacts.slide_outputs(result, self._run)
+        # The lease SkipDone took, renewed (re-entrant for this run) before the files change:
+        # a run that took over an expired lease meanwhile owns the slide now.
+        held = lease.acquire(slide.paths, self._run.run_id, self._lease_ttl_s)
+        if held is None:
+            raise SlideError(
+                ReasonCode.LEASE_LOST,
+                f"run {lease.live_holder(slide.paths)} took this slide over while this run was "
+                "embedding it (this run's lease had expired: raise run.lease_ttl_s)",
+            )
         with metrics.timed("write"):
-            artifacts.write_artifacts(slide.paths, slide.files, slide.marker, self._run.run_id)
+            artifacts.write_artifacts(
+                slide.paths, slide.files, slide.marker, self._run.run_id,
+                rows=artifacts.row_files(slide, self._run),
+            )  # fmt: skip
+        held.release()
         self._written.inc()
         self._embedded.inc(len(result.embeddings))
+        uuid = result.plan.record.instance_uuid
         _LOG.info(
             "wrote %s: %d embeddings, %d centroids -> %s",
-            result.plan.record.instance_uuid,
-            len(result.embeddings),
-            len(result.clusters.centroids),
-            slide.paths.directory,
-        )
-        yield slide.resource_row
-        for row in slide.search_rows:
-            yield beam.pvalue.TaggedOutput("search", row)
+            uuid, len(result.embeddings), len(result.clusters.centroids), slide.paths.directory,
+        )  # fmt: skip
+        yield uuid, len(result.embeddings)

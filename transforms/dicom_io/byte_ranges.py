@@ -49,7 +49,7 @@ from ez_wsi_dicomweb import (
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
 from transforms import metrics, urls
-from transforms.dicom_io import codecs, geometry, retry
+from transforms.dicom_io import codecs, geometry, gpu_decode, retry
 from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
 from transforms.urls import is_remote
@@ -149,6 +149,20 @@ def _gcs_client(emulator: str | None):
     from google.cloud import storage
 
     return storage.Client.create_anonymous_client()
+
+
+def gcs_write_client():
+    """One client per process for writing to the output bucket: Application Default
+    Credentials, or the emulator at STORAGE_EMULATOR_HOST (which takes no credentials)."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    return _gcs_client(emulator) if emulator else _gcs_credentialed_client()
+
+
+@functools.cache
+def _gcs_credentialed_client():
+    from google.cloud import storage
+
+    return storage.Client()
 
 
 def split_bucket_uri(uri: str) -> tuple[str, str]:
@@ -673,6 +687,12 @@ class RangeDicomFiles(local_dicom_file_interface.LocalDicomFileInterface):
             frame = reader.absent_frame()
             return codecs.halve(frame) if reduce else frame
         data = reader.frame_bytes(stored)
+        if not reduce:
+            # --- GPU decode hook (issue 14; gpu_decode.py): None = no GPU decoder, CPU below ---
+            gpu = gpu_decode.decode_frames([data], reader.transfer_syntax)
+            if gpu is not None:
+                return gpu[0]
+            # --- end GPU decode hook ---
         if codecs.handles(reader.transfer_syntax):
             try:
                 return codecs.decode_frame(data, reader.transfer_syntax, reduce)

@@ -35,6 +35,8 @@ from transforms.outputs.artifacts import check_file
 from transforms.outputs.layout import (
     COMPLETE_MARKER,
     DATASET_VERSION,
+    TABLES_DIR,
+    row_file,
     slide_directory,
     table_dir,
     table_file,
@@ -74,14 +76,21 @@ def read_bytes(uri: str, anonymous: bool = False) -> bytes:
 
 
 def table_files(output_root: str, table: str) -> list[str]:
-    """The Parquet files of one table, one per run, oldest run first (run ids start with time)."""
-    pattern = FileSystems.join(table_dir(output_root, table), "*.parquet")
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    """The Parquet files of one table, oldest run first (run ids start with time): one per
+    slide (tables/{table}/{run_id}/{key}.parquet), and one per run from runs before per-slide
+    rows (tables/{table}/{run_id}.parquet)."""
+    base = table_dir(output_root, table)
+    patterns = [FileSystems.join(base, "*.parquet"), FileSystems.join(base, "*", "*.parquet")]
+    found = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
+    return sorted(set(found), key=lambda path: (run_id_of(path), path))
 
 
 def run_id_of(table_file: str) -> str:
-    """The run that wrote a table file: the sinks name each file `{run_id}.parquet`."""
-    return posixpath.basename(table_file).removesuffix(".parquet")
+    """The run that wrote a table file: `{run_id}/{key}.parquet` or `{run_id}.parquet`."""
+    parent = posixpath.dirname(table_file)
+    if posixpath.basename(posixpath.dirname(parent)) == TABLES_DIR:  # tables/{table}/{file}
+        return posixpath.basename(table_file).removesuffix(".parquet")
+    return posixpath.basename(parent)
 
 
 def _read_parquet(uri: str) -> pa.Table:
@@ -214,6 +223,9 @@ def search_table_batches(
     )
     for uri in table_files(output_root, "search"):
         run_id = run_id_of(uri)
+        key = posixpath.basename(uri).removesuffix(".parquet")
+        if key in run_of and run_of[key] != run_id:
+            continue  # a slide's row file from a run that is not its newest
         current = pa.array([u for u, r in run_of.items() if r == run_id], pa.string())
         if len(current) == 0:
             _LOG.info("search table file %s holds no slide's newest run; skipped", uri)
@@ -229,7 +241,9 @@ def slide_centroids(
     output_root: str, resource: Mapping[str, Any], block_rows: int = 8192
 ) -> np.ndarray:
     """A slide's centroids [K, D] in centroid order, as its newest run wrote the search table."""
-    uri = table_file(output_root, "search", resource["run_id"])
+    uri = row_file(output_root, "search", resource["run_id"], resource["instance_uuid"])
+    if not FileSystems.exists(uri):  # a run from before per-slide rows
+        uri = table_file(output_root, "search", resource["run_id"])
     columns = ["instance_uuid", "centroid_index", "embedding"]
     parts = []
     with contextlib.suppress(FileNotFoundError), FileSystems.open(uri) as handle:

@@ -5,10 +5,12 @@ slide_thumbnail_mask.jpeg, slide_embedding.npy, slide_embedding_coord.npy,
 embeddings_500_cluster_centroid.npy, embeddings_500_labels.npy}. Files go through Beam
 `FileSystems` (local paths now, gs:// later), each written under a temporary name and renamed;
 the completion marker `_COMPLETE.json` is removed first and written last, so a slide is never
-marked complete while any of its files is stale or half-written. A slide counts as done only
-when the run named in its marker also committed its tables (`{output_root}/runs/{run_id}.json`,
-written when a run finishes): a slide written by a run that was killed before its table rows
-were written is done again, so every slide ends with one set of files and of rows.
+marked complete while any of its files is stale or half-written. The slide's table rows are
+written with its files, before the marker, as one Parquet file per table
+(`tables/{table}/{run_id}/{uuid}.parquet`): a slide is committed the moment it is done, and a
+run killed halfway keeps every slide it finished, files and rows. A slide counts as done when
+its marker is there and the resource row file of the run the marker names (or, for runs from
+before per-slide rows, that run's summary `runs/{run_id}.json`).
 
 The marker records the size and SHA-256 of each of the seven files (`files`): SkipDone checks
 the sizes of a complete slide (and, with run.verify_checksums, the checksums) and redoes a slide
@@ -32,8 +34,9 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.errors import ReasonCode, SlideError
-from transforms.outputs.layout import ArtifactPaths, run_summary_uri
-from transforms.outputs.tables import TABLES, row_errors
+from transforms.outputs import lease
+from transforms.outputs.layout import ArtifactPaths, row_file, run_summary_uri
+from transforms.outputs.tables import TABLES, parquet_bytes, row_errors
 from transforms.plan import SlideResult
 
 _LOG = logging.getLogger(__name__)
@@ -311,18 +314,41 @@ def _write(path: str, data: bytes) -> None:
         handle.write(data)
 
 
-def write_artifacts(
-    paths: ArtifactPaths, files: Mapping[str, bytes], marker: Mapping[str, Any], run_id: str
-) -> None:
-    """Writes `{uri: bytes}` atomically per file, then the completion marker (with every
-    file's size and SHA-256). Cluster files of another n_clusters (`embeddings_K_*.npy` left
-    by an earlier run) are deleted before the marker is written."""
-    if FileSystems.exists(paths.complete_marker):
-        FileSystems.delete([paths.complete_marker])
+def _write_all(files: Mapping[str, bytes], run_id: str) -> None:
+    """Each file under a temporary name, then all renamed: no reader sees a half-written one."""
     temporary = {uri: f"{uri}.tmp-{run_id}" for uri in files}
     for uri, data in files.items():
         _write(temporary[uri], data)
     FileSystems.rename(list(temporary.values()), list(temporary.keys()))
+
+
+def row_files(slide: SlideOutputs, run: RunContext) -> dict[str, bytes]:
+    """{uri: Parquet bytes}: the slide's resource row and search rows, one file per table."""
+    uuid = slide.resource_row["instance_uuid"]
+    return {
+        row_file(run.output_root, "resource", run.run_id, uuid): parquet_bytes(
+            "resource", [slide.resource_row]
+        ),
+        row_file(run.output_root, "search", run.run_id, uuid): parquet_bytes(
+            "search", slide.search_rows
+        ),
+    }
+
+
+def write_artifacts(
+    paths: ArtifactPaths,
+    files: Mapping[str, bytes],
+    marker: Mapping[str, Any],
+    run_id: str,
+    rows: Mapping[str, bytes] | None = None,
+) -> None:
+    """Writes `{uri: bytes}` atomically per file, then the slide's table row files (`rows`,
+    {uri: Parquet bytes}), then the completion marker (with every file's size and SHA-256).
+    Cluster files of another n_clusters (`embeddings_K_*.npy` left by an earlier run) are
+    deleted before the marker is written."""
+    if FileSystems.exists(paths.complete_marker):
+        FileSystems.delete([paths.complete_marker])
+    _write_all(files, run_id)
     written = {posixpath.basename(uri) for uri in files}
     clusters = FileSystems.match([FileSystems.join(paths.directory, "embeddings_*.npy")])
     old_clusters = [
@@ -330,14 +356,24 @@ def write_artifacts(
     ]
     if old_clusters:
         FileSystems.delete(old_clusters)
+    if rows:
+        _write_all(rows, run_id)
     marker = {**marker, "files": file_digests(files)}
     _write(paths.complete_marker, json_bytes(marker))
     # Temporaries of a killed run would otherwise stay. This run's own names are left alone:
-    # a concurrent attempt at the same bundle (a retry) may still be renaming them.
+    # a concurrent attempt at the same bundle (a retry) may still be renaming them; so are
+    # those of a run holding a live lease on the slide (outputs/lease.py): it is writing them.
     found = FileSystems.match([FileSystems.join(paths.directory, "*.tmp-*")])[0].metadata_list
-    stale = [m.path for m in found if not m.path.endswith(f".tmp-{run_id}")]
+    others = [m.path for m in found if temporary_run(m.path) != run_id]
+    holder = lease.live_holder(paths) if others else None
+    stale = [path for path in others if temporary_run(path) != holder]
     if stale:
         FileSystems.delete(stale)
+
+
+def temporary_run(uri: str) -> str:
+    """The run_id of a temporary `{file}.tmp-{run_id}` (the artifact names hold no ".tmp-")."""
+    return posixpath.basename(uri).split(".tmp-", 1)[1]
 
 
 def file_digests(files: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
@@ -412,8 +448,12 @@ def completion_marker(paths: ArtifactPaths) -> dict[str, Any] | None:
     return marker
 
 
-def run_committed(output_root: str, run_id: str | None) -> bool:
-    """True when run `run_id` finished and wrote its tables (its run summary exists)."""
+def rows_committed(output_root: str, run_id: str | None, instance_uuid: str) -> bool:
+    """True when run `run_id` wrote the slide's table rows: its resource row file (written just
+    before the marker), or, for a run from before per-slide rows, the run's summary (written
+    when its tables were)."""
     if not run_id:
         return False
-    return FileSystems.exists(run_summary_uri(output_root, run_id))
+    return FileSystems.exists(
+        row_file(output_root, "resource", run_id, instance_uuid)
+    ) or FileSystems.exists(run_summary_uri(output_root, run_id))

@@ -1,36 +1,38 @@
-"""The BigQuery table sink: per-run staging tables loaded by WriteToBigQuery, merged afterwards.
+"""The BigQuery table sink: the run's row files loaded into per-run staging tables, then merged.
 
-Why staging: a rerun (with --force, new parameters, or after a failed job) writes rows for
-slides that already have rows. Each run therefore loads its rows with `WriteToBigQuery`
-(method FILE_LOADS: load jobs, no streaming buffer, so DML can follow at once) into its own
-tables `{table}_staging_{run}`, and `merge_run` then replaces, in one transaction
-(transforms/sql/merge_run.sql), the resource and search rows of every slide the run wrote
-and the failure rows of that run, and drops the staging tables. `prepare_run` creates the
-staging tables, with an expiration of STAGING_DAYS, before the job starts: a run that dies
-before the merge leaves the final tables untouched and its staging tables expire.
+Every slide's rows are files under the output root the moment it is done
+(tables/{table}/{run_id}/{key}.parquet: outputs/sinks.py), so a job that dies loses no
+finished slide. When the job ends (or with `pathembed launch --merge-only RUN_ID`, for a job
+that died), `merge_run` loads the run's files into its staging tables `{table}_staging_{run}`
+(load jobs from Parquet, `load_jobs`) and then replaces, in one transaction
+(transforms/sql/merge_run.sql), the resource and search rows of every slide the run wrote and
+the failure rows of that run, and drops the staging tables. The merge is idempotent: merging
+a run twice leaves the same rows. Runs whose merge never happened (no run summary
+`runs/{run_id}.json`, which is written after a merge) are merged first, oldest first, so the
+slides a dead job finished (and that later runs skip as done) reach the tables too.
 
-Schemas come from transforms/outputs/tables.py (the same definition as the Parquet sink); so do the
-CREATE TABLE statements (`tables_ddl`, checked in as transforms/sql/tables.sql). Not for
-local runs: FILE_LOADS needs a gs:// temp location and BigQuery credentials.
+Schemas come from transforms/outputs/tables.py (the same definition as the Parquet files); so
+do the CREATE TABLE statements (`tables_ddl`, checked in as transforms/sql/tables.sql).
+Staging tables expire after STAGING_DAYS; the row files stay, so a late merge still merges.
 """
 
 from __future__ import annotations
 
 import datetime
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any
 
-import apache_beam as beam
-from apache_beam.io.gcp.bigquery_tools import FileFormat
+from apache_beam.io.filesystems import FileSystems
 
 from transforms.bigquery import render_sql, run_script, validate_table_id
+from transforms.outputs.layout import run_rows_dir, run_summary_uri, table_dir
 from transforms.outputs.tables import (
     SCHEMAS,
     TABLES,
     Column,
     bigquery_ddl_columns,
-    bigquery_schema,
     row_errors,
 )
 
@@ -56,8 +58,7 @@ def checked_row(row: dict[str, Any], table: str) -> dict[str, Any]:
 
 
 def bigquery_row(row: dict[str, Any], columns: list[Column]) -> dict[str, Any]:
-    """A row as WriteToBigQuery's JSON file loads take it: timestamps as ISO 8601 strings
-    (the sink loads Avro, which needs no conversion; kept for JSON loads and streaming)."""
+    """A row as BigQuery's JSON takes it: timestamps as ISO 8601 strings."""
     out = dict(row)
     for col in columns:
         value = out.get(col.name)
@@ -88,33 +89,37 @@ class RunTables:
         return cls(final, staging)
 
 
-class WriteBigQueryTable(beam.PTransform):
-    """Row dicts -> this run's staging table of `table` (WriteToBigQuery, FILE_LOADS)."""
-
-    def __init__(self, table: str, tables_cfg: Any, run_id: str):
-        super().__init__()
-        self._table = table
-        self._table_id = RunTables.of(tables_cfg, run_id).staging[table]
-
-    def expand(self, rows):
-        columns = TABLES[self._table]
-        return rows | "Load" >> beam.io.WriteToBigQuery(**load_arguments(self._table_id, columns))
+def row_file_patterns(output_root: str, run_id: str) -> dict[str, str]:
+    """{table: wildcard URI of the run's row files} (one load job each)."""
+    return {
+        kind: FileSystems.join(run_rows_dir(output_root, kind, run_id), "*.parquet")
+        for kind in TABLE_KINDS
+    }
 
 
-def load_arguments(table_id: str, columns: list[Column]) -> dict[str, Any]:
-    """WriteToBigQuery's arguments: FILE_LOADS through Avro temp files. Avro holds a FLOAT64
-    in 8 bytes where JSON spells ~20 digits (the search table is 32.5M rows of 384 floats:
-    tests/test_bigquery_sink.py measures the ratio), and takes datetimes as they are (no
-    conversion to ISO strings, which JSON loads need: bigquery_row)."""
-    return dict(
-        table=table_id,
-        schema=bigquery_schema(columns),
-        method=beam.io.WriteToBigQuery.Method.FILE_LOADS,
-        temp_file_format=FileFormat.AVRO,
-        # prepare_run created the table (with its expiration); appending keeps that.
-        create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
-        write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
+def load_job_config() -> Any:
+    """Parquet load jobs appending to a staging table: LIST columns load as REPEATED
+    (`enable_list_inference`: the search table's `embedding`), timestamps as TIMESTAMP."""
+    from google.cloud import bigquery
+
+    parquet = bigquery.ParquetOptions()
+    parquet.enable_list_inference = True
+    config = bigquery.LoadJobConfig(
+        source_format=bigquery.SourceFormat.PARQUET,
+        write_disposition=bigquery.WriteDisposition.WRITE_APPEND,
+        create_disposition=bigquery.CreateDisposition.CREATE_NEVER,
     )
+    config.parquet_options = parquet
+    return config
+
+
+def load_jobs(output_root: str, run: RunTables, run_id: str) -> dict[str, str]:
+    """{staging table: wildcard URI} for each table with row files in run `run_id`."""
+    jobs = {}
+    for kind, pattern in row_file_patterns(output_root, run_id).items():
+        if FileSystems.match([pattern])[0].metadata_list:
+            jobs[run.staging[kind]] = pattern
+    return jobs
 
 
 def _create_tables(names: dict[str, str], options: str = "") -> str:
@@ -198,14 +203,32 @@ def prepare_run(tables_cfg: Any, run_id: str, project: str | None = None) -> str
     return sql
 
 
-def merge_run(tables_cfg: Any, run_id: str, project: str | None = None) -> str:
-    """After the job: merges the run's staging tables into the final ones and drops them.
+def unmerged_runs(output_root: str, run_id: str) -> list[str]:
+    """Run `run_id` and, before it, every run with row files but no run summary (its job died
+    before its merge), oldest first (run ids start with their start time)."""
+    runs = {run_id}
+    for kind in TABLE_KINDS:
+        pattern = FileSystems.join(table_dir(output_root, kind), "*", "*.parquet")
+        for found in FileSystems.match([pattern])[0].metadata_list:
+            runs.add(posixpath.basename(posixpath.dirname(found.path)))
+    done = {r for r in runs if r != run_id and FileSystems.exists(run_summary_uri(output_root, r))}
+    return sorted(runs - done)
 
-    Needs BigQuery credentials. The CREATE ... IF NOT EXISTS of `prepare_sql` runs first again,
-    so a run whose staging tables are gone or were never made merges as an empty run.
-    Returns the SQL it ran.
-    """
-    run = RunTables.of(tables_cfg, run_id)
-    sql = "\n".join([prepare_sql(run), merge_sql(run)])
-    run_script(sql, project)
-    return sql
+
+def merge_run(
+    tables_cfg: Any, run_id: str, output_root: str, project: str | None = None, bq: Any = None
+) -> list[str]:
+    """After the job: loads the row files of run `run_id` (and of earlier runs never merged)
+    into staging tables, merges them into the final ones and drops them, one run after
+    another. Needs BigQuery credentials (or `bq`, a client). Returns the runs it merged."""
+    from transforms.bigquery import client
+
+    bq = bq or client(project)
+    merged = unmerged_runs(output_root, run_id)
+    for run_id_ in merged:
+        run = RunTables.of(tables_cfg, run_id_)
+        bq.query(prepare_sql(run)).result()
+        for table_id, pattern in load_jobs(output_root, run, run_id_).items():
+            bq.load_table_from_uri(pattern, table_id, job_config=load_job_config()).result()
+        bq.query(merge_sql(run)).result()
+    return merged

@@ -3,10 +3,12 @@ run summaries.
 
 {output_root}/
   {instance_uuid}/path_foundation/v1/   the published files of one slide (ArtifactPaths),
-                                        plus _COMPLETE.json, written last
+                                        plus _COMPLETE.json, written last, and
+                                        _LEASE.json while a run writes the slide
+                                        (outputs/lease.py: one writer per slide)
   tables/{resource,search,failures}/{run_id}/{key}.parquet
                                         the rows of one slide (key: its instance UUID; a
-                                        failure row: UUID-stage), written with the slide:
+                                        failure row: UUID-stage-digest), written with the slide:
                                         a slide's rows are durable the moment it is done
   tables/{resource,search,failures}/{run_id}.parquet
                                         one file per run (runs before per-slide rows)
@@ -30,6 +32,7 @@ MODEL_DIR = "path_foundation"
 DATASET_VERSION = "v1"  # the published layout: {uuid}/path_foundation/v1/
 DEFAULT_N_CLUSTERS = 500  # the published k-means files: embeddings_500_*.npy
 COMPLETE_MARKER = "_COMPLETE.json"
+LEASE_FILE = "_LEASE.json"  # the run that writes the slide now (outputs/lease.py)
 TABLES_DIR = "tables"
 RUNS_DIR = "runs"
 
@@ -54,6 +57,7 @@ class ArtifactPaths:
     centroids: str
     labels: str
     complete_marker: str
+    lease: str  # not an artifact: present only while a run holds the slide
 
     @classmethod
     def for_slide(
@@ -78,10 +82,11 @@ class ArtifactPaths:
             centroids=at(f"embeddings_{n_clusters}_cluster_centroid.npy"),
             labels=at(f"embeddings_{n_clusters}_labels.npy"),
             complete_marker=at(COMPLETE_MARKER),
+            lease=at(LEASE_FILE),
         )
 
     def files(self) -> list[str]:
-        """The URIs of the seven artifact files (not the marker)."""
+        """The URIs of the seven artifact files (not the marker, not the lease)."""
         return [
             self.metadata, self.thumbnail, self.thumbnail_mask, self.embeddings,
             self.coordinates, self.centroids, self.labels,

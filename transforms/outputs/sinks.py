@@ -1,56 +1,65 @@
-"""Table sinks behind one interface, chosen by config (tables.sink): `WriteTable`.
+"""Table rows are files, written the moment their slide is done or has failed:
+tables/{table}/{run_id}/{key}.parquet (outputs/layout.py row_file).
 
-parquet (local runs): one Parquet file per table and run under {output_root}/tables/.
-bigquery (the full archive): this run's staging tables, merged afterwards
-(transforms/outputs/bigquery_sink.py). Both check every row against the one schema in
-transforms/outputs/tables.py before writing it.
+A slide's resource and search rows are written with its artifacts, before its completion
+marker (outputs/artifacts.py write_artifacts); a failure row is written as its own file here
+(`WriteFailureRowFn`). Every row is checked against the one schema in outputs/tables.py first.
+
+tables.sink = parquet (local runs): the files are the tables (readers: outputs/archive.py).
+tables.sink = bigquery (the archive): the same files, under a gs:// output root, are loaded into
+the run's staging tables and merged when the run ends, and by `pathembed launch --merge-only`
+for a job that died (outputs/bigquery_sink.py merge_run). Why not WriteToBigQuery: its loads
+happen when the whole PCollection is in, i.e. at the end of the job, so a job that died at 95%
+would leave no rows for the slides it finished; files per slide make them durable at once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.outputs.bigquery_sink import WriteBigQueryTable, checked_row
-from transforms.outputs.layout import table_dir
-from transforms.outputs.tables import TABLES, arrow_schema
+from transforms.outputs import lease
+from transforms.outputs.bigquery_sink import checked_row
+from transforms.outputs.layout import ArtifactPaths, row_file
+from transforms.outputs.tables import parquet_bytes
 
 
-class WriteParquetTable(beam.PTransform):
-    """Writes row dicts to {output_root}/tables/{table}/{run_id}.parquet."""
-
-    def __init__(self, table: str, output_root: str, run_id: str):
-        super().__init__()
-        self._table = table
-        self._prefix = FileSystems.join(table_dir(output_root, table), run_id)
-
-    def expand(self, rows):
-        return rows | beam.io.WriteToParquet(
-            self._prefix,
-            arrow_schema(TABLES[self._table]),
-            file_name_suffix=".parquet",
-            num_shards=1,
-            shard_name_template="",
-        )
+def failure_key(row: dict) -> str:
+    """{instance_uuid or "unknown"}-{stage}-{digest of the series and message}: one file per
+    distinct failure (two manifest lines may fail under one UUID), the same file when a Beam
+    retry writes the same row again."""
+    what = f"{row.get('SeriesInstanceUID')}|{row.get('message')}".encode()
+    digest = hashlib.sha256(what).hexdigest()[:12]
+    return f"{row.get('instance_uuid') or 'unknown'}-{row['stage']}-{digest}"
 
 
-class WriteTable(beam.PTransform):
-    """Rows of `table` (resource | search | failures) -> the configured sink.
+class WriteFailureRowFn(beam.DoFn):
+    """Failure row -> tables/failures/{run_id}/{failure_key}.parquet; the slide's lease, if
+    this run holds it, is released (the slide is free for the next run at once)."""
 
-    `tables_cfg`: pipeline.config.TablesConfig (sink, and the BigQuery dataset and names).
-    """
+    def __init__(self, output_root: str, run_id: str):
+        self._root = output_root
+        self._run_id = run_id
 
-    def __init__(self, table: str, tables_cfg: Any, output_root: str, run_id: str):
-        super().__init__()
-        tables_cfg.validate()
-        self._table = table
-        if tables_cfg.sink == "bigquery":
-            self._sink = WriteBigQueryTable(table, tables_cfg, run_id)
-        else:
-            self._sink = WriteParquetTable(table, output_root, run_id)
+    def process(self, row: dict) -> Iterator[str]:
+        checked_row(row, "failures")
+        uri = row_file(self._root, "failures", self._run_id, failure_key(row))
+        temporary = f"{uri}.tmp-{self._run_id}"
+        with FileSystems.create(temporary) as handle:
+            handle.write(parquet_bytes("failures", [row]))
+        FileSystems.rename([temporary], [uri])
+        self._release(row)
+        yield uri
 
-    def expand(self, rows):
-        checked = rows | "CheckSchema" >> beam.Map(checked_row, self._table)
-        return checked | type(self._sink).__name__ >> self._sink
+    def _release(self, row: dict) -> None:
+        if not row.get("instance_uuid") or row["stage"] == "enumerate":
+            return  # no lease was taken
+        try:
+            paths = ArtifactPaths.for_slide(self._root, row["instance_uuid"])
+        except ValueError:
+            return
+        if lease.live_holder(paths) == self._run_id:
+            lease.acquire(paths, self._run_id, 0).release()

@@ -124,6 +124,17 @@ def arrow_schema(columns: list[Column]) -> pa.Schema:
     return pa.schema(fields)
 
 
+def parquet_bytes(table: str, rows: list[dict[str, Any]]) -> bytes:
+    """`rows` of `table` as one Parquet file (a slide's row file: outputs/layout.py row_file)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(TABLES[table])), buffer)
+    return buffer.getvalue()
+
+
 def bigquery_fields(columns: list[Column]) -> list[dict[str, str]]:
     """BigQuery TableFieldSchema dicts: REQUIRED when not nullable, REPEATED for arrays.
 

@@ -439,10 +439,10 @@ def _tables_digest(output_root: str) -> str:
     statistics). Cheap on a 100 GB search table, and any rewritten file changes it."""
     digest = hashlib.sha256()
     for table in ("resource", "search"):
-        pattern = FileSystems.join(table_dir(output_root, table), "*.parquet")
-        found = sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path)
-        for meta in found:
-            digest.update(f"{table}/{posixpath.basename(meta.path)}:{meta.size_in_bytes};".encode())
+        found = FileSystems.match(table_files(output_root, table))
+        for meta in (result.metadata_list[0] for result in found):
+            name = posixpath.relpath(meta.path, table_dir(output_root, table))
+            digest.update(f"{table}/{name}:{meta.size_in_bytes};".encode())
             with FileSystems.open(meta.path) as handle:
                 handle.seek(max(0, meta.size_in_bytes - _FOOTER_BYTES))
                 digest.update(handle.read())
@@ -453,9 +453,10 @@ def _table_file_sizes(output_root: str) -> dict[str, int]:
     """{"table/file.parquet": size} of the resource and search tables: what an index indexes."""
     sizes = {}
     for table in ("resource", "search"):
-        pattern = FileSystems.join(table_dir(output_root, table), "*.parquet")
-        for found in FileSystems.match([pattern])[0].metadata_list:
-            sizes[f"{table}/{posixpath.basename(found.path)}"] = found.size_in_bytes
+        for result in FileSystems.match(table_files(output_root, table)):
+            found = result.metadata_list[0]
+            name = posixpath.relpath(found.path, table_dir(output_root, table))
+            sizes[f"{table}/{name}"] = found.size_in_bytes
     return sizes
 
 

@@ -10,6 +10,7 @@ so slides can be filtered before any pixel is read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ from transforms.levels import DEFAULT_RULE, LevelInfo, LevelRule, PixelSpacing, 
 from transforms.records import (
     FolderFailure,
     SlideRecord,
+    failure_keys,
     failure_uuid,
     local_instance_uuid,
     validate_uid,
@@ -176,6 +178,7 @@ def build_record(
     fallback_sop = finest.sop_instance_uid if finest else (files[0][0] if files else None)
     # Computed before anything can fail, and never raising: the failure row needs it.
     fallback_uuid = failure_uuid(fallback_sop, uuids, where=series_uid)
+    keys = failure_keys(files, series_uid, uuids)
     try:
         choice = choose_levels(levels, rule, unusable, concatenations)
         sop = choice.embedding.sop_instance_uid
@@ -196,14 +199,16 @@ def build_record(
             dicomweb_url=dicomweb_url,
             source_license=source_license,
             source_doi=source_doi,
+            failure_keys=keys,
         )
     except SlideError as error:
-        return FolderFailure(fallback_uuid, series_uid, error)
+        return FolderFailure(fallback_uuid, series_uid, error, keys)
     except ValueError as error:  # malformed UIDs
         return FolderFailure(
             fallback_uuid,
             series_uid,
             SlideError(ReasonCode.MALFORMED_HEADER, f"series {series_uid}: {error}"),
+            keys,
         )
 
 
@@ -213,6 +218,30 @@ def _sparse_without_positions(ds: pydicom.Dataset) -> bool:
 
 
 def record_from_headers(
+    series_uid: str,
+    instances: Sequence[tuple[str, pydicom.Dataset]],
+    rule: LevelRule = DEFAULT_RULE,
+    **extra,
+) -> SlideRecord | FolderFailure:
+    """`_record_from_headers`, carrying the UUIDs any failure row of the series may have had
+    (`records.failure_keys`: of every instance, labels and overviews included), so a rerun
+    that names one of them finds the series whatever it becomes now."""
+    keys = _instance_keys(series_uid, instances, extra.get("instance_uuids"))
+    item = _record_from_headers(series_uid, instances, rule, **extra)
+    return dataclasses.replace(item, failure_keys=item.failure_keys | keys)
+
+
+def _instance_keys(
+    series_uid: object,
+    instances: Sequence[tuple[str, pydicom.Dataset]],
+    known_uuids: Mapping[str, str] | None = None,
+) -> frozenset[str]:
+    return failure_keys(
+        ((ds.get("SOPInstanceUID"), uri) for uri, ds in instances), series_uid, known_uuids
+    )
+
+
+def _record_from_headers(
     series_uid: str,
     instances: Sequence[tuple[str, pydicom.Dataset]],
     rule: LevelRule = DEFAULT_RULE,
@@ -441,17 +470,23 @@ def enumerate_dicom_folder(
                 failure_uuid(sop, where=series_uid),
                 series_uid,
                 _unreadable_error(lost, f"beside the series' {len(instances)} instances"),
+                _instance_keys(series_uid, instances),
             )
             continue
         try:
             yield record_from_headers(series_uid, instances, rule)
         except Exception as exc:  # one series' odd header is that series' failure row
             uri, ds = instances[0]
-            yield _file_failure(uri, ds, SlideError(
+            failure = _file_failure(uri, ds, SlideError(
                 ReasonCode.MALFORMED_HEADER,
                 f"series {series_uid} ({len(instances)} files, first {uri}) could not be "
                 f"interpreted: {exc!r}",
             ))  # fmt: skip
+            try:
+                keys = _instance_keys(series_uid, instances)
+            except Exception:  # failure_keys never raises; an odd header object might
+                keys = frozenset()
+            yield dataclasses.replace(failure, failure_keys=keys)
     for parent, lost in sorted(unreadable.items()):
         if parent not in claimed:  # a whole series (or slide) that could not be read
             yield FolderFailure(_uuid_in_name(lost[0][0]), None, _unreadable_error(lost, ""))

@@ -29,7 +29,7 @@ from transforms import bigquery, metrics, urls
 from transforms.dicom_io.dicomweb import is_instance_url, parse_instance_url
 from transforms.errors import ReasonCode, SlideError
 from transforms.levels import LevelRule
-from transforms.records import FolderFailure, SlideRecord
+from transforms.records import FolderFailure, SlideRecord, requested_keys
 from transforms.sources import dicomweb, idc
 from transforms.sources.dicom_files import enumerate_dicom_folder
 from transforms.sources.manifest import format_rows, parse_manifest
@@ -46,9 +46,15 @@ def _tagged(
     manifest: bool = False,
 ) -> Iterator[object]:
     """A found slide on the main output (its DICOMweb reads set to authenticate as
-    source.dicomweb_auth says), a failure on 'failed' (unless other slides were asked for);
-    counted either way. A slide whose URLs the source configuration does not allow (see
-    `bound_to_source`) becomes an `untrusted_url` failure."""
+    source.dicomweb_auth says), a failure on 'failed'; counted either way. A slide whose URLs
+    the source configuration does not allow (see `bound_to_source`) becomes an
+    `untrusted_url` failure.
+
+    When slides were asked for (`uuids`, e.g. a rerun of a failures table), only those pass,
+    slides and failures alike, matched by their UUID or by any UUID an earlier failure row of
+    the same series carried (`records.requested`): a slide that failed at enumeration and
+    enumerates now is processed, one that fails again gets a new failure row. The asked-for
+    UUIDs found are counted (REQUESTED_FOUND), so the summary can say how many were not."""
     metrics.counter(metrics.SLIDES_FOUND).inc()
     if not isinstance(item, FolderFailure):
         try:
@@ -56,11 +62,16 @@ def _tagged(
         except ValueError as exc:
             item = FolderFailure(
                 item.instance_uuid, item.series_instance_uid,
-                SlideError(ReasonCode.UNTRUSTED_URL, str(exc)),
+                SlideError(ReasonCode.UNTRUSTED_URL, str(exc)), item.failure_keys,
             )  # fmt: skip
+    if uuids:
+        found = requested_keys(item, uuids)
+        if not found:
+            return
+        metrics.counter(metrics.REQUESTED_FOUND).inc(len(found))
     if not isinstance(item, FolderFailure):
         yield item
-    elif not uuids or item.instance_uuid in uuids:
+    else:
         metrics.counter(metrics.ENUMERATE_FAILURES).inc()
         yield beam.pvalue.TaggedOutput("failed", item)
 

@@ -158,14 +158,14 @@ def _reason_failure(row: Mapping[str, Any]) -> FolderFailure:
     code = ReasonCode(reason) if reason in QUERY_REASONS else ReasonCode.INTERNAL_ERROR
     levels = row.get("levels") or []
     candidates = [lv.get("crdc_instance_uuid") for lv in levels] + [row.get("any_instance_uuid")]
-    instance_uuid = None
-    for candidate in candidates:  # the widest VOLUME level's, else any instance's
+    valid = []  # the widest VOLUME level's first, else any instance's
+    for candidate in candidates:
         try:
-            instance_uuid = validate_uuid(str(candidate)) if candidate else None
+            valid.append(validate_uuid(str(candidate)) if candidate else None)
         except SlideError:
-            instance_uuid = None
-        if instance_uuid:
-            break
+            continue
+    valid = [v for v in valid if v]
+    instance_uuid = valid[0] if valid else None
     details = {
         "no_pyramid": "no VOLUME instance of VL Whole Slide Microscopy Image Storage",
         "multiple_planes": (
@@ -182,7 +182,11 @@ def _reason_failure(row: Mapping[str, Any]) -> FolderFailure:
         reason, f"unknown query reason {reason!r}"
     )
     series = row.get("SeriesInstanceUID")
-    return FolderFailure(instance_uuid, str(series) if series else None, SlideError(code, message))
+    # Every instance UUID of the row: a rerun naming any of them gets this series again.
+    return FolderFailure(
+        instance_uuid, str(series) if series else None, SlideError(code, message),
+        frozenset(valid),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
