@@ -114,11 +114,20 @@ class ColorConfig:
 
 @dataclass(frozen=True)
 class ReadConfig:
+    """How patch pixels are decoded (configs/local.yaml documents it)."""
+
     gpu_decode: str = "auto"  # auto | off (transforms.dicom_io.gpu_decode.MODES)
+    # Levels at least ~2x finer than the ~20x target (40x sources) decoded at half resolution
+    # in the codec (JPEG DCT scaling, JPEG 2000's finest wavelet level skipped) instead of
+    # decoded whole and resized with INTER_AREA: faster, slightly different pixels. In the
+    # parameter hash and metadata.json.
+    reduced_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.gpu_decode not in GPU_DECODE_MODES:
             raise ValueError(f"read.gpu_decode: one of {GPU_DECODE_MODES}, not {self.gpu_decode!r}")
+        if not isinstance(self.reduced_decode, bool):
+            raise ValueError(f"read.reduced_decode: true or false, not {self.reduced_decode!r}")
 
 
 @dataclass(frozen=True)
@@ -258,6 +267,7 @@ class PipelineConfig:
             "tissue": dataclasses.asdict(self.tissue),
             "patch_size": self.grid.patch_size,
             "icc_profile": self.color.icc_profile,
+            "reduced_decode": self.read.reduced_decode,
             "kmeans": self.kmeans.as_dict(),
         }
 

@@ -53,7 +53,7 @@ import psutil  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.encaps import generate_frames  # noqa: E402
 
-from scripts import bench_scale, bench_slides  # noqa: E402
+from scripts import bench_decoders, bench_scale, bench_slides  # noqa: E402
 from transforms import clustering, patches, tissue  # noqa: E402
 from transforms.dicom_io import byte_ranges, pixel_hash  # noqa: E402
 from transforms.dicom_io.frames import FrameGrid  # noqa: E402
@@ -63,7 +63,17 @@ from transforms.samples.slides import write_samples  # noqa: E402
 from transforms.sources.dicom_files import enumerate_dicom_folder  # noqa: E402
 
 GIB = 1024**3
-PARTS = ("mask", "assembly", "model", "clustering", "e2e", "memory", "hashing", "scale")
+PARTS = (
+    "mask",
+    "assembly",
+    "model",
+    "clustering",
+    "e2e",
+    "memory",
+    "hashing",
+    "scale",
+    "decoders",
+)
 PATCH = 224
 DIM = 384
 RSS_LIMIT = 4 * GIB
@@ -806,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios: list[Ratio] = []
 
     log(f"workdir {workdir}")
-    samples = sample_slides(workdir)
+    samples = sample_slides(workdir) if parts - {"decoders"} else {}
     if "mask" in parts:
         rows.append(bench_mask_and_grid(samples["medium-20x"], rounds))
 
@@ -830,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         "stub-tiny": (3 * 256, BATCH, 256),
         "stub-vit-s16": (3 * 8, 8, 8) if quick else (4 * 16, 16, 16),
     }
-    pixels = model_patches(samples["medium-20x"], 3 * 256)
+    pixels = model_patches(samples["medium-20x"], 3 * 256) if "model" in parts else None
     model_rss = {}
     for name, (n, batch, chunk) in model_runs.items() if "model" in parts else ():
         log(f"model {name}: {n} patches")
@@ -877,6 +887,13 @@ def main(argv: list[str] | None = None) -> int:
         new_ratios, hashing = part_hashing(samples)
         ratios += new_ratios
 
+    decoders = None
+    if "decoders" in parts:
+        new_rows, new_ratios, decoders = bench_decoders.part_decoders(
+            workdir, cache_dir, rounds, Row, Ratio, log
+        )
+        rows, ratios = rows + new_rows, ratios + new_ratios
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = time.perf_counter() - _STARTED
     print()
@@ -908,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
             "e2e": e2e,
             "large_slide": large,
             "hashing_bytes": hashing,
+            "decoders": decoders,
             "scale": scale,
         }
         args.json.write_text(json.dumps(document, indent=1, default=float))

@@ -17,28 +17,40 @@ the neighbouring chunk finds them if it comes while they are cached. With the de
 40x (16 x 224 = 14 x 256), so every frame of a slide is decoded once whatever the order.
 
 Frames are decoded by the slide: the byte-range slide's `decode_instance_frame()` (JPEG
-baseline straight to RGB with OpenCV, other syntaxes with ez-wsi's decoder), or ez-wsi's
-`get_frame()` for DICOMweb slides. A slide that fetches frames in batches offers
-`prefetch_frames(level, frame_numbers)`: it is called once per chunk with the frames the chunk
-needs that the cache lacks (one request per run of neighbouring frames), before they are
-decoded one by one.
+baseline with OpenCV and JPEG 2000 with OpenJPEG, straight to RGB, `dicom_io.codecs`; other
+syntaxes with ez-wsi's decoder), or ez-wsi's `get_frame()` for DICOMweb slides. A slide that
+fetches frames in batches offers `prefetch_frames(level, frame_numbers)`: it is called once per
+chunk with the frames the chunk needs that the cache lacks (one request per run of neighbouring
+frames), before they are decoded. The frames a patch row needs that are neither kept nor cached
+are decoded in parallel on a pool of DECODE_THREADS threads (one per core; the decoders release
+the GIL), the next row's starting while this row's patches are copied: a JPEG 2000 frame takes
+~5-20 ms, so one thread would leave the other cores idle.
+
+With `reduced` (config read.reduced_decode), a level at least REDUCE_MIN_DOWNSAMPLE finer than
+the patch frame (40x for 20x patches) is decoded at half resolution inside the codec (JPEG: DCT
+scaling; JPEG 2000: its finest wavelet level is never decoded) and patches are cut from the
+half-size frames, with the same geometry halved; the result differs slightly from the INTER_AREA
+path (docs/performance.md), so it is an option in the parameter hash.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 import cv2
 import numpy as np
 from ez_wsi_dicomweb import dicom_slide, ez_wsi_errors, image_util, slide_level_map
 from PIL import ImageCms
 
-from transforms.dicom_io import byte_ranges, dicomweb
+from transforms.dicom_io import byte_ranges, codecs, dicomweb
 from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
 
@@ -48,6 +60,15 @@ SLIDE_CACHE_SIZE = 2
 FRAME_CACHE_BYTES = 256 * 1024 * 1024
 # color.icc_profile: none = stored values; srgb = from the slide's ICC profile to sRGB.
 ICC_PROFILES = ("none", "srgb")
+# read.reduced_decode: a level at least this much finer than the patch frame (40x for a 20x
+# target) is decoded at half resolution in the codec, then resized by the rest (~1).
+REDUCE_MIN_DOWNSAMPLE = 1.8
+# Threads decoding a chunk's frames in parallel (the decoders release the GIL): the cores this
+# process may run on, or PATHEMBED_DECODE_THREADS (e.g. 1 where a runner starts one worker
+# process per core).
+DECODE_THREADS = int(os.environ.get("PATHEMBED_DECODE_THREADS") or 0) or len(
+    os.sched_getaffinity(0)
+)
 
 
 @contextlib.contextmanager
@@ -175,8 +196,9 @@ class _ChunkFrames:
     """The decoded frames of one chunk's level, each decoded at most once for the chunk.
 
     Patches are assembled one row at a time; frames stay in `window` while a later row still
-    needs them. Frames reaching outside the chunk's footprint may be wanted by a neighbouring
-    chunk, so they also go to the worker's cache.
+    needs them, and the next row's frames are decoding on the pool while a row's patches are
+    copied (so at most two rows of frames are held). Frames reaching outside the chunk's
+    footprint may be wanted by a neighbouring chunk, so they also go to the worker's cache.
     """
 
     def __init__(
@@ -184,12 +206,17 @@ class _ChunkFrames:
         slide: dicom_slide.LocalDicomSlide,
         level: slide_level_map.Level,
         cache: FrameCache,
-        footprint: tuple[int, int, int, int],  # x0, y0, x1, y1 (native pixels, exclusive)
+        footprint: tuple[int, int, int, int],  # x0, y0, x1, y1 (decoded pixels, exclusive)
+        reduce: int = 0,  # frames decoded with each side halved this many times
     ) -> None:
         self._slide, self._level, self._cache = slide, level, cache
         self._footprint = footprint
-        self._grid = FrameGrid.of(level)
+        self._reduce = reduce
+        self._grid = _decoded_grid(level, reduce)
         self.window: dict[int, np.ndarray | None] = {}
+        # frames being decoded (Future) or to decode when read (a call), by number
+        self._pending: dict[int, Future | Callable[[], np.ndarray | None]] = {}
+        self._pool = DECODE_THREADS > 1
 
     def prefetch(self, numbers: set[int]) -> None:
         """Fetches the stored bytes of the chunk's frames that the cache lacks, in one batch
@@ -199,33 +226,52 @@ class _ChunkFrames:
             return
         wanted = []
         for number in sorted(numbers):
-            located = _locate(self._level, number)
+            located = _locate(self._level, number, self._reduce)
             if located is not None and self._cache.get(located[0], touch=False) is None:
                 wanted.append(number)
         if wanted:
             with slide_errors(f"fetching {len(wanted)} frames"):
                 fetch(self._level, wanted)
 
-    def get(self, numbers: list[int]) -> dict[int, np.ndarray | None]:
-        """Frames by whole-level 1-based number, decoding those neither kept nor cached."""
-        out, missing = {}, []
+    def get(
+        self, numbers: list[int], ahead: list[int] | tuple[int, ...] = ()
+    ) -> dict[int, np.ndarray | None]:
+        """Frames by whole-level 1-based number, decoding those neither kept nor cached; the
+        frames `ahead` (the next patch row's) start decoding on the pool meanwhile."""
+        self._start(numbers)
+        self._start(ahead)
+        out = {}
         for number in numbers:
             if number in self.window:
                 out[number] = self.window[number]
-                continue
-            located = _locate(self._level, number)
-            frame = None if located is None else self._cache.get(located[0])
-            if frame is None and located is not None:
-                missing.append((number, *located))
-            out[number] = frame
-        for number, key, instance in missing:
-            with slide_errors(f"reading frame {number}"):
-                decode = functools.partial(
-                    _decoded, self._slide, self._level, number, key[1], instance
-                )
-                out[number] = self._cache.decode(key, decode, keep=self._outside(number))
+            else:
+                pending = self._pending.pop(number)
+                out[number] = pending.result() if isinstance(pending, Future) else pending()
         self.window.update(out)
         return out
+
+    def _start(self, numbers: list[int] | tuple[int, ...]) -> None:
+        """Looks frames up in the cache and starts decoding the rest: on the pool (one frame
+        per task; the decoders release the GIL) when there are several cores, else when read."""
+        for number in numbers:
+            if number in self.window or number in self._pending:
+                continue
+            located = _locate(self._level, number, self._reduce)
+            frame = None if located is None else self._cache.get(located[0])
+            if frame is None and located is not None:
+                decode = functools.partial(self._decode, number, *located)
+                self._pending[number] = _decode_pool().submit(decode) if self._pool else decode
+            else:
+                self.window[number] = frame
+
+    def _decode(
+        self, number: int, key: tuple, instance: slide_level_map.Instance
+    ) -> np.ndarray | None:
+        with slide_errors(f"reading frame {number}"):
+            decode = functools.partial(
+                _decoded, self._slide, self._level, number, key[1], instance, self._reduce
+            )
+            return self._cache.decode(key, decode, keep=self._outside(number))
 
     def keep_rows_from(self, frame_row: int) -> None:
         """Forgets the frames above `frame_row` (no later patch row needs them)."""
@@ -240,16 +286,44 @@ class _ChunkFrames:
         return col * fw < x0 or (col + 1) * fw > x1 or row * fh < y0 or (row + 1) * fh > y1
 
 
+@functools.cache
+def _decode_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The worker process's frame-decoding threads, made when first needed."""
+    return concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+
+
+def _decoded_grid(level: slide_level_map.Level, reduce: int) -> FrameGrid:
+    """The level's frame grid in decoded pixels: frames of ceil(side / 2**reduce), the same
+    frame numbers (reduce > 0 needs frame sides divisible by 2**reduce, `_reduction`)."""
+    grid = FrameGrid.of(level)
+    if not reduce:
+        return grid
+    size = functools.partial(codecs.reduced_size, reduce=reduce)
+    return FrameGrid(
+        size(grid.width), size(grid.height), size(grid.frame_width), size(grid.frame_height)
+    )
+
+
+def _reduction(level: slide_level_map.Level, downsample: float, reduced: bool) -> int:
+    """Halvings done in the codec: 1 when asked for, the level is at least
+    REDUCE_MIN_DOWNSAMPLE finer than the patch frame and its frames have even sides."""
+    if not reduced or downsample < REDUCE_MIN_DOWNSAMPLE:
+        return 0
+    grid = FrameGrid.of(level)
+    return int(grid.frame_width % 2 == 0 and grid.frame_height % 2 == 0)
+
+
 def _locate(
-    level: slide_level_map.Level, frame_number: int
-) -> tuple[tuple[str, int], slide_level_map.Instance] | None:
-    """((SOPInstanceUID, frame number in it), instance) of a whole-level frame number, None if
-    the level leaves the frame out (TILED_SPARSE)."""
+    level: slide_level_map.Level, frame_number: int, reduce: int = 0
+) -> tuple[tuple, slide_level_map.Instance] | None:
+    """((SOPInstanceUID, frame number in it[, reduce]), instance) of a whole-level frame
+    number, None if the level leaves the frame out (TILED_SPARSE)."""
     instance = level.get_instance_by_frame(frame_number)
     if instance is None:
         return None
     n = instance.instance_frame_number_from_wholes_slide_frame_number(frame_number)
-    return (instance.dicom_object.sop_instance_uid, n), instance
+    key = (instance.dicom_object.sop_instance_uid, n)
+    return ((*key, reduce) if reduce else key), instance
 
 
 def _decoded(
@@ -258,17 +332,23 @@ def _decoded(
     frame_number: int,
     instance_frame_number: int,
     instance: slide_level_map.Instance,
+    reduce: int = 0,
 ) -> np.ndarray | None:
     # The byte-range slide decodes an instance's frame directly: ez-wsi's get_frame() builds
     # path strings and Frame objects per frame, ~10% of the decode time of a 256 px frame.
     decode = getattr(slide, "decode_instance_frame", None)
     if decode is not None:
-        pixels = decode(instance.path, instance_frame_number)
+        if reduce:
+            pixels = decode(instance.path, instance_frame_number, reduce=reduce)
+        else:
+            pixels = decode(instance.path, instance_frame_number)
     else:
         frame = slide.get_frame(level, frame_number)
         if frame is None:
             return None
         pixels = frame.image_np
+        if reduce:  # DICOMweb frames: decoded whole, then halved
+            pixels = codecs.halve(pixels)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise SlideError(ReasonCode.DECODE_ERROR, f"expected RGB frames, got {pixels.shape}")
     return pixels
@@ -281,25 +361,35 @@ def read_patches(
     downsample: float,
     patch_size: int = 224,
     cache: FrameCache | None = None,
+    reduced: bool = False,
 ) -> np.ndarray:
     """uint8 [N, patch, patch, 3]: the patches at `coords` (patch-source frame) of a level.
 
     With downsample d > 1, patch [x, y] covers native pixels starting at floor(x * d), size
     round(patch * d), resized to `patch` with INTER_AREA. `cache` defaults to the worker's.
+    `reduced` (read.reduced_decode): a level with d >= REDUCE_MIN_DOWNSAMPLE is decoded at
+    half resolution in the codec and patch [x, y] is cut from that image (start
+    floor(x * d / 2), size round(patch * d / 2)), resized only when that size is not `patch`.
     """
     coords = np.asarray(coords, np.int64)
     out = np.empty((len(coords), patch_size, patch_size, 3), np.uint8)
     if len(coords) == 0:
         return out
-    native = round(patch_size * downsample)
-    starts = np.floor(coords * downsample).astype(np.int64)
-    starts[:, 0] = np.minimum(starts[:, 0], level.width - native)
-    starts[:, 1] = np.minimum(starts[:, 1], level.height - native)
-    grid = FrameGrid.of(level)
+    reduce = _reduction(level, downsample, reduced)
+    d = downsample / (1 << reduce)  # from the patch frame to decoded pixels
+    grid = _decoded_grid(level, reduce)
+    # decoded pixels past the level's edge are the codec's rounding up: never read them
+    width, height = level.width >> reduce, level.height >> reduce
+    native = round(patch_size * d)
+    starts = np.floor(coords * d).astype(np.int64)
+    starts[:, 0] = np.minimum(starts[:, 0], width - native)
+    starts[:, 1] = np.minimum(starts[:, 1], height - native)
     fw, fh = grid.frame_width, grid.frame_height
     x0, y0 = starts.min(axis=0).tolist()
     x1, y1 = (starts.max(axis=0) + native).tolist()
-    frames = _ChunkFrames(slide, level, FRAMES if cache is None else cache, (x0, y0, x1, y1))
+    frames = _ChunkFrames(
+        slide, level, FRAMES if cache is None else cache, (x0, y0, x1, y1), reduce
+    )
     order = np.lexsort((starts[:, 0], starts[:, 1]))
     rows = np.split(order, np.flatnonzero(np.diff(starts[order, 1])) + 1)
     row_numbers = []  # per patch row: the frames it overlaps
@@ -314,7 +404,7 @@ def read_patches(
         sy = int(starts[members[0], 1])
         frame_rows = grid.rows(sy, native)
         xs = starts[members, 0].tolist()
-        row_frames = frames.get(row_numbers[k])
+        row_frames = frames.get(row_numbers[k], row_numbers[k + 1] if k + 1 < len(rows) else ())
         for index, sx in zip(members.tolist(), xs, strict=True):
             target = out[index] if scratch is None else scratch
             for r in frame_rows:

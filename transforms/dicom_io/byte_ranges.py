@@ -4,9 +4,11 @@ An instance is never downloaded whole. The reader fetches the header (a few 64 K
 finds PixelData, builds the frame offset index (Extended Offset Table, else Basic Offset Table,
 else by walking the fragment item headers with 8-byte range reads), then reads only the byte
 ranges of the frames a region needs: neighbouring frames are one range request. Frames are
-decoded exactly as ez-wsi decodes local files (`dicom_frame_decoder`, the same code path), and
-regions are assembled by ez-wsi's own `LocalDicomSlide`, fed by a frame interface that reads
-ranges. So a slide read here gives the same pixels as the same files on local disk.
+decoded to the pixels ez-wsi decodes from local files: JPEG baseline and JPEG 2000 by faster
+decoders of the same libraries (`codecs`, bit-exact), other syntaxes by ez-wsi's
+`dicom_frame_decoder` (the same code path); regions are assembled by ez-wsi's own
+`LocalDicomSlide`, fed by a frame interface that reads ranges.
+So a slide read here gives the same pixels as the same files on local disk.
 
 gs:// goes through google-cloud-storage (`Blob.download_as_bytes(start=, end=)`, anonymous:
 IDC's buckets are public; STORAGE_EMULATOR_HOST points it at an emulator), s3:// through the
@@ -47,7 +49,7 @@ from ez_wsi_dicomweb import (
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
 from transforms import metrics, urls
-from transforms.dicom_io import geometry, gpu_decode, retry
+from transforms.dicom_io import codecs, geometry, gpu_decode, retry
 from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
 from transforms.urls import is_remote
@@ -674,23 +676,38 @@ class RangeDicomFiles(local_dicom_file_interface.LocalDicomFileInterface):
             raise ez_wsi_errors.DicomSlideMissingError(f"instance {key} is not in this slide")
         return reader
 
-    def get_decoded_frame_image(self, instance_path: dicom_path.Path, frame_index: int):
+    def get_decoded_frame_image(
+        self, instance_path: dicom_path.Path, frame_index: int, reduce: int = 0
+    ):
+        """A frame decoded to RGB; with reduce=1 at half size (in the codec for JPEG baseline
+        and JPEG 2000, `transforms.dicom_io.codecs`; otherwise decoded whole and halved)."""
         reader = self.reader(instance_path)
         stored = reader.stored_frame(frame_index)
         if stored is None:  # left out of a TILED_SPARSE level
-            return reader.absent_frame()
+            frame = reader.absent_frame()
+            return codecs.halve(frame) if reduce else frame
         data = reader.frame_bytes(stored)
-        # --- GPU decode hook (issue 14; gpu_decode.py): None = no GPU decoder, CPU below ---
-        gpu = gpu_decode.decode_frames([data], reader.transfer_syntax)
-        if gpu is not None:
-            return gpu[0]
-        # --- end GPU decode hook ---
-        if reader.transfer_syntax == pydicom.uid.JPEGBaseline8Bit:
-            # What ez-wsi's decoder does for JPEG baseline (cv2.imdecode, then BGR -> RGB),
-            # in one call: OpenCV's decoder writes RGB directly.
-            frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
-            if frame is not None:
-                return frame
+        if not reduce:
+            # --- GPU decode hook (issue 14; gpu_decode.py): None = no GPU decoder, CPU below ---
+            gpu = gpu_decode.decode_frames([data], reader.transfer_syntax)
+            if gpu is not None:
+                return gpu[0]
+            # --- end GPU decode hook ---
+        if codecs.handles(reader.transfer_syntax):
+            try:
+                return codecs.decode_frame(data, reader.transfer_syntax, reduce)
+            except ValueError:
+                if reader.transfer_syntax != pydicom.uid.JPEGBaseline8Bit:
+                    raise SlideError(
+                        ReasonCode.DECODE_ERROR,
+                        f"frame {frame_index} of {reader.uri} does not decode "
+                        f"({len(data)} bytes, {reader.transfer_syntax})",
+                    ) from None
+                # a JPEG frame OpenCV refuses: ez-wsi's decoder below has the last word
+        frame = self._decoded_by_ez_wsi(reader, data, frame_index)
+        return codecs.halve(frame) if reduce else frame
+
+    def _decoded_by_ez_wsi(self, reader: DicomInstanceReader, data: bytes, frame_index: int):
         h = reader.header
         if not reader._encapsulated:
             pixel_format = local_dicom_file_interface._get_pixel_format(h)
@@ -787,9 +804,13 @@ class RangeDicomSlide(dicom_slide.LocalDicomSlide):
     def prefetch_frames(self, level, frame_numbers: Iterable[int]) -> None:
         self._prefetch(level_frames_by_instance(level, frame_numbers), "range reads for frames of")
 
-    def decode_instance_frame(self, instance_path: dicom_path.Path, frame_number: int):
-        """Frame `frame_number` (1-based) of an instance, decoded to RGB (ez-wsi's decoder)."""
-        return self._files.get_decoded_frame_image(instance_path, frame_number)
+    def decode_instance_frame(
+        self, instance_path: dicom_path.Path, frame_number: int, reduce: int = 0
+    ):
+        """Frame `frame_number` (1-based) of an instance, decoded to RGB: JPEG baseline and
+        JPEG 2000 by `codecs.decode_frame`, other syntaxes by ez-wsi's decoder; `reduce=1`:
+        each side halved (in the codec where it can, `codecs`)."""
+        return self._files.get_decoded_frame_image(instance_path, frame_number, reduce)
 
     def get_patch(self, level, x, y, width, height, require_fully_in_source_image=False):
         # ez-wsi decodes a local slide's region as the patch is made: fetch its frames first.
