@@ -59,6 +59,7 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         cfg.grid.patch_size,
         cfg.color.icc_profile,
         gpu_decode=cfg.read.gpu_decode,
+        reduced_decode=cfg.read.reduced_decode,
         run_id=run_id,
     ).with_resource_hints(**cfg.dataflow.embed_resource_hints())
 

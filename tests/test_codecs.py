@@ -149,3 +149,39 @@ def test_without_libopenjp2_reduced_jpeg2000_is_the_full_decode_halved(monkeypat
     monkeypatch.setattr(openjpeg_reduce, "available", lambda: False)
     full = codecs.decode_frame(data, syntax)
     assert np.array_equal(codecs.decode_frame(data, syntax, reduce=1), codecs.halve(full))
+
+
+def test_read_reduced_decode_reaches_the_pipeline_reads(sample_slides, tmp_path):
+    """read.reduced_decode travels config -> DAG -> the slide handler -> read_chunk, and there
+    changes the 40x pixels only a little (the codec's half-size decode vs INTER_AREA)."""
+    import apache_beam as beam
+
+    from models.handler import PathFoundationModelHandler
+    from pipeline import dag
+    from transforms import stages
+    from transforms.plan import PlanParams, plan_slide
+    from transforms.sources.dicom_files import enumerate_dicom_folder
+
+    (record,) = enumerate_dicom_folder(sample_slides / "small-40x")
+    _, chunks = plan_slide(record, PlanParams())
+    exact = stages.read_chunk(chunks[0], 224)
+    reduced = stages.read_chunk(chunks[0], 224, reduced=True)
+    difference = np.abs(exact.astype(np.int16) - reduced.astype(np.int16))
+    assert difference.any() and difference.mean() < 3
+
+    cfg = load_config(None, {
+        "read.reduced_decode": True, "output_root": str(tmp_path),
+        "source.input": str(sample_slides / "small-40x"),
+    })  # fmt: skip
+    handler = PathFoundationModelHandler("stub-tiny", cache_dir=tmp_path / "models")
+    built = {}
+    real = stages.EmbedSlides.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        built["handler"] = self._slides
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stages.EmbedSlides, "__init__", spy)
+        dag.build(beam.Pipeline(), cfg, handler, "run-1")
+    assert built["handler"]._reduced is True

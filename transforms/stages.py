@@ -159,14 +159,17 @@ class ReadError(SlideError):
         return (ReadError, (self.reason, self.message))
 
 
-def read_chunk(chunk: PatchChunk, patch_size: int, icc_profile: str = "none") -> np.ndarray:
-    """uint8 patches [n, 224, 224, 3] of one chunk, read as one region."""
+def read_chunk(
+    chunk: PatchChunk, patch_size: int, icc_profile: str = "none", reduced: bool = False
+) -> np.ndarray:
+    """uint8 patches [n, 224, 224, 3] of one chunk, read as one region (`reduced`:
+    read.reduced_decode, a 40x level decoded at half size in the codec)."""
     record = chunk.record
     with metrics.timed("read"):
         slide = patches.open_slide(record.files, record.dicomweb_auth)
         level = patches.level_of(slide, record.sop_instance_uid)
         pixels = patches.read_patches(
-            slide, level, chunk.coords, record.levels.downsample, patch_size
+            slide, level, chunk.coords, record.levels.downsample, patch_size, reduced=reduced
         )
         if icc_profile == "srgb":
             transform = patches.srgb_transform(record.files, record.dicomweb_auth)
@@ -174,12 +177,14 @@ def read_chunk(chunk: PatchChunk, patch_size: int, icc_profile: str = "none") ->
     return pixels
 
 
-def _read_or_raise(chunk: PatchChunk, patch_size: int, icc_profile: str, tracker) -> np.ndarray:
+def _read_or_raise(
+    chunk: PatchChunk, patch_size: int, icc_profile: str, reduced: bool, tracker
+) -> np.ndarray:
     # Beam finds a step's metrics through a thread-local state tracker: a reader thread borrows
     # the step's, so its counters (pixel requests, frames) and read times are not lost.
     statesampler.set_current_tracker(tracker)
     try:
-        return read_chunk(chunk, patch_size, icc_profile)
+        return read_chunk(chunk, patch_size, icc_profile, reduced)
     except SlideError as exc:
         raise ReadError(exc.reason, exc.message) from exc
     except Exception as exc:  # an unexpected error still fails only this slide, at `read`
@@ -197,6 +202,7 @@ def embed_plan(
     patch_size: int,
     icc_profile: str = "none",
     read_threads: int = 2,
+    reduced: bool = False,
 ) -> np.ndarray:
     """float32 [N, D] embeddings of a slide's patches, row k from plan.coords[k].
 
@@ -209,7 +215,7 @@ def embed_plan(
     out = np.zeros((len(plan.coords), EMBEDDING_DIM), np.float32)
     ahead = read_threads + 1
     read = functools.partial(
-        _read_or_raise, patch_size=patch_size, icc_profile=icc_profile,
+        _read_or_raise, patch_size=patch_size, icc_profile=icc_profile, reduced=reduced,
         tracker=statesampler.get_current_tracker(),
     )  # fmt: skip
     pool = _reader_pool(read_threads)
@@ -276,9 +282,10 @@ class SlideModelHandler(ModelHandler[SlidePlan, PredictionResult, Any]):
 
     def __init__(
         self, handler, patch_size: int, icc_profile: str = "none", read_threads: int = 2,
-        gpu_decode: str = "auto",
+        gpu_decode: str = "auto", reduced_decode: bool = False,
     ):  # fmt: skip
         super().__init__(min_batch_size=1, max_batch_size=1)
+        self._reduced = reduced_decode
         self._handler = handler  # models.handler.PathFoundationModelHandler
         self._patch_size = patch_size
         self._icc_profile = icc_profile
@@ -299,8 +306,9 @@ class SlideModelHandler(ModelHandler[SlidePlan, PredictionResult, Any]):
         results = []
         for plan in batch:
             embeddings = embed_plan(
-                plan, embed, self._patch_size, self._icc_profile, self._read_threads
-            )
+                plan, embed, self._patch_size, self._icc_profile, self._read_threads,
+                self._reduced,
+            )  # fmt: skip
             results.append(PredictionResult(plan, embeddings, self._handler.model_info().name))
         return results
 
@@ -331,9 +339,12 @@ class EmbedSlides(beam.PTransform):
     """
 
     def __init__(self, handler, patch_size: int, icc_profile: str = "none", read_threads=2, *,
-                 gpu_decode: str = "auto", run_id: str):  # fmt: skip
+                 gpu_decode: str = "auto", reduced_decode: bool = False,
+                 run_id: str):  # fmt: skip
         super().__init__()
-        self._slides = SlideModelHandler(handler, patch_size, icc_profile, read_threads, gpu_decode)
+        self._slides = SlideModelHandler(
+            handler, patch_size, icc_profile, read_threads, gpu_decode, reduced_decode
+        )
         self._run_id = run_id
 
     def expand(self, plans):
