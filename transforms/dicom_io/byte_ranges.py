@@ -681,7 +681,17 @@ class DicomInstanceReader:
                 future = pool.submit(self._fetch, run)
                 for f in run:
                     self._pending[f] = future
+                future.add_done_callback(functools.partial(self._fetched, run))
         return len(runs), planned
+
+    def _fetched(self, run: list[int], future: concurrent.futures.Future) -> None:
+        """Forgets a fetch once its frames are cached; a failed one stays, so that reading
+        one of its frames raises its error."""
+        if future.exception() is None:
+            with self._lock:
+                for f in run:
+                    if self._pending.get(f) is future:
+                        del self._pending[f]
 
     def _fetch(self, run: list[int]) -> None:
         """One run of frames into the cache: one range read (the last frame, whose end no
