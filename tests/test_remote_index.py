@@ -144,3 +144,47 @@ def test_an_error_in_a_fetch_thread_reaches_the_frame_read(bucket, tmp_path):
     reader.prefetch([5, 6, 7])  # returns; the requests fail in the pool (404)
     with pytest.raises((OSError, SlideError), match=r"gone\.dcm"):
         reader.frame_bytes(6)
+
+
+class _ReadFrames:
+    """A DoFn body: reads frames of a bucket instance in a Beam step, yields its IoStats."""
+
+    def __init__(self, uri: str, frames: list[int]):
+        self.uri, self.frames = uri, frames
+
+    def __call__(self, _):
+        reader = byte_ranges.DicomInstanceReader(self.uri)
+        reader.prefetch(self.frames)
+        for f in self.frames:
+            reader.frame_bytes(f)
+        yield reader.stats.requests, reader.stats.bytes
+
+
+def test_requests_made_in_fetch_threads_are_counted_in_the_beam_step(bucket):
+    """Beam finds a counter's step through the incrementing thread; the pool's threads have
+    none, so prefetch counts the requests it hands them."""
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from transforms import metrics
+
+    byte_ranges._INDEX_CACHE.clear()
+    read = _ReadFrames(f"gs://{BUCKET}/extended.dcm", [3, 4, 5, 40, 41, 900])
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    stats = pipeline | beam.Create([0]) | beam.FlatMap(read)
+    del stats
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    def counter(name):
+        query = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+        return sum(c.committed for c in query)
+
+    # The header (64 KiB blocks) in the step's thread; three runs of frames in the pool.
+    requests = counter(metrics.PIXEL_SOURCE_REQUESTS)
+    assert requests >= 4
+    assert counter(metrics.PIXEL_FRAMES_READ) == 6
+    reader = byte_ranges.DicomInstanceReader(f"gs://{BUCKET}/extended.dcm")  # same header
+    header_requests = reader.stats.requests
+    assert requests == header_requests + 3

@@ -86,6 +86,10 @@ _PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010)
 _REQUESTS = metrics.counter(metrics.PIXEL_SOURCE_REQUESTS)
 _BYTES = metrics.counter(metrics.PIXEL_SOURCE_BYTES_READ)
 _FRAMES = metrics.counter(metrics.PIXEL_FRAMES_READ)
+# Set in the fetch pool's threads. Beam finds a counter's step through the thread that
+# increments it: a pool thread has none, so the requests it makes are counted by the thread
+# that asked for them (prefetch), as planned.
+_FETCH_THREAD = threading.local()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +145,9 @@ class ByteSource:
             return b""
         data = self._read(start, end)
         self.stats.add(1, len(data))
-        _REQUESTS.inc()
-        _BYTES.inc(len(data))
+        if not getattr(_FETCH_THREAD, "active", False):  # (a pool thread has no Beam step)
+            _REQUESTS.inc()
+            _BYTES.inc(len(data))
         return data
 
 
@@ -676,9 +681,11 @@ class DicomInstanceReader:
                 self._fetch(run)
             return len(runs), planned
         pool = _fetch_pool()
+        _REQUESTS.inc(len(runs))
+        _BYTES.inc(planned)
         with self._lock:
             for run in runs:  # in file order: the first rows of a chunk arrive first
-                future = pool.submit(self._fetch, run)
+                future = pool.submit(self._fetch_in_pool, run)
                 for f in run:
                     self._pending[f] = future
                 future.add_done_callback(functools.partial(self._fetched, run))
@@ -692,6 +699,10 @@ class DicomInstanceReader:
                 for f in run:
                     if self._pending.get(f) is future:
                         del self._pending[f]
+
+    def _fetch_in_pool(self, run: list[int]) -> None:
+        _FETCH_THREAD.active = True
+        self._fetch(run)
 
     def _fetch(self, run: list[int]) -> None:
         """One run of frames into the cache: one range read (the last frame, whose end no
