@@ -52,6 +52,7 @@ from gcp_storage_emulator import server as emulator, storage
 
 emulator.server.HTTPServer = server.ThreadingHTTPServer  # concurrent requests, as GCS
 emulator.RequestHandler.protocol_version = "HTTP/1.1"  # kept-alive connections, as GCS
+emulator.RequestHandler.disable_nagle_algorithm = True  # no 40 ms delayed-ACK stalls
 _get_file = storage.Storage.get_file
 
 @functools.wraps(_get_file)
@@ -97,6 +98,8 @@ class DelayProxy:
         except OSError:
             client.close()
             return
+        for end in (client, server):
+            end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def back() -> None:
             with contextlib.suppress(OSError):
@@ -160,7 +163,8 @@ def emulator(workdir: pathlib.Path) -> Iterator[int]:
 
 
 def _upload(port: int, objects: dict[str, pathlib.Path]) -> None:
-    """Straight to the emulator (not through the proxy)."""
+    """Through the proxy at `port` (the emulator's objects' mediaLink, which the client
+    downloads from, names the host they were uploaded through)."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
@@ -245,8 +249,9 @@ def bench_remote(record, chunks, workdir: pathlib.Path, rounds: int) -> dict:
     sop, d = record.sop_instance_uid, record.levels.downsample
     saved = (os.environ.get("STORAGE_EMULATOR_HOST"), byte_ranges.REMOTE_MERGE_GAP)
     with emulator(workdir) as port:
-        _upload(port, {**{names[p]: p for p in files}, "no-bot/level-0.dcm": no_bot})
-        proxy = DelayProxy(("127.0.0.1", port))
+        proxy = DelayProxy(("127.0.0.1", port), delay=0.0)
+        _upload(proxy.port, {**{names[p]: p for p in files}, "no-bot/level-0.dcm": no_bot})
+        proxy.delay, proxy.requests = DELAY_S, 0
         os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{proxy.port}"
         byte_ranges._gcs_client.cache_clear()
         byte_ranges._INDEX_CACHE.clear()
