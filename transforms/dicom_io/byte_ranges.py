@@ -66,9 +66,10 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_FRAMES = 1 << 22
 MERGE_GAP = 16 * 1024  # local files: frames closer than this are fetched in one read
 # Remote sources: ranges closer than this are one request. A request costs a round trip
-# (20-80 ms to a bucket), which at the ~100 MB/s a worker reads is 2-8 MB: reading a gap of
-# a few hundred KiB is cheaper than waiting for another request (scripts/bench.py --only remote
-# measures 0, 64, 128 and 256 KiB).
+# (20-80 ms to a bucket), which at the ~100 MB/s a worker reads is 2-8 MB, so reading a gap
+# of up to 128 KiB is cheaper than another request. Measured (scripts/bench.py --only remote,
+# medium-20x): 9.9 requests per chunk at 0, 9.1 at 64, 128 and 256 KiB (holes in a row of
+# frames), 5.2 at 1 MiB, which merges whole rows of a chunk and reads 3x the bytes.
 REMOTE_MERGE_GAP = 128 * 1024
 # Concurrent range requests per worker process (all remote instances share them); at most
 # the connection pool of a requests session (`retry.http_session` and the GCS client's are
