@@ -292,6 +292,12 @@ def bench_remote(record, chunks, workdir: pathlib.Path, rounds: int) -> dict:
                 for k in IN_FLIGHT:
                     local_k[k].append(_assemble(local_uris, sop, chunks, d, k))
                     remote_k[k].append(_assemble(remote_uris, sop, chunks, d, k))
+            # Before issue 14: one range after another, 16 KiB merge gap (one round).
+            byte_ranges.GcsSource.concurrent = False
+            try:
+                one_by_one = _assemble(remote_uris, sop, chunks, d)
+            finally:
+                byte_ranges.GcsSource.concurrent = True
             no_bot_uri = f"gs://{BUCKET}/no-bot/level-0.dcm"
             index_first = _index_requests(no_bot_uri)
             index_again = _index_requests(no_bot_uri)
@@ -313,6 +319,7 @@ def bench_remote(record, chunks, workdir: pathlib.Path, rounds: int) -> dict:
         "local": best_local,
         "remote_by_gap": {str(g): r for g, r in best_remote.items()},
         "default_gap": saved[1],
+        "remote_one_by_one": one_by_one,
         "ratio": (default["patches"] / default["wall_s"])
         / (best_local["patches"] / best_local["wall_s"]),
         "requests_per_chunk": default["requests"] / default["chunks"],
@@ -349,6 +356,11 @@ def summary_lines(info: dict) -> list[str]:
             f"{r['requests'] / r['chunks']:.1f} requests/chunk, "
             f"{r['bytes'] / r['chunks'] / MIB:.2f} MiB/chunk, open {r['open_s']:.2f} s"
         )
+    r = info["remote_one_by_one"]
+    lines.append(
+        f"  one range after another (before): {r['patches'] / r['wall_s']:,.0f} patches/s, "
+        f"{r['requests'] / r['chunks']:.1f} requests/chunk"
+    )
     local = info["local"]
     lines.append(
         f"  local: {local['patches'] / local['wall_s']:,.0f} patches/s "
