@@ -516,6 +516,7 @@ class DicomInstanceReader:
                 cached = _INDEX_CACHE.get(key)
             if cached is not None:
                 self._starts, self._ends = cached
+                self._after_header = b""
                 return
         self._starts, self._ends = self._read_index()
         if version is not None:
