@@ -45,7 +45,14 @@ def bucket(sample_slides, tmp_path_factory):
     level0 = sample_slides / "small-40x" / "level-0.dcm"
     paths = {how: _rewrite(level0, out, how) for how in ("none", "basic", "extended")}
     with servers.gcs_emulator(tmp_path_factory.mktemp("gcs")):
-        servers.upload(BUCKET, {f"{how}.dcm": path for how, path in paths.items()})
+        levels = sorted((sample_slides / "small-40x").glob("*.dcm"))
+        servers.upload(
+            BUCKET,
+            {
+                **{f"{how}.dcm": path for how, path in paths.items()},
+                **{f"slide/{path.name}": path for path in levels},
+            },
+        )
         byte_ranges._gcs_client.cache_clear()  # a client for this emulator
         yield paths
     byte_ranges._gcs_client.cache_clear()
@@ -188,3 +195,33 @@ def test_requests_made_in_fetch_threads_are_counted_in_the_beam_step(bucket):
     reader = byte_ranges.DicomInstanceReader(f"gs://{BUCKET}/extended.dcm")  # same header
     header_requests = reader.stats.requests
     assert requests == header_requests + 3
+
+
+class _OpenSlide:
+    def __init__(self, uris: list[str]):
+        self.uris = uris
+
+    def __call__(self, _):
+        yield len(list(byte_ranges.RangeDicomSlide(self.uris).levels))
+
+
+def test_a_remote_slide_opens_its_headers_at_once_and_counts_them_in_the_beam_step(
+    bucket, sample_slides
+):
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from transforms import metrics
+
+    names = sorted(p.name for p in (sample_slides / "small-40x").glob("*.dcm"))
+    uris = [f"gs://{BUCKET}/slide/{name}" for name in names]
+    outside = byte_ranges.RangeDicomSlide(uris)  # the headers, read in the fetch pool
+    assert len(list(outside.levels)) == len(names) and outside.io.requests >= len(names)
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    _ = pipeline | beam.Create([0]) | beam.FlatMap(_OpenSlide(uris))
+    result = pipeline.run()
+    result.wait_until_finish()
+    query = MetricsFilter().with_name(metrics.PIXEL_SOURCE_REQUESTS)
+    counted = sum(c.committed for c in result.metrics().query(query)["counters"])
+    assert counted == outside.io.requests
