@@ -12,9 +12,13 @@ artifact writing, then two end-to-end DirectRunner runs in child processes: medi
 stub-tiny (seconds per stage), and a generated 100k-patch slide (20k with --quick) for peak
 memory, with a cheap pooling model so it finishes in minutes, both in one process
 (`--workers 1`); (`--only hashing`) the bytes read per slide with and without the PixelData
-SHA-512 (hashing.pixeldata_sha512: all); and (`--only scale`, scripts/bench_scale.py) runs of
+SHA-512 (hashing.pixeldata_sha512: all); (`--only scale`, scripts/bench_scale.py) runs of
 8 to 64 slides: peak memory against the run's length, when the first slide is complete, and
-`--workers 2` against `--workers 1`.
+`--workers 2` against `--workers 1`; (`--only decoders`, scripts/bench_decoders.py) JPEG and
+JPEG 2000 decoders side by side and read.reduced_decode at 40x; and (`--only remote`,
+scripts/bench_remote.py) patch assembly from gcp-storage-emulator behind a proxy that adds
+50 ms per request vs from the local file, requests per chunk, and the requests that indexing
+an instance without offset table takes.
 
 Every timing is the best of a few interleaved rounds (other processes share the machine);
 "per core" is items per CPU second of this process (all its threads). Ratios compare two
@@ -53,7 +57,7 @@ import psutil  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.encaps import generate_frames  # noqa: E402
 
-from scripts import bench_decoders, bench_scale, bench_slides  # noqa: E402
+from scripts import bench_decoders, bench_remote, bench_scale, bench_slides  # noqa: E402
 from transforms import clustering, patches, tissue  # noqa: E402
 from transforms.dicom_io import byte_ranges, pixel_hash  # noqa: E402
 from transforms.dicom_io.frames import FrameGrid  # noqa: E402
@@ -73,6 +77,7 @@ PARTS = (
     "hashing",
     "scale",
     "decoders",
+    "remote",
 )
 PATCH = 224
 DIM = 384
@@ -767,6 +772,77 @@ def part_hashing(samples: dict[str, Sample]) -> tuple[list[Ratio], dict]:
     return ratios, records
 
 
+def part_remote(
+    sample: Sample, workdir: pathlib.Path, rounds: int
+) -> tuple[list[Row], list[Ratio], dict]:
+    """Patch assembly from a bucket 50 ms away vs a local file (scripts/bench_remote.py)."""
+    log("remote: medium-20x from gcp-storage-emulator behind a 50 ms proxy vs local")
+    info = bench_remote.bench_remote(sample.record, sample.chunks, workdir, rounds)
+    rows = []
+    for label, r in [
+        ("local file", info["local"]),
+        ("gs:// +50 ms, ranges one by one", info["remote_one_by_one"]),
+    ] + [(f"gs:// +50 ms, gap {int(g) // 1024} KiB", r) for g, r in info["remote_by_gap"].items()]:
+        rows.append(
+            Row(
+                "patch assembly",
+                f"medium-20x, {label}",
+                r["patches"],
+                "patches",
+                r["wall_s"],
+                r["cpu_s"],
+                f"{r['requests'] / r['chunks']:.1f} requests/chunk, "
+                f"{r['bytes'] / r['chunks'] / 2**20:.2f} MiB/chunk",
+            )
+        )
+    for k, both in info["in_flight"].items():
+        for label, r in (("local file", both["local"]), ("gs:// +50 ms", both["remote"])):
+            rows.append(
+                Row(
+                    "patch assembly",
+                    f"medium-20x, {label}, {k} chunks in flight",
+                    r["patches"],
+                    "patches",
+                    r["wall_s"],
+                    r["cpu_s"],
+                    f"{r['requests'] / r['chunks']:.1f} requests/chunk",
+                )
+            )
+    idx = info["index_no_offset_table"]
+    ratios = [
+        Ratio(
+            "patch assembly, gs:// +50 ms per request / local file (patches/s)",
+            info["ratio"],
+            ">= 0.7",
+            info["ratio"] >= 0.7,
+            f"{info['requests_per_chunk']:.1f} requests per chunk, gap "
+            f"{info['default_gap'] // 1024} KiB; one chunk at a time",
+        ),
+        *(
+            Ratio(
+                f"patch assembly, gs:// +50 ms / local, {k} chunks in flight (patches/s)",
+                both["ratio"],
+                ">= 0.7",
+                both["ratio"] >= 0.7,
+                f"as a Beam worker running {k} bundles: one chunk's wait overlaps others' decoding",
+            )
+            for k, both in info["in_flight"].items()
+        ),
+        Ratio(
+            "requests to index an instance without offset table",
+            idx["requests"],
+            f"<= size / 8 MiB + 2 = {idx['bound']:.1f}",
+            idx["requests"] <= idx["bound"] and idx["requests_again_same_process"] == 0,
+            f"{idx['frames']} frames; again in the same process: "
+            f"{idx['requests_again_same_process']}; one per frame would be "
+            f"{idx['per_frame_walk_requests']}",
+        ),
+    ]
+    for line in bench_remote.summary_lines(info):
+        log(line)
+    return rows, ratios, info
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a faster subset (~4 min)")
@@ -894,6 +970,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows, ratios = rows + new_rows, ratios + new_ratios
 
+    remote = None
+    if "remote" in parts:
+        new_rows, new_ratios, remote = part_remote(samples["medium-20x"], workdir, rounds + 2)
+        rows, ratios = rows + new_rows, ratios + new_ratios
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = time.perf_counter() - _STARTED
     print()
@@ -927,6 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
             "hashing_bytes": hashing,
             "decoders": decoders,
             "scale": scale,
+            "remote": remote,
         }
         args.json.write_text(json.dumps(document, indent=1, default=float))
         print(f"\nresults: {args.json}")

@@ -87,7 +87,10 @@ def _rewrite(src: Path, out: Path, how: str) -> Path:
 def test_every_frame_index_kind_reads_the_same_pixels(sample_slides, tmp_path, how):
     path = _rewrite(sample_slides / "small-40x" / "level-1.dcm", tmp_path, how)
     ranged = _same_pixels([str(path)], [(0, 0, 910, 630), (300, 200, 400, 300)])
-    assert ranged.io.bytes <= path.stat().st_size + byte_ranges.HEADER_BLOCK
+    # Without an offset table the index is built by reading the items in WALK_BLOCK blocks:
+    # the PixelData once more.
+    walk = path.stat().st_size if how == "no-offset-table" else 0
+    assert ranged.io.bytes <= path.stat().st_size + byte_ranges.HEADER_BLOCK + walk
 
 
 def test_real_jpeg_and_jpeg2000_slides_decode_like_ez_wsi(real_slides):

@@ -65,12 +65,15 @@ def http_session(
     retries: int | None = None,
     backoff: float | None = None,
     timeout: tuple[float, float] | None = None,
+    pool_size: int | None = None,
 ) -> requests.Session:
     """A requests Session that retries transient faults and never waits without a timeout
-    (defaults: the module's constants, read when the session is made)."""
+    (defaults: the module's constants, read when the session is made); `pool_size`: the
+    connections kept per host (requests' default 10), for sessions used by more threads."""
     timeout = timeout or (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
     session = requests.Session()
-    adapter = _TimeoutAdapter(timeout, max_retries=url_retry(retries, backoff))
+    pool = {} if pool_size is None else {"pool_maxsize": pool_size}
+    adapter = _TimeoutAdapter(timeout, max_retries=url_retry(retries, backoff), **pool)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
