@@ -102,10 +102,10 @@ def matrix(tmp_path_factory, model_cache):
         regions.append((level.width, w, h))
         return read_region(slide, level, x, y, w, h)
 
-    def patch_spy(slide, level, coords, downsample, patch_size=224, cache=None):
+    def patch_spy(slide, level, coords, downsample, patch_size=224, cache=None, **kwargs):
         extent = coords.max(axis=0) - coords.min(axis=0) + patch_size if len(coords) else (0, 0)
         chunks.append((level.width, len(coords), int(extent[0]), int(extent[1])))
-        return read_patches(slide, level, coords, downsample, patch_size, cache)
+        return read_patches(slide, level, coords, downsample, patch_size, cache, **kwargs)
 
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
