@@ -168,7 +168,7 @@ class RunConfig:
     # a terminal, else log lines), bar, log or off; log lines every progress_interval seconds.
     progress: str = "auto"
     progress_interval: float = 30.0
-    # Local runs: worker processes of Beam's FnApiRunner (1 = in process); 0 = one per core.
+    # Local runs: worker processes of Beam's FnApiRunner (1 = in process); 0 = the default, 1.
     # Each loads its own model; unset model.intra_op_threads becomes cores // workers.
     workers: int = 0
 

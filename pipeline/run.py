@@ -149,7 +149,8 @@ def cpu_count() -> int:
 
 def local_workers(cfg: PipelineConfig, beam_args: list[str]) -> tuple[PipelineConfig, list[str]]:
     """`cfg` and Beam flags for a local run on `run.workers` processes (0: $PATHEMBED_WORKERS,
-    else one per core).
+    else 1: one process already keeps the cores busy with its reader threads and TensorFlow's,
+    and on 2 cores a second process was slower: `scripts/bench.py --only scale`).
 
     More than one: the FnApiRunner starts that many SDK worker processes
     (`--direct_num_workers=N --direct_running_mode=multi_processing`; Beam flags given by the
@@ -157,7 +158,7 @@ def local_workers(cfg: PipelineConfig, beam_args: list[str]) -> tuple[PipelineCo
     own model. An unset `model.intra_op_threads` becomes cores // workers so that together they
     use the cores once. One: everything runs in this process, as before.
     """
-    workers = cfg.run.workers or int(os.environ.get(WORKERS_ENV) or 0) or cpu_count()
+    workers = cfg.run.workers or int(os.environ.get(WORKERS_ENV) or 0) or 1
     if workers > 1:
         beam_args = [
             f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing",
@@ -173,6 +174,10 @@ def local_workers(cfg: PipelineConfig, beam_args: list[str]) -> tuple[PipelineCo
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, intra_op_threads=threads)
         )
+    if workers > 1 and cfg.model.inter_op_threads == 0:
+        # One inter-op pool thread per process: N processes' idle pools otherwise spin on the
+        # cores the others decode on (steady 525 -> 689 patches/s with 2 workers on 2 cores).
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, inter_op_threads=1))
     _LOG.info(
         "local run: %d worker process(es), %d TensorFlow threads each",
         workers, cfg.model.intra_op_threads,
@@ -266,8 +271,8 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     add(
         "--workers",
         type=int,
-        help="local runs: worker processes, each with its own model; 1 = in process "
-        "(run.workers; default: one per core)",
+        help="local runs: worker processes, each with its own model (run.workers; default 1: "
+        "in process, which keeps the cores busy with reader and TensorFlow threads)",
     )
     add(
         "--progress",

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-PATCHES = 600
+PATCHES = 1500
 MEMORY_RUNS = (8, 64)
 FIRST_SLIDE_RUN = 32
 WORKER_RUN = 16

@@ -40,6 +40,7 @@ def test_workers_become_beam_worker_processes_and_divide_the_tensorflow_threads(
     direct = PipelineOptions(args).view_as(DirectOptions)
     assert (direct.direct_num_workers, direct.direct_running_mode) == (2, "multi_processing")
     assert cfg.model.intra_op_threads == max(1, cpu_count() // 2)
+    assert cfg.model.inter_op_threads == 1  # no idle pool spinning on another's cores
     assert "--foo=1" in args
 
     cfg, args = local_workers(_with(workers=1), [])
@@ -57,9 +58,9 @@ def test_workers_become_beam_worker_processes_and_divide_the_tensorflow_threads(
     _, args = local_workers(_with(), [])
     assert PipelineOptions(args).view_as(DirectOptions).direct_num_workers == 3
     monkeypatch.delenv("PATHEMBED_WORKERS")
-    _, args = local_workers(_with(), [])
-    expected = cpu_count() if cpu_count() > 1 else 1
-    assert PipelineOptions(args).view_as(DirectOptions).direct_num_workers == expected
+    cfg, args = local_workers(_with(), [])
+    assert args == []  # nothing says: one process (measured faster on 2 cores than two)
+    assert cfg.model.intra_op_threads == cpu_count()
 
 
 def test_the_dataflow_section_sets_processes_threads_and_model_copies():
