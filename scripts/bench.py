@@ -506,10 +506,12 @@ def run_pipeline(
     cache_dir: pathlib.Path,
     extra: list[str] = (),
 ) -> dict:
-    """`pathembed run` in a child process: wall, peak RSS (overall and per phase), summary.
+    """`pathembed run` in a child process: wall, CPU seconds (the run and its worker
+    processes), peak RSS (of the run's process and of its whole process tree; per phase), the
+    run's summary.
 
-    In process (`--workers 1`) unless `extra` says otherwise: the RSS and the per-phase log
-    markers are those of that one process."""
+    In process (`--workers 1`) unless `extra` says otherwise: the per-phase log markers are
+    those of that one process."""
     argv = [
         sys.executable,
         "-c",
@@ -529,6 +531,7 @@ def run_pipeline(
     ]
     samples: list[tuple[float, int]] = []
     started = time.time()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = subprocess.Popen(
         argv,
         cwd=ROOT,
@@ -543,10 +546,12 @@ def run_pipeline(
         proc = psutil.Process(child.pid)
         while not done.is_set():
             try:
-                samples.append((time.time(), proc.memory_info().rss))
-            except psutil.Error:
-                break
-            done.wait(0.1)
+                tree = [proc, *proc.children(recursive=True)]
+                samples.append((time.time(), sum(p.memory_info().rss for p in tree)))
+            except psutil.NoSuchProcess as gone:
+                if gone.pid == proc.pid:
+                    break  # the run ended (a worker that ended is sampled again next time)
+            done.wait(0.05)
 
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
@@ -554,6 +559,8 @@ def run_pipeline(
     done.set()
     sampler.join()
     wall = time.time() - started
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped: the run and its workers
+    cpu_s = cpu.ru_utime + cpu.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
     if child.returncode != 0:
         raise RuntimeError(f"pathembed run failed ({child.returncode}):\n{stderr[-3000:]}")
     max_rss = int(re.search(r"BENCH_MAXRSS_KB (\d+)", stdout).group(1)) * 1024
@@ -579,7 +586,14 @@ def run_pipeline(
             phases[name] = max(in_phase) if in_phase else None
     [summary_file] = sorted((out / "runs").glob("*.json"))[-1:]
     summary = json.loads(summary_file.read_text())
-    return {"wall_s": wall, "max_rss": max_rss, "phase_max_rss": phases, **summary}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu_s,
+        "max_rss": max_rss,
+        "peak_rss_tree": max((rss for _, rss in samples), default=max_rss),
+        "phase_max_rss": phases,
+        **summary,
+    }
 
 
 def pooling_model(directory: pathlib.Path) -> pathlib.Path:
@@ -949,7 +963,9 @@ def main(argv: list[str] | None = None) -> int:
         log("scale: runs of 8 to 64 slides (memory, first slide, workers)")
         frames = bench_slides.tissue_frames(workdir / "slides" / "medium-20x" / "level-0.dcm", 200)
         model = pooling_model(workdir / "models" / "bench-pool")
-        scale_rows, scale_ratios, scale = bench_scale.part_scale(workdir, cache_dir, model, frames)
+        scale_rows, scale_ratios, scale = bench_scale.part_scale(
+            workdir, cache_dir, model, frames, run_pipeline
+        )
         for r in scale_rows:
             rows.append(
                 Row("scale", r["what"], round(r["patches_per_s"] * r["wall_s"]), "patches",

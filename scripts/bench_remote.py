@@ -33,9 +33,9 @@ import time
 from collections.abc import Iterator
 
 import pydicom
-import requests
 from pydicom.encaps import encapsulate, generate_frames
 
+from tests import servers
 from transforms import patches
 from transforms.dicom_io import byte_ranges
 
@@ -153,38 +153,14 @@ def delay_proxy(upstream_port: int, delay: float = DELAY_S) -> Iterator[int]:
         process.wait(timeout=10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def emulator(workdir: pathlib.Path) -> Iterator[int]:
     """gcp-storage-emulator (threaded, objects kept) on 127.0.0.1; yields its port."""
-    port = _free_port()
-    log = (workdir / "gcs-emulator.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-c", _EMULATOR, str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"http://127.0.0.1:{port}/storage/v1/b", timeout=2).ok:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gcp-storage-emulator did not start: see {log.name}")
-            time.sleep(0.2)
+    port = servers.free_port()
+    args = [sys.executable, "-c", _EMULATOR, str(port)]
+    ready = f"http://127.0.0.1:{port}/storage/v1/b"
+    with servers.server_process(args, ready, workdir / "gcs-emulator.log"):
         yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 def _upload(port: int, objects: dict[str, pathlib.Path]) -> None:

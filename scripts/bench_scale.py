@@ -17,14 +17,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-import resource
-import subprocess
-import sys
-import threading
 import time
 from typing import Any
-
-import psutil
 
 PATCHES = 1500
 MEMORY_RUNS = (8, 64)
@@ -56,51 +50,19 @@ def subset(slides: pathlib.Path, count: int, into: pathlib.Path) -> pathlib.Path
     return into
 
 
-def run(
-    input_dir: pathlib.Path, out: pathlib.Path, model: pathlib.Path, cache_dir: pathlib.Path,
-    workers: int,
-) -> dict[str, Any]:  # fmt: skip
-    """One `pathembed run`: wall, peak RSS of its process tree, completion marker times."""
-    argv = [
-        sys.executable, "-m", "pipeline", "run", "--input", str(input_dir),
-        "--output-root", str(out), "--model", str(model), "--set",
-        f"model.cache_dir={cache_dir}", "--workers", str(workers), "--progress", "off",
-    ]  # fmt: skip
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+def run(run_pipeline, input_dir: pathlib.Path, out: pathlib.Path, model, cache_dir, workers: int):
+    """One `pathembed run` (bench.run_pipeline: wall, CPU, peak RSS of the process tree) and
+    the times its slides became complete (their completion markers)."""
     started = time.time()
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    child = subprocess.Popen(
-        argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    result = run_pipeline(
+        input_dir, out, str(model), cache_dir, ["--workers", str(workers), "--progress", "off"]
     )
-    peak, done = [0], threading.Event()
-
-    def sample() -> None:
-        proc = psutil.Process(child.pid)
-        while not done.is_set():
-            try:
-                tree = [proc, *proc.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree))
-            except psutil.Error:
-                pass
-            done.wait(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, stderr = child.communicate()
-    done.set()
-    sampler.join()
-    wall = time.time() - started
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run and its workers
-    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    if child.returncode != 0:
-        raise RuntimeError(f"pathembed run failed ({child.returncode}):\n{stderr[-3000:]}")
     markers = sorted(p.stat().st_mtime for p in out.glob("*/path_foundation/v1/_COMPLETE.json"))
     return {
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "cores_used": cpu / wall,
-        "peak_rss_tree": peak[0],
+        "wall_s": result["wall_s"],
+        "cpu_s": result["cpu_s"],
+        "cores_used": result["cpu_s"] / result["wall_s"],
+        "peak_rss_tree": result["peak_rss_tree"],
         "slides": len(markers),
         "first_complete_s": markers[0] - started,
         "last_complete_s": markers[-1] - started,
@@ -115,15 +77,18 @@ def steady_patches_per_s(result: dict[str, Any]) -> float:
     return (result["slides"] - 1) * PATCHES / span if span > 0 else float("nan")
 
 
-def part_scale(workdir: pathlib.Path, cache_dir: pathlib.Path, model: pathlib.Path, frames):
-    """(rows as dicts, ratios as (name, value, target, holds, note), the raw runs)."""
+def part_scale(
+    workdir: pathlib.Path, cache_dir: pathlib.Path, model: pathlib.Path, frames, run_pipeline
+):
+    """(rows as dicts, ratios as (name, value, target, holds, note), the raw runs);
+    `run_pipeline`: bench.run_pipeline."""
     slides = write_slides(workdir, frames, max(MEMORY_RUNS))
     runs: dict[str, dict[str, Any]] = {}
 
     def measure(label: str, count: int, workers: int) -> dict[str, Any]:
         folder = subset(slides, count, workdir / f"scale-input-{count}")
         out = workdir / f"scale-out-{label}-{time.time_ns()}"
-        runs[label] = run(folder, out, model, cache_dir, workers)
+        runs[label] = run(run_pipeline, folder, out, model, cache_dir, workers)
         return runs[label]
 
     small, large = (measure(f"memory-{n}", n, 1) for n in MEMORY_RUNS)

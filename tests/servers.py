@@ -46,7 +46,8 @@ def _wait(url: str, process: subprocess.Popen, log: Path, timeout: float = 30) -
 
 
 @contextlib.contextmanager
-def _process(args: list[str], ready_url: str, log: Path, env=None) -> Iterator[None]:
+def server_process(args: list[str], ready_url: str, log: Path, env=None) -> Iterator[None]:
+    """Runs `args` (output to `log`) until `ready_url` answers; stops it on leaving."""
     with log.open("wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -93,7 +94,9 @@ def orthanc(workdir: Path, port: int | None = None) -> Iterator[str]:
     }
     path = workdir / "orthanc.json"
     path.write_text(json.dumps(config))
-    with _process([ORTHANC, str(path)], f"http://127.0.0.1:{port}/system", workdir / "log.txt"):
+    with server_process(
+        [ORTHANC, str(path)], f"http://127.0.0.1:{port}/system", workdir / "log.txt"
+    ):
         yield f"http://127.0.0.1:{port}/dicom-web"
 
 
@@ -126,7 +129,7 @@ def gcs_emulator(workdir: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     args = [str(exe), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"]
     previous = os.environ.get("STORAGE_EMULATOR_HOST")
-    with _process(args, f"{url}/storage/v1/b", workdir / "gcs.log"):
+    with server_process(args, f"{url}/storage/v1/b", workdir / "gcs.log"):
         os.environ["STORAGE_EMULATOR_HOST"] = url
         try:
             yield url

@@ -56,5 +56,5 @@ class SlideError(Exception):
         self.reason = reason
         self.message = message
 
-    def __reduce__(self):  # keep reason and message when Beam pickles the exception
-        return (SlideError, (self.reason, self.message))
+    def __reduce__(self):  # keep class, reason and message when Beam pickles the exception
+        return (type(self), (self.reason, self.message))

@@ -155,9 +155,6 @@ class PlanSlideFn(beam.DoFn):
 class ReadError(SlideError):
     """A chunk of the slide could not be read: its failure row says stage `read`."""
 
-    def __reduce__(self):
-        return (ReadError, (self.reason, self.message))
-
 
 def read_chunk(
     chunk: PatchChunk, patch_size: int, icc_profile: str = "none", reduced: bool = False

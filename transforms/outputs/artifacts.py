@@ -314,7 +314,7 @@ def _write(path: str, data: bytes) -> None:
         handle.write(data)
 
 
-def _write_all(files: Mapping[str, bytes], run_id: str) -> None:
+def write_files(files: Mapping[str, bytes], run_id: str) -> None:
     """Each file under a temporary name, then all renamed: no reader sees a half-written one."""
     temporary = {uri: f"{uri}.tmp-{run_id}" for uri in files}
     for uri, data in files.items():
@@ -348,7 +348,7 @@ def write_artifacts(
     deleted before the marker is written."""
     if FileSystems.exists(paths.complete_marker):
         FileSystems.delete([paths.complete_marker])
-    _write_all(files, run_id)
+    write_files(files, run_id)
     written = {posixpath.basename(uri) for uri in files}
     clusters = FileSystems.match([FileSystems.join(paths.directory, "embeddings_*.npy")])
     old_clusters = [
@@ -357,7 +357,7 @@ def write_artifacts(
     if old_clusters:
         FileSystems.delete(old_clusters)
     if rows:
-        _write_all(rows, run_id)
+        write_files(rows, run_id)
     marker = {**marker, "files": file_digests(files)}
     _write(paths.complete_marker, json_bytes(marker))
     # Temporaries of a killed run would otherwise stay. This run's own names are left alone:

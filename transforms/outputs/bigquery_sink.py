@@ -26,7 +26,7 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.bigquery import render_sql, run_script, validate_table_id
+from transforms.bigquery import client, render_sql, run_script, validate_table_id
 from transforms.outputs.layout import run_rows_dir, run_summary_uri, table_dir
 from transforms.outputs.tables import (
     SCHEMAS,
@@ -221,8 +221,6 @@ def merge_run(
     """After the job: loads the row files of run `run_id` (and of earlier runs never merged)
     into staging tables, merges them into the final ones and drops them, one run after
     another. Needs BigQuery credentials (or `bq`, a client). Returns the runs it merged."""
-    from transforms.bigquery import client
-
     bq = bq or client(project)
     merged = unmerged_runs(output_root, run_id)
     for run_id_ in merged:

@@ -417,6 +417,13 @@ def held(paths: ArtifactPaths, run_id: str, ttl_s: float) -> Iterator[Lease | No
             lease.release()
 
 
+def release(paths: ArtifactPaths, run_id: str) -> None:
+    """Frees the slide if run `run_id` holds its live lease (a slide that failed), else
+    leaves it alone."""
+    if live_holder(paths) == run_id:
+        Lease(paths, run_id, 0.0, 0.0, enforced=True).release()
+
+
 def live_holder(paths: ArtifactPaths) -> str | None:
     """The run_id of the live lease on the slide, or None (no lease, an expired one, or a
     scheme without leases)."""

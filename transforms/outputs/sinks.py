@@ -19,9 +19,9 @@ import hashlib
 from collections.abc import Iterator
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
 from transforms.outputs import lease
+from transforms.outputs.artifacts import write_files
 from transforms.outputs.bigquery_sink import checked_row
 from transforms.outputs.layout import ArtifactPaths, row_file
 from transforms.outputs.tables import parquet_bytes
@@ -47,10 +47,7 @@ class WriteFailureRowFn(beam.DoFn):
     def process(self, row: dict) -> Iterator[str]:
         checked_row(row, "failures")
         uri = row_file(self._root, "failures", self._run_id, failure_key(row))
-        temporary = f"{uri}.tmp-{self._run_id}"
-        with FileSystems.create(temporary) as handle:
-            handle.write(parquet_bytes("failures", [row]))
-        FileSystems.rename([temporary], [uri])
+        write_files({uri: parquet_bytes("failures", [row])}, self._run_id)
         self._release(row)
         yield uri
 
@@ -61,5 +58,4 @@ class WriteFailureRowFn(beam.DoFn):
             paths = ArtifactPaths.for_slide(self._root, row["instance_uuid"])
         except ValueError:
             return
-        if lease.live_holder(paths) == self._run_id:
-            lease.acquire(paths, self._run_id, 0).release()
+        lease.release(paths, self._run_id)
