@@ -3,9 +3,12 @@
 The sample slide medium-20x is uploaded to gcp-storage-emulator (started here, on 127.0.0.1)
 and read through `DelayProxy`, a TCP proxy (threads, in a child process) that holds every request
 50 ms before passing it on, so each range request waits a round trip as it would to a bucket. The
-same chunks are assembled (`patches.read_patches`, each chunk's frames fetched in one batch)
-from the local file and from gs:// through the proxy: patches/s of both, their ratio
-(target: bucket >= 0.7 x local), requests and bytes per chunk, for several merge gaps. Then an
+slide's chunks are read as the pipeline's EmbedSlide step reads them (`stages.embed_plan`: its
+reader threads, chunks queued ahead, a remote slide's frames fetched FETCH_LEAD chunks further;
+no model) from the local file and from gs:// through the proxy: patches/s of both and their
+ratio (target: bucket >= 0.7 x local); also with no fetch lead. For comparison, the same chunks
+assembled one at a time (`patches.read_patches`): patches/s, requests and bytes per chunk, for
+several merge gaps. Then an
 instance without offset table (the same level rewritten without its Basic Offset Table): the
 requests its frame index takes (target: <= size / 8 MiB + 2), and again in the same process
 (0: the index is kept per process).
@@ -21,8 +24,8 @@ level, which GCS does not spend).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import pathlib
 import socket
@@ -30,19 +33,21 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 
+import numpy as np
 import pydicom
 from pydicom.encaps import encapsulate, generate_frames
 
+from models.signature import EMBEDDING_DIM
 from tests import servers
-from transforms import patches
+from transforms import patches, stages
 from transforms.dicom_io import byte_ranges
 
 DELAY_S = 0.05
 BUCKET = "bench-remote"
 GAPS = (0, 64 * 1024, 128 * 1024, 1024 * 1024)
-IN_FLIGHT = (2, 4)  # chunks read at once, as a Beam worker running that many bundles
 MIB = 1024 * 1024
 
 _EMULATOR = """
@@ -193,10 +198,9 @@ def _without_offset_table(src: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def _assemble(uris: list[str], sop: str, chunks, downsample: float, in_flight: int = 1) -> dict:
+def _assemble(uris: list[str], sop: str, chunks, downsample: float) -> dict:
     """Opens the slide (headers, frame index of the level), then assembles every chunk, one
-    at a time or `in_flight` at once (threads, one frame cache): wall and CPU seconds of the
-    chunks, requests and bytes they took."""
+    at a time: wall and CPU seconds of the chunks, requests and bytes they took."""
     t0 = time.perf_counter()
     slide = byte_ranges.open_range_slide(uris)
     level = patches.level_of(slide, sop)
@@ -210,11 +214,7 @@ def _assemble(uris: list[str], sop: str, chunks, downsample: float, in_flight: i
     def read(chunk) -> int:
         return len(patches.read_patches(slide, level, chunk.coords, downsample, 224, cache))
 
-    if in_flight == 1:
-        n = sum(map(read, chunks))
-    else:
-        with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
-            n = sum(pool.map(read, chunks))
+    n = sum(map(read, chunks))
     return {
         "patches": n,
         "chunks": len(chunks),
@@ -225,6 +225,46 @@ def _assemble(uris: list[str], sop: str, chunks, downsample: float, in_flight: i
         "bytes": slide.io.bytes - before[1],
         "decodes": cache.decodes,
     }
+
+
+def _through_reader(record, uris: list[str], chunks, fetch_lead: int | None = None) -> dict:
+    """The EmbedSlide step's reading of the slide as the pipeline does it (stages.embed_plan:
+    its reader threads, chunks queued ahead, a remote slide's frames fetched `fetch_lead`
+    chunks further, default stages.FETCH_LEAD), with no model: wall and CPU seconds once the
+    slide is open."""
+    files = tuple((sop, uri) for (sop, _), uri in zip(record.files, uris, strict=True))
+    record = dataclasses.replace(record, files=files)
+    chunks = [dataclasses.replace(c, record=record) for c in chunks]
+    plan = types.SimpleNamespace(coords=np.concatenate([c.coords for c in chunks]), chunks=chunks)
+    patches.open_slide.cache_clear()
+    patches.FRAMES.clear()
+    t0 = time.perf_counter()
+    slide = patches.open_slide(files, record.dicomweb_auth)  # the key read_chunk uses
+    for reader in slide._files._readers.values():
+        reader._ensure_index()
+    opened = time.perf_counter() - t0
+    before = (slide.io.requests, slide.io.bytes)
+    lead = stages.FETCH_LEAD
+    stages.FETCH_LEAD = lead if fetch_lead is None else fetch_lead
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        embeddings = stages.embed_plan(
+            plan, lambda pixels: np.zeros((len(pixels), EMBEDDING_DIM)), 224
+        )
+    finally:
+        stages.FETCH_LEAD = lead
+    result = {
+        "patches": len(embeddings),
+        "chunks": len(chunks),
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "open_s": opened,
+        "requests": slide.io.requests - before[0],
+        "bytes": slide.io.bytes - before[1],
+        "decodes": patches.FRAMES.decodes,
+    }
+    patches.open_slide.cache_clear()
+    return result
 
 
 def _best(runs: list[dict]) -> dict:
@@ -257,17 +297,18 @@ def bench_remote(record, chunks, workdir: pathlib.Path, rounds: int) -> dict:
         remote_uris = [f"gs://{BUCKET}/{names[p]}" for p in files]
         try:
             local, remote = [], {gap: [] for gap in GAPS}
-            local_k = {k: [] for k in IN_FLIGHT}
-            remote_k = {k: [] for k in IN_FLIGHT}
+            reader = {"local": [], "remote": [], "remote_no_lead": []}
             for _ in range(rounds):
+                reader["local"].append(_through_reader(record, local_uris, chunks))
+                reader["remote"].append(_through_reader(record, remote_uris, chunks))
+                reader["remote_no_lead"].append(
+                    _through_reader(record, remote_uris, chunks, fetch_lead=0)
+                )
                 local.append(_assemble(local_uris, sop, chunks, d))
                 for gap in GAPS:
                     byte_ranges.REMOTE_MERGE_GAP = gap
                     remote[gap].append(_assemble(remote_uris, sop, chunks, d))
                 byte_ranges.REMOTE_MERGE_GAP = saved[1]
-                for k in IN_FLIGHT:
-                    local_k[k].append(_assemble(local_uris, sop, chunks, d, k))
-                    remote_k[k].append(_assemble(remote_uris, sop, chunks, d, k))
             # Before issue 14: one range after another, 16 KiB merge gap (one round).
             byte_ranges.GcsSource.concurrent = False
             try:
@@ -290,8 +331,16 @@ def bench_remote(record, chunks, workdir: pathlib.Path, rounds: int) -> dict:
     best_local = _best(local)
     best_remote = {gap: _best(runs) for gap, runs in remote.items()}
     default = best_remote[saved[1]]
+    best = {name: _best(runs) for name, runs in reader.items()}
     return {
         "delay_s": DELAY_S,
+        "reader": {
+            **best,
+            "ratio": best["local"]["wall_s"] / best["remote"]["wall_s"],
+            "ratio_no_lead": best["local"]["wall_s"] / best["remote_no_lead"]["wall_s"],
+            "fetch_lead": stages.FETCH_LEAD,
+            "rounds": reader,
+        },
         "local": best_local,
         "remote_by_gap": {str(g): r for g, r in best_remote.items()},
         "default_gap": saved[1],
@@ -313,14 +362,6 @@ def bench_remote(record, chunks, workdir: pathlib.Path, rounds: int) -> dict:
         "decodes": sorted({r["decodes"] for r in [best_local, *best_remote.values()]}),
         "rate_local": best_local["patches"] / best_local["wall_s"],
         "rate_remote": default["patches"] / default["wall_s"],
-        "in_flight": {
-            str(k): {
-                "local": _best(local_k[k]),
-                "remote": _best(remote_k[k]),
-                "ratio": _best(local_k[k])["wall_s"] / _best(remote_k[k])["wall_s"],
-            }
-            for k in IN_FLIGHT
-        },
     }
 
 
@@ -342,12 +383,13 @@ def summary_lines(info: dict) -> list[str]:
         f"  local: {local['patches'] / local['wall_s']:,.0f} patches/s "
         f"({local['requests'] / local['chunks']:.1f} reads/chunk); ratio {info['ratio']:.2f}"
     )
-    for k, both in info["in_flight"].items():
-        a, b = both["local"], both["remote"]
-        lines.append(
-            f"  {k} chunks in flight: local {a['patches'] / a['wall_s']:,.0f}, "
-            f"gs:// {b['patches'] / b['wall_s']:,.0f} patches/s; ratio {both['ratio']:.2f}"
-        )
+    r = info["reader"]
+    lines.append(
+        f"  through the pipeline's reader (stages.embed_plan, no model): local "
+        f"{r['local']['patches'] / r['local']['wall_s']:,.0f}, gs:// "
+        f"{r['remote']['patches'] / r['remote']['wall_s']:,.0f} patches/s; ratio "
+        f"{r['ratio']:.2f} (fetch lead {r['fetch_lead']}; {r['ratio_no_lead']:.2f} with none)"
+    )
     idx = info["index_no_offset_table"]
     lines.append(
         f"  index without offset table ({idx['frames']} frames, {idx['instance_bytes'] / MIB:.1f}"

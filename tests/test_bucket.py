@@ -4,6 +4,7 @@ IDC's bucket layout, reading a slide the way the pipeline does."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from pathlib import Path
@@ -14,8 +15,9 @@ import pytest
 from ez_wsi_dicomweb import dicom_frame_decoder, dicom_slide
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 
+from models.signature import EMBEDDING_DIM
 from tests import servers
-from transforms import patches
+from transforms import patches, stages
 from transforms.dicom_io import byte_ranges
 from transforms.plan import PlanParams, plan_slide
 from transforms.sources import idc
@@ -160,6 +162,66 @@ def test_pipeline_reads_from_the_bucket_only_the_frames_it_needs(idc_like_bucket
     assert isinstance(slide, byte_ranges.RangeDicomSlide)
     assert slide.io.bytes < 0.8 * slide.instance_bytes
     assert slide.io.frames / slide.io.requests > 4  # frames per request
+    patches.open_slide.cache_clear()
+
+
+def test_the_slide_reader_fetches_queued_chunks_ahead(idc_like_bucket, sample_slides):
+    """embed_plan asks for the frames of the chunks behind the one being decoded before their
+    reads start (remote sources only); a read then finds its frames fetched, and a slide's
+    embeddings are those of the local file."""
+    series_uuid, uuids = idc_like_bucket
+    (local,) = enumerate_dicom_folder(sample_slides / "small-40x")
+    by_sop = {sop: f"gs://idc-test/{series_uuid}/{u}.dcm" for sop, u in uuids.items()}
+    remote = dataclasses.replace(local, files=tuple((s, by_sop[s]) for s, _ in local.files))
+    params = PlanParams(chunk_size=16)  # small chunks: 20 or so in this slide
+    size = params.patch_size
+
+    def fresh(record):
+        patches.open_slide.cache_clear()
+        patches.FRAMES.clear()
+        return patches.open_slide(record.files, record.dicomweb_auth)
+
+    slide = fresh(remote)
+    plan, chunks = plan_slide(remote, params)
+    local_plan, _ = plan_slide(local, params)
+
+    def frames_asked_for(n: int) -> int:  # by fetch_ahead of the first n chunks
+        counted = fresh(remote)
+        for chunk in chunks[:n]:
+            stages.fetch_ahead([chunk], size)
+        return counted.io.frames
+
+    # fetch_ahead returns with the chunk's requests in the fetch pool; its read asks no more.
+    slide = fresh(remote)
+    level = patches.level_of(slide, remote.sop_instance_uid)
+    stages.fetch_ahead(chunks[1:2], size)
+    asked = slide.io.frames
+    assert asked > 0 and any(r._pending for r in slide._files._readers.values())
+    patches.read_patches(slide, level, chunks[1].coords, remote.levels.downsample)
+    assert slide.io.frames == asked
+    # A local slide is read when its chunk is: fetch_ahead reads nothing.
+    local_slide = fresh(local)
+    opened = local_slide.io.requests  # its headers
+    stages.fetch_ahead(local_plan.chunks[2:3], size)
+    assert local_slide.io.requests == opened and local_slide.io.frames == 0
+
+    queued = 2 + 1  # embed_plan's default reader threads + 1
+    lead = min(len(chunks), queued + stages.FETCH_LEAD)
+    assert len(chunks) > lead and frames_asked_for(lead) > frames_asked_for(queued + 1)
+    expected_asked = frames_asked_for(lead + 1)
+    seen = []
+
+    def embed(pixels):  # records, at each chunk, the frames asked for so far
+        seen.append(slide.io.frames)
+        return pixels.reshape(len(pixels), -1)[:, :EMBEDDING_DIM].astype(np.float32)
+
+    slide = fresh(remote)
+    got = stages.embed_plan(plan, embed, size)
+    # When the first chunk was embedded, the next chunks' frames, FETCH_LEAD more than the
+    # readers had started, were asked for.
+    assert seen[0] >= expected_asked
+    fresh(local)
+    assert np.array_equal(got, stages.embed_plan(local_plan, embed, size))
     patches.open_slide.cache_clear()
 
 

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
 import pytest
-import requests
 
 from pipeline import summary
 from pipeline.cli import main
@@ -126,6 +125,12 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
         self.auth.append(self.headers.get("Authorization"))
         if action.startswith("sleep"):
             time.sleep(float(action[5:]))
+        if action == "short":  # promises the range, sends half of it, hangs up
+            self.send_response(206)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(self.BODY[:50])
+            return
         if action.isdigit():
             self.send_response(int(action))
             self.send_header("Content-Length", "0")
@@ -133,7 +138,7 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
             return
         body = self.BODY
         status = 200
-        if "Range" in self.headers:
+        if "Range" in self.headers and action != "norange":
             start, end = self.headers["Range"].removeprefix("bytes=").split("-")
             body, status = body[int(start) : int(end) + 1], 206
         self.send_response(status)
@@ -183,9 +188,23 @@ def test_retries_are_bounded_and_end_in_transient_http(flaky):
 
 def test_a_permanent_error_is_not_retried(flaky):
     _Flaky.plan = ["404", "ok"]
-    with pytest.raises(requests.HTTPError):
+    with pytest.raises(OSError, match="HTTP 404"):
         HttpSource(flaky).read(0, 10)
     assert _Flaky.seen == ["404"]
+
+
+def test_a_body_cut_short_is_retried_and_a_range_never_ignored(flaky):
+    _Flaky.plan = ["short", "ok"]
+    assert HttpSource(flaky).read(100, 200) == _Flaky.BODY[100:200]
+    assert _Flaky.seen == ["short", "ok"]
+    _Flaky.plan = ["norange"]
+    with pytest.raises(OSError, match="ignored the Range header"):
+        HttpSource(flaky).read(100, 200)
+    # a patch is never built from such bytes: the chunk's read fails the slide at `read`
+    with pytest.raises(SlideError) as failure, patches.slide_errors("reading frame 1"):
+        _Flaky.plan = ["norange"]
+        HttpSource(flaky).read(100, 200)
+    assert failure.value.reason == "read_error"
 
 
 def test_a_refused_connection_is_transient(monkeypatch):

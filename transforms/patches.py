@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -354,6 +355,71 @@ def _decoded(
     return pixels
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where a chunk's patches lie in a level's decoded frames: patch rows (indices into
+    coords, top to bottom) and the frames each row overlaps."""
+
+    reduce: int  # halvings done in the codec (read.reduced_decode)
+    grid: FrameGrid  # the level's frames in decoded pixels
+    native: int  # a patch's side in decoded pixels
+    starts: np.ndarray  # int64 [n, 2]: each patch's top-left in decoded pixels
+    footprint: tuple[int, int, int, int]  # x0, y0, x1, y1 of all patches
+    rows: list[np.ndarray]
+    row_numbers: list[list[int]]
+
+    @classmethod
+    def of(cls, level, coords: np.ndarray, downsample: float, patch_size: int, reduced: bool):
+        reduce = _reduction(level, downsample, reduced)
+        d = downsample / (1 << reduce)  # from the patch frame to decoded pixels
+        grid = _decoded_grid(level, reduce)
+        # decoded pixels past the level's edge are the codec's rounding up: never read them
+        width, height = level.width >> reduce, level.height >> reduce
+        native = round(patch_size * d)
+        starts = np.floor(coords * d).astype(np.int64)
+        starts[:, 0] = np.minimum(starts[:, 0], width - native)
+        starts[:, 1] = np.minimum(starts[:, 1], height - native)
+        x0, y0 = starts.min(axis=0).tolist()
+        x1, y1 = (starts.max(axis=0) + native).tolist()
+        order = np.lexsort((starts[:, 0], starts[:, 1]))
+        rows = np.split(order, np.flatnonzero(np.diff(starts[order, 1])) + 1)
+        row_numbers = []  # per patch row: the frames it overlaps
+        for members in rows:
+            sy = int(starts[members[0], 1])
+            xs = starts[members, 0].tolist()
+            columns = sorted({c for sx in xs for c in grid.columns(sx, native)})
+            row_numbers.append([grid.number(r, c) for r in grid.rows(sy, native) for c in columns])
+        return cls(reduce, grid, native, starts, (x0, y0, x1, y1), rows, row_numbers)
+
+    def fetch(self, slide, level, cache: FrameCache | None) -> _ChunkFrames:
+        """The chunk's frames, their stored bytes fetched (remote: the requests in flight)."""
+        frames = _ChunkFrames(
+            slide, level, FRAMES if cache is None else cache, self.footprint, self.reduce
+        )
+        frames.prefetch({n for numbers in self.row_numbers for n in numbers})
+        return frames
+
+
+def fetch_ahead(
+    slide: dicom_slide.LocalDicomSlide,
+    level: slide_level_map.Level,
+    coords: np.ndarray,
+    downsample: float,
+    patch_size: int = 224,
+    reduced: bool = False,
+    cache: FrameCache | None = None,
+) -> None:
+    """Starts fetching the stored frames that `read_patches` will need for these patches and
+    returns at once, where the slide fetches concurrently (remote byte ranges: the requests go
+    to the fetch pool); elsewhere it does nothing (a local read is as fast done when needed).
+    The chunk reader calls it for the chunks queued behind the one being decoded, so their
+    round trips overlap its decoding (`transforms/stages.embed_plan`)."""
+    coords = np.asarray(coords, np.int64)
+    if len(coords) == 0 or not getattr(slide, "fetches_concurrently", False):
+        return
+    _Layout.of(level, coords, downsample, patch_size, reduced).fetch(slide, level, cache)
+
+
 def read_patches(
     slide: dicom_slide.LocalDicomSlide,
     level: slide_level_map.Level,
@@ -375,30 +441,11 @@ def read_patches(
     out = np.empty((len(coords), patch_size, patch_size, 3), np.uint8)
     if len(coords) == 0:
         return out
-    reduce = _reduction(level, downsample, reduced)
-    d = downsample / (1 << reduce)  # from the patch frame to decoded pixels
-    grid = _decoded_grid(level, reduce)
-    # decoded pixels past the level's edge are the codec's rounding up: never read them
-    width, height = level.width >> reduce, level.height >> reduce
-    native = round(patch_size * d)
-    starts = np.floor(coords * d).astype(np.int64)
-    starts[:, 0] = np.minimum(starts[:, 0], width - native)
-    starts[:, 1] = np.minimum(starts[:, 1], height - native)
+    lay = _Layout.of(level, coords, downsample, patch_size, reduced)
+    frames = lay.fetch(slide, level, cache)
+    grid, native, starts = lay.grid, lay.native, lay.starts
+    rows, row_numbers = lay.rows, lay.row_numbers
     fw, fh = grid.frame_width, grid.frame_height
-    x0, y0 = starts.min(axis=0).tolist()
-    x1, y1 = (starts.max(axis=0) + native).tolist()
-    frames = _ChunkFrames(
-        slide, level, FRAMES if cache is None else cache, (x0, y0, x1, y1), reduce
-    )
-    order = np.lexsort((starts[:, 0], starts[:, 1]))
-    rows = np.split(order, np.flatnonzero(np.diff(starts[order, 1])) + 1)
-    row_numbers = []  # per patch row: the frames it overlaps
-    for members in rows:
-        sy = int(starts[members[0], 1])
-        xs = starts[members, 0].tolist()
-        columns = sorted({c for sx in xs for c in grid.columns(sx, native)})
-        row_numbers.append([grid.number(r, c) for r in grid.rows(sy, native) for c in columns])
-    frames.prefetch({n for numbers in row_numbers for n in numbers})
     scratch = None if native == patch_size else np.empty((native, native, 3), np.uint8)
     for k, members in enumerate(rows):
         sy = int(starts[members[0], 1])

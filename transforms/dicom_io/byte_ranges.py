@@ -13,9 +13,11 @@ from local files: JPEG baseline and JPEG 2000 by faster decoders of the same lib
 regions are assembled by ez-wsi's own `LocalDicomSlide`, fed by a frame interface that reads
 ranges. So a slide read here gives the same pixels as the same files on local disk.
 
-gs:// goes through google-cloud-storage (`Blob.download_as_bytes(start=, end=)`, anonymous:
-IDC's buckets are public; STORAGE_EMULATOR_HOST points it at an emulator), s3:// through the
-bucket's public HTTPS endpoint with Range headers, local paths through `os.pread`.
+gs:// objects' size and generation come from google-cloud-storage (anonymous: IDC's buckets are
+public; STORAGE_EMULATOR_HOST points it at an emulator) and their ranges, of that generation,
+from the JSON API's media URL; s3:// through the bucket's public HTTPS endpoint. Remote ranges
+are read by `range_get` (kept-alive http.client connections, retry.py's policy), local paths
+through `os.pread`.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from ez_wsi_dicomweb import (
 from ez_wsi_dicomweb.ml_toolkit import dicom_path, tags
 
 from transforms import metrics, urls
-from transforms.dicom_io import codecs, geometry, gpu_decode, retry
+from transforms.dicom_io import codecs, geometry, gpu_decode, range_get, retry
 from transforms.dicom_io.frames import FrameGrid
 from transforms.errors import ReasonCode, SlideError
 from transforms.urls import is_remote
@@ -80,6 +82,7 @@ WALK_BLOCK = 8 * 1024 * 1024  # an instance without offset table is indexed in b
 INDEX_CACHE_ENTRIES = 256  # frame indexes kept per worker process (18k frames: ~1 MB each)
 FRAME_CACHE_BYTES = 64 * 1024 * 1024  # stored (compressed) frame bytes kept per instance
 S3_ENDPOINT = "https://{bucket}.s3.amazonaws.com/{key}"
+GCS_ENDPOINT = "https://storage.googleapis.com"
 _ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
 _SEQUENCE_END = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
 _PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010)
@@ -255,15 +258,16 @@ class GcsSource(ByteSource):
         return self._generation
 
     def _read(self, start: int, end: int) -> bytes:
-        from google.api_core import exceptions
-
-        try:
-            return self._blob.download_as_bytes(
-                start=start, end=end - 1, checksum=None, timeout=_GCS_TIMEOUT,
-                retry=retry.gcs_retry(),
-            )  # fmt: skip
-        except exceptions.GoogleAPIError as exc:
-            raise _gcs_error(self.uri, exc) from exc
+        # Range GETs through range_get (cheaper per request than the client's download, see
+        # there), of the object's generation that size() saw: all of an instance's frames come
+        # from one version of it, the version its frame index is cached under.
+        self.size()
+        bucket, name = split_bucket_uri(self.uri)
+        base = os.environ.get("STORAGE_EMULATOR_HOST") or GCS_ENDPOINT
+        base = base if "://" in base else f"http://{base}"
+        query = "alt=media" + (f"&generation={self._generation}" if self._generation else "")
+        url = f"{base}/download/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}"
+        return range_get.get_range(f"{url}?{query}", start, end)
 
 
 class HttpSource(ByteSource):
@@ -325,10 +329,7 @@ class HttpSource(ByteSource):
         return self._version
 
     def _read(self, start: int, end: int) -> bytes:
-        response = self._request("GET", headers={"Range": f"bytes={start}-{end - 1}"})
-        if response.status_code != 206 and not (start == 0 and len(response.content) <= end):
-            raise OSError(f"{self._url} ignored the Range header (HTTP {response.status_code})")
-        return response.content
+        return range_get.get_range(self._url, start, end)
 
 
 def open_source(uri: str, stats: IoStats | None = None) -> ByteSource:
@@ -1018,6 +1019,11 @@ class RangeDicomSlide(dicom_slide.LocalDicomSlide):
     @property
     def instance_bytes(self) -> int:
         return sum(r.size for r in self._files._readers.values())
+
+    @property
+    def fetches_concurrently(self) -> bool:
+        """Whether `prefetch_frames` returns with its requests in flight (remote sources)."""
+        return any(r._source.concurrent for r in self._files._readers.values())
 
     def _prefetch(self, by_instance: dict[str, list[int]], what: str) -> None:
         """Starts the range reads of these frames (remote: concurrently, in flight when this

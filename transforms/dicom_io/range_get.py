@@ -1,0 +1,109 @@
+"""Range GETs for the frame fetch pool: kept-alive `http.client` connections, one per thread and
+host, with the project's retry policy (retry.py).
+
+Why not requests or google-cloud-storage for these reads: a worker's frame reads are many GETs
+of ~100-500 KB, made by the fetch pool while the same process decodes frames. Measured against
+gcp-storage-emulator on this project's 2-vCPU machine (160 KB ranges, 8 threads), a request
+costs the process 2.3 ms of CPU through a requests Session, 1.6 ms through urllib3's pool and
+0.4 ms here; through `Blob.download_as_bytes` (google-resumable-media on requests) a chunk's
+reads cost the pipeline's reader 3.6 ms of CPU each, under the GIL that the decoders need to
+hand their frames back. With those clients the bucket reader ran at half the local file's
+patches/s even with no added latency (`scripts/bench.py --only remote` and docs/performance.md
+"Remote reads"). Metadata (size, generation, ETag) still goes through google-cloud-storage and
+requests: one request per instance.
+
+The policy is retry.py's: transient statuses (429, 5xx), refused or reset connections, timeouts
+(connect and read) and bodies cut short are retried with exponential backoff, RETRIES times;
+then the slide fails with `transient_http`. A permanent status (403, 404, 416, ...) raises
+OSError at once, and so does a server that ignores the Range header.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import threading
+import time
+import urllib.parse
+
+from transforms import urls
+from transforms.dicom_io import retry
+
+_LOCAL = threading.local()  # {(scheme, host, port): HTTPConnection} of this thread
+_TLS = ssl.create_default_context()
+
+
+class PermanentHttpError(OSError):
+    """A status that a retry will not change (403, 404, 416, ...)."""
+
+    def __init__(self, status: int, reason: str, url: str):
+        super().__init__(f"HTTP {status} {reason} from {urls.redact_url(url)}")
+        self.status = status
+
+
+def _connection(parts: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+    key = (parts.scheme, parts.hostname, parts.port)
+    connections = _LOCAL.__dict__.setdefault("connections", {})
+    connection = connections.get(key)
+    if connection is None:
+        if parts.scheme == "https":
+            connection = http.client.HTTPSConnection(parts.hostname, parts.port, context=_TLS)
+        else:
+            connection = http.client.HTTPConnection(parts.hostname, parts.port)
+        connections[key] = connection
+    return connection
+
+
+def _drop(parts: urllib.parse.SplitResult) -> None:
+    connection = _LOCAL.__dict__.get("connections", {}).pop(
+        (parts.scheme, parts.hostname, parts.port), None
+    )
+    if connection is not None:
+        connection.close()
+
+
+def get_range(url: str, start: int, end: int, headers: dict[str, str] | None = None) -> bytes:
+    """Bytes [start, end) of the resource at `url` (http or https)."""
+    parts = urllib.parse.urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    request_headers = {**(headers or {}), "Range": f"bytes={start}-{end - 1}"}
+    what = f"GET {urls.redact_url(url)} bytes {start}-{end - 1}"
+    for attempt in range(retry.RETRIES + 1):
+        last = attempt == retry.RETRIES
+        try:
+            connection = _connection(parts)
+            if connection.sock is None:  # connect within the connect timeout, then read's
+                connection.timeout = retry.CONNECT_TIMEOUT_SECONDS
+                connection.connect()
+                connection.sock.settimeout(retry.READ_TIMEOUT_SECONDS)
+            connection.request("GET", target, headers=request_headers)
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
+            _drop(parts)
+            if last:
+                raise retry.transient_http(what, exc) from exc
+            _sleep(attempt)
+            continue
+        if response.will_close:
+            _drop(parts)
+        status = response.status
+        if status in retry.RETRY_STATUS:
+            if last:
+                raise retry.transient_http(what, OSError(f"HTTP {status} {response.reason}"))
+            _sleep(attempt, response.getheader("Retry-After"))
+            continue
+        if status == 206 or (status == 200 and start == 0 and len(body) <= end):
+            return body  # (http.client raised IncompleteRead for a body cut short)
+        if status >= 400:
+            raise PermanentHttpError(status, response.reason, url)
+        raise OSError(f"{urls.redact_url(url)} ignored the Range header (HTTP {status})")
+    raise AssertionError("unreachable")
+
+
+def _sleep(attempt: int, retry_after: str | None = None) -> None:
+    """retry.py's backoff (0.5, 1, 2, 4 s by default), or the server's Retry-After seconds."""
+    delay = min(retry.BACKOFF_SECONDS * 2**attempt, retry.MAX_BACKOFF_SECONDS)
+    if retry_after is not None and retry_after.isdigit():
+        delay = min(max(delay, float(retry_after)), retry.MAX_BACKOFF_SECONDS)
+    time.sleep(delay)
