@@ -207,6 +207,18 @@ def test_a_body_cut_short_is_retried_and_a_range_never_ignored(flaky):
     assert failure.value.reason == "read_error"
 
 
+def test_a_proxy_in_the_environment_is_used_for_range_reads(flaky, monkeypatch):
+    """HTTP_PROXY names the flaky server: a host that does not resolve is read through it."""
+    monkeypatch.setenv("HTTP_PROXY", flaky.rsplit("/", 1)[0])
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    source = HttpSource("http://slides.invalid/slide.dcm")
+    assert source.read(100, 200) == _Flaky.BODY[100:200]
+    _Flaky.plan = ["404"]
+    with pytest.raises(OSError, match="HTTP 404"):
+        HttpSource("http://slides.invalid/slide.dcm").read(0, 10)
+
+
 def test_a_refused_connection_is_transient(monkeypatch):
     from tests.servers import free_port
 

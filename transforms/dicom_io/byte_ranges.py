@@ -240,6 +240,7 @@ class GcsSource(ByteSource):
         self._blob = gcs_client().bucket(bucket).blob(name)
         self._size: int | None = None
         self._generation: str | None = None
+        self._ranges: range_get.RangeReader | None = None
 
     def size(self) -> int:
         from google.api_core import exceptions
@@ -261,13 +262,15 @@ class GcsSource(ByteSource):
         # Range GETs through range_get (cheaper per request than the client's download, see
         # there), of the object's generation that size() saw: all of an instance's frames come
         # from one version of it, the version its frame index is cached under.
-        self.size()
-        bucket, name = split_bucket_uri(self.uri)
-        base = os.environ.get("STORAGE_EMULATOR_HOST") or GCS_ENDPOINT
-        base = base if "://" in base else f"http://{base}"
-        query = "alt=media" + (f"&generation={self._generation}" if self._generation else "")
-        url = f"{base}/download/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}"
-        return range_get.get_range(f"{url}?{query}", start, end)
+        if self._ranges is None:
+            self.size()
+            bucket, name = split_bucket_uri(self.uri)
+            base = os.environ.get("STORAGE_EMULATOR_HOST") or GCS_ENDPOINT
+            base = base if "://" in base else f"http://{base}"
+            url = f"{base}/download/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}"
+            query = "alt=media" + (f"&generation={self._generation}" if self._generation else "")
+            self._ranges = range_get.RangeReader(f"{url}?{query}")
+        return self._ranges.read(start, end)
 
 
 class HttpSource(ByteSource):
@@ -284,6 +287,7 @@ class HttpSource(ByteSource):
         else:
             self._url = uri
         self._session = retry.http_session(pool_size=FETCH_THREADS)
+        self._ranges = range_get.RangeReader(self._url)
         self._size: int | None = None
 
     def _request(self, method: str, **kwargs) -> requests.Response:
@@ -329,7 +333,7 @@ class HttpSource(ByteSource):
         return self._version
 
     def _read(self, start: int, end: int) -> bytes:
-        return range_get.get_range(self._url, start, end)
+        return self._ranges.read(start, end)
 
 
 def open_source(uri: str, stats: IoStats | None = None) -> ByteSource:
@@ -794,8 +798,9 @@ def _fetch_pool() -> concurrent.futures.ThreadPoolExecutor:
     `cat_ranges`: both would bring a second HTTP stack with its own retry rules (obstore's
     RetryConfig, gcsfs' and aiohttp's), its own credential and emulator handling, and a new
     dependency (gcsfs for gs://), where the sources here already carry the project's retry
-    policy (retry.py: urllib3 Retry, google-api-core Retry) and error mapping (transient_http,
-    read_error). The requests are I/O: the GIL is released while they wait."""
+    policy (retry.py, applied to range reads by range_get) and error mapping (transient_http,
+    read_error). The requests are I/O: the GIL is released while they wait, and range_get
+    keeps the Python work per request small (see there)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:

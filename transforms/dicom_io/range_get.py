@@ -10,7 +10,9 @@ reads cost the pipeline's reader 3.6 ms of CPU each, under the GIL that the deco
 hand their frames back. With those clients the bucket reader ran at half the local file's
 patches/s even with no added latency (`scripts/bench.py --only remote` and docs/performance.md
 "Remote reads"). Metadata (size, generation, ETag) still goes through google-cloud-storage and
-requests: one request per instance.
+requests: one request per instance. So do range reads behind an HTTP(S) proxy (HTTPS_PROXY and
+the like, as requests reads them), which http.client does not speak to by itself. Certificates
+are checked against certifi's bundle, as requests checks them.
 
 The policy is retry.py's: transient statuses (429, 5xx), refused or reset connections, timeouts
 (connect and read) and bodies cut short are retried with exponential backoff, RETRIES times;
@@ -20,17 +22,22 @@ OSError at once, and so does a server that ignores the Range header.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import ssl
 import threading
 import time
 import urllib.parse
+import urllib.request
+
+import certifi
+import requests
 
 from transforms import urls
 from transforms.dicom_io import retry
 
 _LOCAL = threading.local()  # {(scheme, host, port): HTTPConnection} of this thread
-_TLS = ssl.create_default_context()
+_TLS = ssl.create_default_context(cafile=certifi.where())
 
 
 class PermanentHttpError(OSError):
@@ -62,43 +69,88 @@ def _drop(parts: urllib.parse.SplitResult) -> None:
         connection.close()
 
 
-def get_range(url: str, start: int, end: int, headers: dict[str, str] | None = None) -> bytes:
-    """Bytes [start, end) of the resource at `url` (http or https)."""
-    parts = urllib.parse.urlsplit(url)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    request_headers = {**(headers or {}), "Range": f"bytes={start}-{end - 1}"}
+def proxied(parts: urllib.parse.SplitResult) -> bool:
+    """Whether the environment sends requests to this host through a proxy."""
+    proxies = urllib.request.getproxies_environment()
+    if parts.scheme not in proxies and "all" not in proxies:
+        return False
+    return not urllib.request.proxy_bypass_environment(parts.netloc, proxies)
+
+
+@functools.cache
+def _proxy_session() -> requests.Session:
+    return retry.http_session(pool_size=32)  # room for every thread of the fetch pool
+
+
+class RangeReader:
+    """Range GETs of one resource (http or https): on this thread's kept-alive connection to
+    its host, or through requests when the environment names a proxy for it."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._parts = urllib.parse.urlsplit(url)
+        self._target = self._parts.path + (f"?{self._parts.query}" if self._parts.query else "")
+        self._proxied = proxied(self._parts)  # read once: it costs ~80 us, a request ~400
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the resource."""
+        if self._proxied:
+            return _through_requests(self.url, start, end)
+        parts, url = self._parts, self.url
+        request_headers = {"Range": f"bytes={start}-{end - 1}"}
+        what = f"GET {urls.redact_url(url)} bytes {start}-{end - 1}"
+        for attempt in range(retry.RETRIES + 1):
+            last = attempt == retry.RETRIES
+            try:
+                connection = _connection(parts)
+                if connection.sock is None:  # connect within the connect timeout, then read's
+                    connection.timeout = retry.CONNECT_TIMEOUT_SECONDS
+                    connection.connect()
+                    connection.sock.settimeout(retry.READ_TIMEOUT_SECONDS)
+                connection.request("GET", self._target, headers=request_headers)
+                response = connection.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
+                _drop(parts)
+                if last:
+                    raise retry.transient_http(what, exc) from exc
+                _sleep(attempt)
+                continue
+            if response.will_close:
+                _drop(parts)
+            status = response.status
+            if status in retry.RETRY_STATUS:
+                if last:
+                    raise retry.transient_http(what, OSError(f"HTTP {status} {response.reason}"))
+                _sleep(attempt, response.getheader("Retry-After"))
+                continue
+            # (a body cut short raised http.client's IncompleteRead above)
+            return _checked(url, start, end, status, response.reason, body)
+        raise AssertionError("unreachable")
+
+
+def _through_requests(url: str, start: int, end: int) -> bytes:
+    """The same read through a requests Session (its proxies; urllib3 Retry on statuses and
+    connections), the same checks on its answer."""
     what = f"GET {urls.redact_url(url)} bytes {start}-{end - 1}"
-    for attempt in range(retry.RETRIES + 1):
-        last = attempt == retry.RETRIES
-        try:
-            connection = _connection(parts)
-            if connection.sock is None:  # connect within the connect timeout, then read's
-                connection.timeout = retry.CONNECT_TIMEOUT_SECONDS
-                connection.connect()
-                connection.sock.settimeout(retry.READ_TIMEOUT_SECONDS)
-            connection.request("GET", target, headers=request_headers)
-            response = connection.getresponse()
-            body = response.read()
-        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
-            _drop(parts)
-            if last:
-                raise retry.transient_http(what, exc) from exc
-            _sleep(attempt)
-            continue
-        if response.will_close:
-            _drop(parts)
-        status = response.status
-        if status in retry.RETRY_STATUS:
-            if last:
-                raise retry.transient_http(what, OSError(f"HTTP {status} {response.reason}"))
-            _sleep(attempt, response.getheader("Retry-After"))
-            continue
-        if status == 206 or (status == 200 and start == 0 and len(body) <= end):
-            return body  # (http.client raised IncompleteRead for a body cut short)
-        if status >= 400:
-            raise PermanentHttpError(status, response.reason, url)
-        raise OSError(f"{urls.redact_url(url)} ignored the Range header (HTTP {status})")
-    raise AssertionError("unreachable")
+    try:
+        response = _proxy_session().get(url, headers={"Range": f"bytes={start}-{end - 1}"})
+    except requests.RequestException as exc:  # retries spent (connection, timeout)
+        raise retry.transient_http(what, exc) from exc
+    status = response.status_code
+    if status in retry.RETRY_STATUS:
+        raise retry.transient_http(what, OSError(f"HTTP {status} {response.reason}"))
+    return _checked(url, start, end, status, response.reason, response.content)
+
+
+def _checked(url: str, start: int, end: int, status: int, reason: str, body: bytes) -> bytes:
+    """The body of a range answer, or OSError: a permanent status, or the whole resource when
+    a range of it was asked for (a server that ignores Range)."""
+    if status == 206 or (status == 200 and start == 0 and len(body) <= end):
+        return body
+    if status >= 400:
+        raise PermanentHttpError(status, reason, url)
+    raise OSError(f"{urls.redact_url(url)} ignored the Range header (HTTP {status})")
 
 
 def _sleep(attempt: int, retry_after: str | None = None) -> None:
