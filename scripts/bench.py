@@ -836,6 +836,16 @@ def part_remote(
             reader["ratio"] >= 0.7,
             f"stages.embed_plan with no model; {reader['ratio_no_lead']:.2f} with no fetch lead",
         ),
+        *(
+            Ratio(
+                f"CPU ms of this process per 160 KB range request, 8 threads, {client}",
+                ms,
+                "(info)",
+                True,
+                "against the emulator, no proxy; range_get is what the reader uses",
+            )
+            for client, ms in info["client_cpu_ms_per_request"].items()
+        ),
         Ratio(
             "patches/s, gs:// +50 ms / local file, chunks assembled one at a time",
             info["ratio"],

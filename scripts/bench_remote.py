@@ -24,6 +24,7 @@ level, which GCS does not spend).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -267,6 +268,51 @@ def _through_reader(record, uris: list[str], chunks, fetch_lead: int | None = No
     return result
 
 
+def _client_cpu(port: int, name: str, requests_: int = 200, threads: int = 8) -> dict:
+    """CPU ms of this process per 160 KB range request to the emulator at `port` (no proxy),
+    `threads` at once, by each client a range read could use: range_get (the project's),
+    a requests Session, and google-cloud-storage's Blob.download_as_bytes."""
+    from transforms.dicom_io import range_get, retry
+
+    url = f"http://127.0.0.1:{port}/download/storage/v1/b/{BUCKET}/o/{name.replace('/', '%2F')}"
+    url += "?alt=media"
+    size = 160_000
+    session = retry.http_session(pool_size=threads)
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    byte_ranges._gcs_client.cache_clear()
+    blob = byte_ranges.gcs_client().bucket(BUCKET).blob(name)
+    reader = range_get.RangeReader(url)
+    clients = {
+        "range_get": reader.read,
+        "requests Session": lambda a, b: (
+            session.get(url, headers={"Range": f"bytes={a}-{b - 1}"}).content
+        ),
+        "Blob.download_as_bytes": lambda a, b: blob.download_as_bytes(
+            start=a, end=b - 1, checksum=None
+        ),
+    }
+    out = {}
+    try:
+        for label, read in clients.items():
+
+            def one(k: int, read=read) -> None:
+                start = k * size
+                assert len(read(start, start + size)) == size
+
+            cpu = time.process_time()
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one, range(requests_)))
+            out[label] = (time.process_time() - cpu) / requests_ * 1e3
+    finally:
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+        byte_ranges._gcs_client.cache_clear()
+    return out
+
+
 def _best(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["wall_s"])
 
@@ -291,6 +337,7 @@ def bench_remote(record, chunks, workdir: pathlib.Path, rounds: int) -> dict:
     saved = (os.environ.get("STORAGE_EMULATOR_HOST"), byte_ranges.REMOTE_MERGE_GAP)
     with emulator(workdir) as port, delay_proxy(port) as proxy_port:
         _upload(proxy_port, {**{names[p]: p for p in files}, "no-bot/level-0.dcm": no_bot})
+        client_cpu_ms = _client_cpu(port, names[pathlib.Path(record.embedding_file)])
         os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{proxy_port}"
         byte_ranges._gcs_client.cache_clear()
         byte_ranges._INDEX_CACHE.clear()
@@ -334,6 +381,7 @@ def bench_remote(record, chunks, workdir: pathlib.Path, rounds: int) -> dict:
     best = {name: _best(runs) for name, runs in reader.items()}
     return {
         "delay_s": DELAY_S,
+        "client_cpu_ms_per_request": client_cpu_ms,
         "reader": {
             **best,
             "ratio": best["local"]["wall_s"] / best["remote"]["wall_s"],
