@@ -35,7 +35,8 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -199,33 +200,47 @@ def _without_offset_table(src: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def _assemble(uris: list[str], sop: str, chunks, downsample: float) -> dict:
-    """Opens the slide (headers, frame index of the level), then assembles every chunk, one
-    at a time: wall and CPU seconds of the chunks, requests and bytes they took."""
+def _open(open_slide: Callable[[], Any]) -> tuple[Any, float]:
+    """A slide opened with its instances' frame indexes read, and the seconds that took."""
     t0 = time.perf_counter()
-    slide = byte_ranges.open_range_slide(uris)
-    level = patches.level_of(slide, sop)
+    slide = open_slide()
     for reader in slide._files._readers.values():
         reader._ensure_index()
-    opened = time.perf_counter() - t0
+    return slide, time.perf_counter() - t0
+
+
+def _timed(slide, opened: float, chunks: int, read_all: Callable[[], int], decodes) -> dict:
+    """Wall and CPU seconds of `read_all` (it returns the patches read), the requests and
+    bytes the slide read meanwhile."""
     before = (slide.io.requests, slide.io.bytes)
-    cache = patches.FrameCache()
     wall, cpu = time.perf_counter(), time.process_time()
-
-    def read(chunk) -> int:
-        return len(patches.read_patches(slide, level, chunk.coords, downsample, 224, cache))
-
-    n = sum(map(read, chunks))
+    n = read_all()
     return {
         "patches": n,
-        "chunks": len(chunks),
+        "chunks": chunks,
         "wall_s": time.perf_counter() - wall,
         "cpu_s": time.process_time() - cpu,
         "open_s": opened,
         "requests": slide.io.requests - before[0],
         "bytes": slide.io.bytes - before[1],
-        "decodes": cache.decodes,
+        "decodes": decodes(),
     }
+
+
+def _assemble(uris: list[str], sop: str, chunks, downsample: float) -> dict:
+    """Opens the slide (headers, frame index of the level), then assembles every chunk, one
+    at a time: wall and CPU seconds of the chunks, requests and bytes they took."""
+    slide, opened = _open(lambda: byte_ranges.open_range_slide(uris))
+    level = patches.level_of(slide, sop)
+    cache = patches.FrameCache()
+
+    def read_all() -> int:
+        return sum(
+            len(patches.read_patches(slide, level, c.coords, downsample, 224, cache))
+            for c in chunks
+        )
+
+    return _timed(slide, opened, len(chunks), read_all, lambda: cache.decodes)
 
 
 def _through_reader(record, uris: list[str], chunks, fetch_lead: int | None = None) -> dict:
@@ -239,31 +254,21 @@ def _through_reader(record, uris: list[str], chunks, fetch_lead: int | None = No
     plan = types.SimpleNamespace(coords=np.concatenate([c.coords for c in chunks]), chunks=chunks)
     patches.open_slide.cache_clear()
     patches.FRAMES.clear()
-    t0 = time.perf_counter()
-    slide = patches.open_slide(files, record.dicomweb_auth)  # the key read_chunk uses
-    for reader in slide._files._readers.values():
-        reader._ensure_index()
-    opened = time.perf_counter() - t0
-    before = (slide.io.requests, slide.io.bytes)
-    lead = stages.FETCH_LEAD
-    stages.FETCH_LEAD = lead if fetch_lead is None else fetch_lead
-    wall, cpu = time.perf_counter(), time.process_time()
-    try:
-        embeddings = stages.embed_plan(
-            plan, lambda pixels: np.zeros((len(pixels), EMBEDDING_DIM)), 224
-        )
-    finally:
-        stages.FETCH_LEAD = lead
-    result = {
-        "patches": len(embeddings),
-        "chunks": len(chunks),
-        "wall_s": time.perf_counter() - wall,
-        "cpu_s": time.process_time() - cpu,
-        "open_s": opened,
-        "requests": slide.io.requests - before[0],
-        "bytes": slide.io.bytes - before[1],
-        "decodes": patches.FRAMES.decodes,
-    }
+    # (opened under the key read_chunk uses, so that embed_plan reads this slide)
+    slide, opened = _open(lambda: patches.open_slide(files, record.dicomweb_auth))
+
+    def no_model(pixels: np.ndarray) -> np.ndarray:
+        return np.zeros((len(pixels), EMBEDDING_DIM), np.float32)
+
+    def read_all() -> int:
+        lead = stages.FETCH_LEAD
+        stages.FETCH_LEAD = lead if fetch_lead is None else fetch_lead
+        try:
+            return len(stages.embed_plan(plan, no_model, 224))
+        finally:
+            stages.FETCH_LEAD = lead
+
+    result = _timed(slide, opened, len(chunks), read_all, lambda: patches.FRAMES.decodes)
     patches.open_slide.cache_clear()
     return result
 

@@ -114,6 +114,7 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
     BODY = bytes(range(256)) * 64
     plan: ClassVar[list[str]] = []
     seen: ClassVar[list[str]] = []
+    paths: ClassVar[list[str]] = []
     auth: ClassVar[list[str | None]] = []
 
     def log_message(self, *args):
@@ -122,9 +123,16 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
     def _answer(self, head: bool) -> None:
         action = self.plan.pop(0) if self.plan else "ok"
         self.seen.append(action)
+        self.paths.append(self.path)
         self.auth.append(self.headers.get("Authorization"))
         if action.startswith("sleep"):
             time.sleep(float(action[5:]))
+        if action in ("307", "301"):  # to the same file under another path
+            self.send_response(int(action))
+            self.send_header("Location", "/moved/slide.dcm")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if action == "short":  # promises the range, sends half of it, hangs up
             self.send_response(206)
             self.send_header("Content-Length", "100")
@@ -162,7 +170,7 @@ def flaky(monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _Flaky.plan, _Flaky.seen, _Flaky.auth = [], [], []
+    _Flaky.plan, _Flaky.seen, _Flaky.auth, _Flaky.paths = [], [], [], []
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/slide.dcm"
     finally:
@@ -205,6 +213,18 @@ def test_a_body_cut_short_is_retried_and_a_range_never_ignored(flaky):
         _Flaky.plan = ["norange"]
         HttpSource(flaky).read(100, 200)
     assert failure.value.reason == "read_error"
+
+
+def test_redirects_are_followed_and_a_permanent_one_is_kept(flaky):
+    source = HttpSource(flaky)
+    _Flaky.plan = ["307", "503"]  # a temporary redirect, then a transient fault there
+    assert source.read(100, 200) == _Flaky.BODY[100:200]
+    assert _Flaky.seen == ["307", "503", "ok"]
+    assert _Flaky.paths == ["/slide.dcm", "/moved/slide.dcm", "/moved/slide.dcm"]
+    _Flaky.plan, _Flaky.seen, _Flaky.paths = ["301"], [], []
+    source.read(0, 10)
+    source.read(10, 20)  # straight to where the file moved
+    assert _Flaky.paths == ["/slide.dcm", "/moved/slide.dcm", "/moved/slide.dcm"]
 
 
 def test_a_proxy_in_the_environment_is_used_for_range_reads(flaky, monkeypatch):

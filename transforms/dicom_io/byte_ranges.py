@@ -33,7 +33,6 @@ import re
 import stat
 import struct
 import threading
-import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Sequence
@@ -290,40 +289,18 @@ class HttpSource(ByteSource):
         self._ranges = range_get.RangeReader(self._url)
         self._size: int | None = None
 
-    def _request(self, method: str, **kwargs) -> requests.Response:
-        """One request, its body read whole. urllib3's Retry covers a request until its
-        headers arrive; a connection dropped while the body downloads (ChunkedEncodingError,
-        a short body) is retried here, with the same number of attempts and backoff."""
-        what = f"{method} {urls.redact_url(self._url)}"
-        for attempt in range(retry.RETRIES + 1):
-            try:
-                response = self._session.request(method, self._url, **kwargs)
-                expected = response.headers.get("Content-Length")
-                if (
-                    method == "GET"
-                    and expected is not None
-                    and "Content-Encoding" not in response.headers
-                    and len(response.content) != int(expected)
-                ):
-                    raise requests.exceptions.ChunkedEncodingError(
-                        f"body of {len(response.content)} bytes, Content-Length {expected}"
-                    )
-            except (
-                requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.ContentDecodingError,
-            ) as exc:
-                if attempt == retry.RETRIES:
-                    raise retry.transient_http(what, exc) from exc
-                time.sleep(min(retry.BACKOFF_SECONDS * 2**attempt, retry.MAX_BACKOFF_SECONDS))
-                continue
-            except requests.RequestException as exc:  # retries spent (connection, timeout)
-                raise retry.transient_http(what, exc) from exc
-            return retry.raise_for_status(response, what)
-        raise AssertionError("unreachable")
+    def _head(self) -> requests.Response:
+        """The file's headers (size, version); urllib3's Retry covers transient faults."""
+        what = f"HEAD {urls.redact_url(self._url)}"
+        try:
+            response = self._session.head(self._url, allow_redirects=True)
+        except requests.RequestException as exc:  # retries spent (connection, timeout)
+            raise retry.transient_http(what, exc) from exc
+        return retry.raise_for_status(response, what)
 
     def size(self) -> int:
         if self._size is None:
-            response = self._request("HEAD", allow_redirects=True)
+            response = self._head()
             self._size = int(response.headers["Content-Length"])
             tag = response.headers.get("ETag") or response.headers.get("Last-Modified")
             self._version = tag or None

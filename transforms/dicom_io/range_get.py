@@ -12,7 +12,8 @@ patches/s even with no added latency (`scripts/bench.py --only remote` and docs/
 "Remote reads"). Metadata (size, generation, ETag) still goes through google-cloud-storage and
 requests: one request per instance. So do range reads behind an HTTP(S) proxy (HTTPS_PROXY and
 the like, as requests reads them), which http.client does not speak to by itself. Certificates
-are checked against certifi's bundle, as requests checks them.
+are checked against certifi's bundle, as requests checks them, and redirects are followed (a
+permanent one's address is kept for the next ranges).
 
 The policy is retry.py's: transient statuses (429, 5xx), refused or reset connections, timeouts
 (connect and read) and bodies cut short are retried with exponential backoff, RETRIES times;
@@ -38,6 +39,8 @@ from transforms.dicom_io import retry
 
 _LOCAL = threading.local()  # {(scheme, host, port): HTTPConnection} of this thread
 _TLS = ssl.create_default_context(cafile=certifi.where())
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5  # as many as a browser would follow, fewer than requests' 30
 
 
 class PermanentHttpError(OSError):
@@ -87,19 +90,22 @@ class RangeReader:
     its host, or through requests when the environment names a proxy for it."""
 
     def __init__(self, url: str):
+        self._go_to(url)
+
+    def _go_to(self, url: str) -> None:
         self.url = url
-        self._parts = urllib.parse.urlsplit(url)
-        self._target = self._parts.path + (f"?{self._parts.query}" if self._parts.query else "")
+        self._parts, self._target = _split(url)
         self._proxied = proxied(self._parts)  # read once: it costs ~80 us, a request ~400
 
     def read(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of the resource."""
         if self._proxied:
             return _through_requests(self.url, start, end)
-        parts, url = self._parts, self.url
+        url, parts, target = self.url, self._parts, self._target
         request_headers = {"Range": f"bytes={start}-{end - 1}"}
-        what = f"GET {urls.redact_url(url)} bytes {start}-{end - 1}"
-        for attempt in range(retry.RETRIES + 1):
+        attempt = redirects = 0
+        while True:
+            what = f"GET {urls.redact_url(url)} bytes {start}-{end - 1}"
             last = attempt == retry.RETRIES
             try:
                 connection = _connection(parts)
@@ -107,7 +113,7 @@ class RangeReader:
                     connection.timeout = retry.CONNECT_TIMEOUT_SECONDS
                     connection.connect()
                     connection.sock.settimeout(retry.READ_TIMEOUT_SECONDS)
-                connection.request("GET", self._target, headers=request_headers)
+                connection.request("GET", target, headers=request_headers)
                 response = connection.getresponse()
                 body = response.read()
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
@@ -115,18 +121,34 @@ class RangeReader:
                 if last:
                     raise retry.transient_http(what, exc) from exc
                 _sleep(attempt)
+                attempt += 1
                 continue
             if response.will_close:
                 _drop(parts)
-            status = response.status
+            status, location = response.status, response.getheader("Location")
+            if status in _REDIRECTS and location and redirects < _MAX_REDIRECTS:
+                redirects += 1
+                url = urllib.parse.urljoin(url, location)
+                parts, target = _split(url)
+                if status in (301, 308):  # moved for good: the next ranges go there at once
+                    self._go_to(url)
+                if proxied(parts):
+                    return _through_requests(url, start, end)
+                continue
             if status in retry.RETRY_STATUS:
                 if last:
                     raise retry.transient_http(what, OSError(f"HTTP {status} {response.reason}"))
                 _sleep(attempt, response.getheader("Retry-After"))
+                attempt += 1
                 continue
             # (a body cut short raised http.client's IncompleteRead above)
             return _checked(url, start, end, status, response.reason, body)
-        raise AssertionError("unreachable")
+
+
+def _split(url: str) -> tuple[urllib.parse.SplitResult, str]:
+    """The URL's parts and its request target (path and query)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts, parts.path + (f"?{parts.query}" if parts.query else "")
 
 
 def _through_requests(url: str, start: int, end: int) -> bytes:
