@@ -54,14 +54,8 @@ def build(p: beam.Pipeline, cfg: PipelineConfig, handler, run_id: str) -> None:
         dataset_version=DATASET_VERSION, pipeline_version=PIPELINE_VERSION, run_id=run_id,
         hashing=dataclasses.asdict(cfg.hashing),
     ), cfg.run.lease_ttl_s)  # fmt: skip
-    embed = stages.EmbedSlides(
-        handler,
-        cfg.grid.patch_size,
-        cfg.color.icc_profile,
-        gpu_decode=cfg.read.gpu_decode,
-        reduced_decode=cfg.read.reduced_decode,
-        run_id=run_id,
-    ).with_resource_hints(**cfg.dataflow.embed_resource_hints())
+    embed = stages.EmbedSlides(handler, stages.ReadSpec.of(cfg), run_id=run_id)
+    embed = embed.with_resource_hints(**cfg.dataflow.embed_resource_hints())
 
     found = p | "Enumerate" >> enumerate_slides
     # The sources start from one element: spread the slides over the workers before the

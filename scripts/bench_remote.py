@@ -264,7 +264,7 @@ def _through_reader(record, uris: list[str], chunks, fetch_lead: int | None = No
         lead = stages.FETCH_LEAD
         stages.FETCH_LEAD = lead if fetch_lead is None else fetch_lead
         try:
-            return len(stages.embed_plan(plan, no_model, 224))
+            return len(stages.embed_plan(plan, no_model))
         finally:
             stages.FETCH_LEAD = lead
 

@@ -132,8 +132,6 @@ def _one_alter_action_each(sql: str) -> str:
 
     def split(match: re.Match) -> str:
         table, actions = match.group(1), match.group(2)
-        return "".join(
-            f"ALTER TABLE {table} {action.strip()};" for action in actions.split(",\n")
-        )
+        return "".join(f"ALTER TABLE {table} {action.strip()};" for action in actions.split(",\n"))
 
     return re.sub(r"ALTER TABLE (`[^`]+`)\s+(.*?);", split, sql, flags=re.S)

@@ -174,7 +174,7 @@ def test_the_slide_reader_fetches_queued_chunks_ahead(idc_like_bucket, sample_sl
     by_sop = {sop: f"gs://idc-test/{series_uuid}/{u}.dcm" for sop, u in uuids.items()}
     remote = dataclasses.replace(local, files=tuple((s, by_sop[s]) for s, _ in local.files))
     params = PlanParams(chunk_size=16)  # small chunks: 20 or so in this slide
-    size = params.patch_size
+    spec = stages.ReadSpec(params.patch_size)
 
     def fresh(record):
         patches.open_slide.cache_clear()
@@ -188,13 +188,13 @@ def test_the_slide_reader_fetches_queued_chunks_ahead(idc_like_bucket, sample_sl
     def frames_asked_for(n: int) -> int:  # by fetch_ahead of the first n chunks
         counted = fresh(remote)
         for chunk in chunks[:n]:
-            stages.fetch_ahead([chunk], size)
+            stages.fetch_ahead([chunk], spec)
         return counted.io.frames
 
     # fetch_ahead returns with the chunk's requests in the fetch pool; its read asks no more.
     slide = fresh(remote)
     level = patches.level_of(slide, remote.sop_instance_uid)
-    stages.fetch_ahead(chunks[1:2], size)
+    stages.fetch_ahead(chunks[1:2], spec)
     asked = slide.io.frames
     assert asked > 0 and any(r._pending for r in slide._files._readers.values())
     patches.read_patches(slide, level, chunks[1].coords, remote.levels.downsample)
@@ -202,10 +202,10 @@ def test_the_slide_reader_fetches_queued_chunks_ahead(idc_like_bucket, sample_sl
     # A local slide is read when its chunk is: fetch_ahead reads nothing.
     local_slide = fresh(local)
     opened = local_slide.io.requests  # its headers
-    stages.fetch_ahead(local_plan.chunks[2:3], size)
+    stages.fetch_ahead(local_plan.chunks[2:3], spec)
     assert local_slide.io.requests == opened and local_slide.io.frames == 0
 
-    queued = 2 + 1  # embed_plan's default reader threads + 1
+    queued = spec.read_threads + 1
     lead = min(len(chunks), queued + stages.FETCH_LEAD)
     assert len(chunks) > lead and frames_asked_for(lead) > frames_asked_for(queued + 1)
     expected_asked = frames_asked_for(lead + 1)
@@ -216,12 +216,12 @@ def test_the_slide_reader_fetches_queued_chunks_ahead(idc_like_bucket, sample_sl
         return pixels.reshape(len(pixels), -1)[:, :EMBEDDING_DIM].astype(np.float32)
 
     slide = fresh(remote)
-    got = stages.embed_plan(plan, embed, size)
+    got = stages.embed_plan(plan, embed, spec)
     # When the first chunk was embedded, the next chunks' frames, FETCH_LEAD more than the
     # readers had started, were asked for.
     assert seen[0] >= expected_asked
     fresh(local)
-    assert np.array_equal(got, stages.embed_plan(local_plan, embed, size))
+    assert np.array_equal(got, stages.embed_plan(local_plan, embed, spec))
     patches.open_slide.cache_clear()
 
 

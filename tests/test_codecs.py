@@ -164,8 +164,8 @@ def test_read_reduced_decode_reaches_the_pipeline_reads(sample_slides, tmp_path)
 
     (record,) = enumerate_dicom_folder(sample_slides / "small-40x")
     _, chunks = plan_slide(record, PlanParams())
-    exact = stages.read_chunk(chunks[0], 224)
-    reduced = stages.read_chunk(chunks[0], 224, reduced=True)
+    exact = stages.read_chunk(chunks[0])
+    reduced = stages.read_chunk(chunks[0], stages.ReadSpec(reduced_decode=True))
     difference = np.abs(exact.astype(np.int16) - reduced.astype(np.int16))
     assert difference.any() and difference.mean() < 3
 
@@ -184,4 +184,4 @@ def test_read_reduced_decode_reaches_the_pipeline_reads(sample_slides, tmp_path)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stages.EmbedSlides, "__init__", spy)
         dag.build(beam.Pipeline(), cfg, handler, "run-1")
-    assert built["handler"]._reduced is True
+    assert built["handler"]._spec.reduced_decode is True

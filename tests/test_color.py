@@ -37,7 +37,7 @@ def _first_chunk(folder):
 
 
 def _read(chunk, icc_profile):
-    return stages.read_chunk(chunk, 224, icc_profile)
+    return stages.read_chunk(chunk, stages.ReadSpec(icc_profile=icc_profile))
 
 
 def test_stored_values_by_default_and_srgb_from_the_profile(sample_slides, adobe_slide):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -156,32 +157,48 @@ class ReadError(SlideError):
     """A chunk of the slide could not be read: its failure row says stage `read`."""
 
 
-def read_chunk(
-    chunk: PatchChunk, patch_size: int, icc_profile: str = "none", reduced: bool = False
-) -> np.ndarray:
-    """uint8 patches [n, 224, 224, 3] of one chunk, read as one region (`reduced`:
-    read.reduced_decode, a 40x level decoded at half size in the codec)."""
+@dataclasses.dataclass(frozen=True)
+class ReadSpec:
+    """How the embedding step reads a slide's patches (grid.patch_size, color.icc_profile,
+    read.reduced_decode, read.gpu_decode) and with how many reader threads."""
+
+    patch_size: int = 224
+    icc_profile: str = "none"  # or "srgb": converted with the slide's ICC profile
+    reduced_decode: bool = False  # a 40x level decoded at half size in the codec
+    gpu_decode: str = "auto"
+    read_threads: int = 2  # chunks read at once by a slide's reader
+
+    @classmethod
+    def of(cls, cfg) -> ReadSpec:
+        """From a PipelineConfig."""
+        return cls(
+            cfg.grid.patch_size, cfg.color.icc_profile, cfg.read.reduced_decode,
+            cfg.read.gpu_decode,
+        )  # fmt: skip
+
+
+def read_chunk(chunk: PatchChunk, spec: ReadSpec = ReadSpec()) -> np.ndarray:
+    """uint8 patches [n, patch, patch, 3] of one chunk, read as one region."""
     record = chunk.record
     with metrics.timed("read"):
         slide = patches.open_slide(record.files, record.dicomweb_auth)
         level = patches.level_of(slide, record.sop_instance_uid)
         pixels = patches.read_patches(
-            slide, level, chunk.coords, record.levels.downsample, patch_size, reduced=reduced
-        )
-        if icc_profile == "srgb":
+            slide, level, chunk.coords, record.levels.downsample, spec.patch_size,
+            reduced=spec.reduced_decode,
+        )  # fmt: skip
+        if spec.icc_profile == "srgb":
             transform = patches.srgb_transform(record.files, record.dicomweb_auth)
             pixels = patches.to_srgb(pixels, transform)
     return pixels
 
 
-def _read_or_raise(
-    chunk: PatchChunk, patch_size: int, icc_profile: str, reduced: bool, tracker
-) -> np.ndarray:
+def _read_or_raise(chunk: PatchChunk, spec: ReadSpec, tracker) -> np.ndarray:
     # Beam finds a step's metrics through a thread-local state tracker: a reader thread borrows
     # the step's, so its counters (pixel requests, frames) and read times are not lost.
     statesampler.set_current_tracker(tracker)
     try:
-        return read_chunk(chunk, patch_size, icc_profile, reduced)
+        return read_chunk(chunk, spec)
     except SlideError as exc:
         raise ReadError(exc.reason, exc.message) from exc
     except Exception as exc:  # an unexpected error still fails only this slide, at `read`
@@ -194,16 +211,11 @@ def _read_or_raise(
 
 
 def embed_plan(
-    plan: SlidePlan,
-    embed: Callable[[np.ndarray], np.ndarray],
-    patch_size: int,
-    icc_profile: str = "none",
-    read_threads: int = 2,
-    reduced: bool = False,
+    plan: SlidePlan, embed: Callable[[np.ndarray], np.ndarray], spec: ReadSpec = ReadSpec()
 ) -> np.ndarray:
     """float32 [N, D] embeddings of a slide's patches, row k from plan.coords[k].
 
-    Chunks are read by `read_threads` threads, at most `read_threads + 1` ahead of the model
+    Chunks are read by `spec.read_threads` threads, at most one more ahead of the model
     (decoders and the model release the GIL): the model never waits on decoding once the
     first chunk is in, and a slide's pixels are never all in memory. From a remote source the
     frames of the queued chunks and of FETCH_LEAD more are being fetched (`fetch_ahead`: only
@@ -212,12 +224,9 @@ def embed_plan(
     model.batch_size), so the embeddings do not depend on the threads.
     """
     out = np.zeros((len(plan.coords), EMBEDDING_DIM), np.float32)
-    ahead = read_threads + 1
-    read = functools.partial(
-        _read_or_raise, patch_size=patch_size, icc_profile=icc_profile, reduced=reduced,
-        tracker=statesampler.get_current_tracker(),
-    )  # fmt: skip
-    pool = _reader_pool(read_threads)
+    ahead = spec.read_threads + 1
+    read = functools.partial(_read_or_raise, spec=spec, tracker=statesampler.get_current_tracker())
+    pool = _reader_pool(spec.read_threads)
     queue: collections.deque = collections.deque()
     chunks, fetched = list(plan.chunks), 0
 
@@ -225,7 +234,7 @@ def embed_plan(
         nonlocal fetched
         while fetched < min(len(chunks), k + 1 + FETCH_LEAD):
             # several chunks at once: a frame row that neighbouring chunks share is one request
-            fetch_ahead(chunks[fetched : fetched + FETCH_GROUP], patch_size, reduced)
+            fetch_ahead(chunks[fetched : fetched + FETCH_GROUP], spec)
             fetched += FETCH_GROUP
         queue.append((k, pool.submit(read, chunks[k])))
 
@@ -255,7 +264,7 @@ FETCH_LEAD = 3
 FETCH_GROUP = 3
 
 
-def fetch_ahead(chunks: list[PatchChunk], patch_size: int, reduced: bool = False) -> None:
+def fetch_ahead(chunks: list[PatchChunk], spec: ReadSpec = ReadSpec()) -> None:
     """Starts the range requests of the frames of these chunks of one slide (remote sources;
     patches.fetch_ahead) without waiting for them. An error here is left to the chunks' own
     reads, which report it (a failed request is raised again where its frames are read)."""
@@ -264,7 +273,9 @@ def fetch_ahead(chunks: list[PatchChunk], patch_size: int, reduced: bool = False
     with contextlib.suppress(SlideError):
         slide = patches.open_slide(record.files, record.dicomweb_auth)
         level = patches.level_of(slide, record.sop_instance_uid)
-        patches.fetch_ahead(slide, level, coords, record.levels.downsample, patch_size, reduced)
+        patches.fetch_ahead(
+            slide, level, coords, record.levels.downsample, spec.patch_size, spec.reduced_decode
+        )
 
 
 @functools.cache
@@ -309,17 +320,10 @@ class SlideModelHandler(ModelHandler[SlidePlan, PredictionResult, Any]):
     wrapped handler's large_model / model_copies), with its metrics and dead letters.
     """
 
-    def __init__(
-        self, handler, patch_size: int, icc_profile: str = "none", read_threads: int = 2,
-        gpu_decode: str = "auto", reduced_decode: bool = False,
-    ):  # fmt: skip
+    def __init__(self, handler, spec: ReadSpec):
         super().__init__(min_batch_size=1, max_batch_size=1)
-        self._reduced = reduced_decode
         self._handler = handler  # models.handler.PathFoundationModelHandler
-        self._patch_size = patch_size
-        self._icc_profile = icc_profile
-        self._read_threads = read_threads
-        self._gpu_decode = gpu_decode
+        self._spec = spec
 
     def load_model(self) -> Any:
         return self._handler.load_model()
@@ -331,18 +335,15 @@ class SlideModelHandler(ModelHandler[SlidePlan, PredictionResult, Any]):
 
         # read.gpu_decode for the frames this process decodes (with model_copies the model
         # may live in another process than the one that reads).
-        gpu_decode.set_mode(self._gpu_decode)
+        gpu_decode.set_mode(self._spec.gpu_decode)
         results = []
         for plan in batch:
-            embeddings = embed_plan(
-                plan, embed, self._patch_size, self._icc_profile, self._read_threads,
-                self._reduced,
-            )  # fmt: skip
+            embeddings = embed_plan(plan, embed, self._spec)
             results.append(PredictionResult(plan, embeddings, self._handler.model_info().name))
         return results
 
     def get_num_bytes(self, batch) -> int:
-        return sum(len(plan.coords) for plan in batch) * self._patch_size**2 * 3
+        return sum(len(plan.coords) for plan in batch) * self._spec.patch_size**2 * 3
 
     def get_metrics_namespace(self) -> str:
         return self._handler.get_metrics_namespace()
@@ -367,13 +368,9 @@ class EmbedSlides(beam.PTransform):
     coordinates (the plans) cross into it, never pixels.
     """
 
-    def __init__(self, handler, patch_size: int, icc_profile: str = "none", read_threads=2, *,
-                 gpu_decode: str = "auto", reduced_decode: bool = False,
-                 run_id: str):  # fmt: skip
+    def __init__(self, handler, spec: ReadSpec, *, run_id: str):
         super().__init__()
-        self._slides = SlideModelHandler(
-            handler, patch_size, icc_profile, read_threads, gpu_decode, reduced_decode
-        )
+        self._slides = SlideModelHandler(handler, spec)
         self._run_id = run_id
 
     def expand(self, plans):
