@@ -153,7 +153,8 @@ def sample_slides(workdir: pathlib.Path) -> dict[str, Sample]:
         write_samples(folder, ["small-40x", "medium-20x"])
     out = {}
     for record in enumerate_dicom_folder(folder):
-        plan, chunks = plan_slide(record, PlanParams())
+        plan = plan_slide(record, PlanParams())
+        chunks = plan.chunks
         out[pathlib.Path(record.embedding_file).parent.name] = Sample(record, plan.coords, chunks)
     return out
 

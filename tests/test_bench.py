@@ -31,7 +31,8 @@ def test_large_slide_is_a_wsi_the_pipeline_reads(sample_slides, tmp_path):
     (record,) = list(enumerate_dicom_folder(tmp_path))
     assert record.levels.downsample == 1.0
     assert record.levels.mask.sop_instance_uid != record.sop_instance_uid
-    plan, chunks = plan_slide(record, PlanParams())
+    plan = plan_slide(record, PlanParams())
+    chunks = plan.chunks
     grid_cells = plan.grid_columns * plan.grid_rows
     assert len(plan.coords) == grid_cells >= 400  # every cell is tissue
 
@@ -72,7 +73,7 @@ def test_rows_and_best_of():
 
 def test_hashing_bytes_counts_one_more_pass_over_the_pixel_data(sample_slides):
     (record,) = list(enumerate_dicom_folder(sample_slides / "small-40x"))
-    plan, _ = plan_slide(record, PlanParams())
+    plan = plan_slide(record, PlanParams())
     counted = bench.hashing_bytes(record, plan.coords)
     value = len(pydicom.dcmread(record.embedding_file).PixelData)
     assert 0 < counted["without"] < counted["with"]

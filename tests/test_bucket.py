@@ -146,8 +146,9 @@ def test_pipeline_reads_from_the_bucket_only_the_frames_it_needs(idc_like_bucket
         **{**local.__dict__, "files": tuple((s, by_sop[s]) for s, _ in local.files)}
     )
     patches.open_slide.cache_clear()
-    plan, chunks = plan_slide(remote, PlanParams())
-    local_plan, _ = plan_slide(local, PlanParams())
+    plan = plan_slide(remote, PlanParams())
+    chunks = plan.chunks
+    local_plan = plan_slide(local, PlanParams())
     assert np.array_equal(plan.coords, local_plan.coords)
     slide, local_slide = patches.open_slide(remote.files), patches.open_slide(local.files)
     level = patches.level_of(slide, remote.sop_instance_uid)
@@ -182,8 +183,9 @@ def test_the_slide_reader_fetches_queued_chunks_ahead(idc_like_bucket, sample_sl
         return patches.open_slide(record.files, record.dicomweb_auth)
 
     slide = fresh(remote)
-    plan, chunks = plan_slide(remote, params)
-    local_plan, _ = plan_slide(local, params)
+    plan = plan_slide(remote, params)
+    chunks = plan.chunks
+    local_plan = plan_slide(local, params)
 
     def frames_asked_for(n: int) -> int:  # by fetch_ahead of the first n chunks
         counted = fresh(remote)

@@ -163,7 +163,7 @@ def test_read_reduced_decode_reaches_the_pipeline_reads(sample_slides, tmp_path)
     from transforms.sources.dicom_files import enumerate_dicom_folder
 
     (record,) = enumerate_dicom_folder(sample_slides / "small-40x")
-    _, chunks = plan_slide(record, PlanParams())
+    chunks = plan_slide(record, PlanParams()).chunks
     exact = stages.read_chunk(chunks[0])
     reduced = stages.read_chunk(chunks[0], stages.ReadSpec(reduced_decode=True))
     difference = np.abs(exact.astype(np.int16) - reduced.astype(np.int16))

@@ -32,7 +32,7 @@ def adobe_slide(sample_slides, tmp_path_factory):
 
 def _first_chunk(folder):
     (record,) = enumerate_dicom_folder(folder)
-    _, chunks = plan_slide(record, PlanParams())
+    chunks = plan_slide(record, PlanParams()).chunks
     return chunks[0]
 
 
@@ -87,7 +87,7 @@ def test_srgb_over_dicomweb_equals_the_local_file_conversion(adobe_slide, tmp_pa
         [record] = list(dicomweb.series_records(series, url, "none", DEFAULT_RULE))
         patches.open_slide.cache_clear()
         patches.srgb_transform.cache_clear()
-        _, chunks = plan_slide(record, PlanParams())
+        chunks = plan_slide(record, PlanParams()).chunks
         remote = _read(chunks[0], "srgb")
     patches.open_slide.cache_clear()
     patches.srgb_transform.cache_clear()

@@ -76,7 +76,7 @@ def test_tiled_reduction_equals_the_whole_level_reduction_with_bounded_memory(sh
 def test_the_plan_uses_the_reduced_mask_and_records_it(shallow):
     patches.open_slide.cache_clear()
     (record,) = list(enumerate_dicom_folder(shallow))
-    plan, _ = plan_slide(record, PlanParams())
+    plan = plan_slide(record, PlanParams())
     assert plan.mask_factor == 2
     assert plan.mask_image_size == (record.levels.mask.width // 2, record.levels.mask.height // 2)
     assert len(plan.coords) > 0

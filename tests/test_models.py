@@ -311,7 +311,7 @@ def slide_patches(sample_slides: pathlib.Path) -> np.ndarray:
     from transforms.sources.dicom_files import enumerate_dicom_folder
 
     (record,) = list(enumerate_dicom_folder(sample_slides / "medium-20x"))
-    _, chunks = plan_slide(record, PlanParams())
+    chunks = plan_slide(record, PlanParams()).chunks
     slide = patch_io.open_slide(record.files)
     level = patch_io.level_of(slide, record.sop_instance_uid)
     return patch_io.read_patches(slide, level, chunks[len(chunks) // 2].coords[:24], 1.0)

@@ -22,7 +22,8 @@ def plans(sample_slides):
     """name -> (record, plan, chunks) of both samples with the default chunks."""
     out = {}
     for record in enumerate_dicom_folder(sample_slides):
-        plan, chunks = plan_slide(record, PlanParams())
+        plan = plan_slide(record, PlanParams())
+        chunks = plan.chunks
         out[record.files[0][1].split("/")[-2]] = (record, plan, chunks)
     return out
 

@@ -23,7 +23,7 @@ from transforms.sources.dicom_files import enumerate_dicom_folder
 def test_a_row_the_table_would_refuse_fails_the_slide_before_anything_is_written(tmp_path):
     (record,) = enumerate_dicom_folder(bad.tiny_slide(tmp_path / "slides"))
     cfg = load_config(None, [])
-    plan, _ = plan_slide(record, cfg.plan_params())
+    plan = plan_slide(record, cfg.plan_params())
     embeddings = np.random.default_rng(0).normal(size=(len(plan.coords), 384)).astype(np.float32)
     clusters = clustering.cluster_embeddings(embeddings, cfg.kmeans, 0)
     centroids = clusters.centroids.copy()

@@ -114,7 +114,7 @@ def _thumbnail(mask_image: np.ndarray, max_size: int) -> np.ndarray:
     return cv2.resize(mask_image, size, interpolation=cv2.INTER_AREA) if scale < 1 else mask_image
 
 
-def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list[PatchChunk]]:
+def plan_slide(record: SlideRecord, params: PlanParams) -> SlidePlan:
     """Computes the mask, grid, thumbnails and chunks of one slide."""
     choice = record.levels
     if min(choice.source_width, choice.source_height) < params.patch_size:
@@ -161,7 +161,7 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
         PatchChunk(record, k, idx, grid.coords[idx])
         for k, idx in enumerate(patches.chunk_order(grid.coords // params.patch_size, side))
     )
-    plan = SlidePlan(
+    return SlidePlan(
         record=record,
         coords=grid.coords,
         tissue_fraction=grid.tissue_fraction,
@@ -176,4 +176,3 @@ def plan_slide(record: SlideRecord, params: PlanParams) -> tuple[SlidePlan, list
         mask_image_size=(mask_image.shape[1], mask_image.shape[0]),
         chunks=chunks,
     )
-    return plan, list(chunks)

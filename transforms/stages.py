@@ -139,7 +139,7 @@ class PlanSlideFn(beam.DoFn):
     def process(self, record: SlideRecord) -> Iterator[SlidePlan]:
         failures.note_tried(self._run_id, "plan")
         with metrics.timed("plan"):
-            plan, _ = plan_slide(record, self._params)
+            plan = plan_slide(record, self._params)
         self._slides.inc()
         self._patches.inc(len(plan.coords))
         _LOG.info(
