@@ -172,3 +172,23 @@ def test_empty_chunk_reads_nothing(plans, decodes):
     slide, level = _fresh_slide(record)
     out = patches.read_patches(slide, level, np.zeros((0, 2), np.int64), 2.0, PATCH)
     assert out.shape == (0, PATCH, PATCH, 3) and decodes[0] == 0
+
+
+def test_a_slide_leaves_no_frames_in_the_worker_cache(sample_slides):
+    """Frames kept for a neighbouring chunk are used while the slide is read, then dropped:
+    the worker's cache does not fill with finished slides over a run."""
+    from models.signature import EMBEDDING_DIM
+    from transforms import stages
+
+    (record,) = enumerate_dicom_folder(sample_slides / "medium-20x")
+    plan = plan_slide(record, PlanParams(chunk_size=9))  # chunks that share frames
+    patches.FRAMES.clear()
+    held = []
+
+    def embed(pixels):  # what the worker's cache holds while the slide is read
+        held.append(patches.FRAMES.bytes)
+        return np.zeros((len(pixels), EMBEDDING_DIM), np.float32)
+
+    stages.embed_plan(plan, embed)
+    assert max(held) > 0 and patches.FRAMES.hits > 0
+    assert patches.FRAMES.bytes == 0 and not patches.FRAMES._frames

@@ -43,7 +43,7 @@ import functools
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 
 import cv2
@@ -183,6 +183,12 @@ class FrameCache:
                 _, old = self._frames.popitem(last=False)
                 self.bytes -= old.nbytes
         return frame
+
+    def forget(self, sop_instance_uids: Collection[str]) -> None:
+        """Drops the frames of these instances (their slide is done: no chunk wants them)."""
+        with self._lock:
+            for key in [k for k in self._frames if k[0] in sop_instance_uids]:
+                self.bytes -= self._frames.pop(key).nbytes
 
     def clear(self) -> None:
         with self._lock:

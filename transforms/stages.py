@@ -251,6 +251,9 @@ def embed_plan(
         for _, future in queue:
             future.cancel()
         concurrent.futures.wait([future for _, future in queue])  # none outlives the slide
+        # Frames kept for a neighbouring chunk are of no use once the slide is read: without
+        # this the worker's cache filled to its bound (256 MB) over a run's first slides.
+        patches.FRAMES.forget({sop for sop, _ in plan.record.files})
     return out
 
 
