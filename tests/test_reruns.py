@@ -513,3 +513,27 @@ def test_the_summary_says_how_many_requested_slides_were_not_found(caplog):
     summary.note_requested(counters, 5, "r1")
     text = summary.render({"counters": counters, "stage_seconds": {}}, "out", 1.0)
     assert counters["requested_not_found"] == 0 and "not found" not in text
+
+
+def test_a_forked_child_opens_its_own_connections(flaky):
+    """Kept-alive range connections are per thread; a forked child starts without its
+    parent's (two processes on one socket would read each other's answers)."""
+    import os
+
+    from transforms.dicom_io import range_get
+
+    source = HttpSource(flaky)
+    _Flaky.protocol_version = "HTTP/1.1"  # connections kept alive
+    try:
+        assert source.read(0, 10) == _Flaky.BODY[:10]
+        assert range_get._LOCAL.connections  # kept by this thread
+        pid = os.fork()
+        if pid == 0:  # the child: no connection of the parent's, and a read works
+            ok = not getattr(range_get._LOCAL, "connections", None)
+            ok = ok and source.read(10, 20) == _Flaky.BODY[10:20]
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert source.read(20, 30) == _Flaky.BODY[20:30]
+    finally:
+        _Flaky.protocol_version = "HTTP/1.0"

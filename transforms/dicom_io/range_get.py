@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import http.client
+import os
 import ssl
 import threading
 import time
@@ -49,6 +50,14 @@ class PermanentHttpError(OSError):
     def __init__(self, status: int, reason: str, url: str):
         super().__init__(f"HTTP {status} {reason} from {urls.redact_url(url)}")
         self.status = status
+
+
+def _forget_connections() -> None:
+    global _LOCAL
+    _LOCAL = threading.local()  # a forked child must not talk on its parent's sockets
+
+
+os.register_at_fork(after_in_child=_forget_connections)
 
 
 def _connection(parts: urllib.parse.SplitResult) -> http.client.HTTPConnection:
