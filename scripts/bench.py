@@ -971,6 +971,9 @@ def main(argv: list[str] | None = None) -> int:
     if "e2e" in parts:
         new_rows, new_ratios, e2e = part_e2e(workdir, cache_dir)
         rows, ratios = rows + new_rows, ratios + new_ratios
+    if "memory" in parts:
+        new_rows, new_ratios, large = part_memory(workdir, cache_dir, quick, model_rss)
+        rows, ratios = rows + new_rows, ratios + new_ratios
     scale = None
     if "scale" in parts:
         log("scale: runs of 8 to 64 slides (memory, first slide, workers)")

@@ -9,9 +9,10 @@ Frames:
 - the CMU-1 small region (`jcupitt_cmu1_small_region`, level 0: a real Aperio 20x scan, 2220 x
   2967 at 0.499 um/px, stored as JPEG) decoded once and re-encoded here as JPEG 2000, lossy
   (irreversible 9/7 wavelet, PSNR 42 dB) and lossless (reversible 5/3), in 256 and 512 px
-  frames, 5 wavelet levels; at 20x (its own pixels) and 40x (the same pixels upsampled 2x with
-  INTER_CUBIC: there is no real 40x scan in the test data, so the 40x frames hold no detail
-  finer than the 20x scan's; reduced decoding loses less on them than on a real 40x scan).
+  frames, 5 wavelet levels; at 20x (its own pixels) and 40x (the same pixels mirrored 2 x 2 and
+  labelled 0.25 um/px: there is no real 40x scan in the test data, and this keeps a real scan's
+  fine detail in every pixel); `40x-upsampled` (the scan upsampled 2x with INTER_CUBIC, its
+  finest wavelet band nearly empty) is an info row (`cmu_pixels`).
 
 Decoders (all decode one frame per call; "N threads" rows decode the set on a thread pool of
 every core, or hand the cores to OpenJPEG's own threads): OpenCV `imdecode`, imagecodecs
@@ -262,12 +263,6 @@ def assemble(
     return time.perf_counter() - wall, time.process_time() - cpu, np.concatenate(out)
 
 
-def best(fn: Callable[[], tuple[float, float, np.ndarray]], rounds: int):
-    """(best wall s, best CPU s, last patches) of a self-timing function."""
-    runs = [fn() for _ in range(rounds)]
-    return min(r[0] for r in runs), min(r[1] for r in runs), runs[-1][2]
-
-
 def frames_under(chunks: list[np.ndarray], width: int, height: int, size: int) -> list[int]:
     """0-based frames (of `size` px, full resolution) the 20x patches at these coords cover."""
     grid = FrameGrid(width, height, size, size)
@@ -383,7 +378,6 @@ def part_decoders(workdir: pathlib.Path, cache_dir: pathlib.Path, rounds: int, R
         chunks = grid_chunks(4440, 5934, d)
         n = sum(map(len, chunks))
         log(f"decoders: 40x exact vs reduced_decode, {name}")
-        exact = reduced = None
 
         runs: dict[bool, list] = {False: [], True: []}
         for _ in range(rounds):  # interleaved

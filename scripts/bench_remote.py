@@ -361,7 +361,8 @@ def bench_remote(record, chunks, workdir: pathlib.Path, rounds: int) -> dict:
                     byte_ranges.REMOTE_MERGE_GAP = gap
                     remote[gap].append(_assemble(remote_uris, sop, chunks, d))
                 byte_ranges.REMOTE_MERGE_GAP = saved[1]
-            # Before issue 14: one range after another, 16 KiB merge gap (one round).
+            # As before issue 14: one range after another, and a non-concurrent source's 16 KiB
+            # merge gap (ByteSource.merge_gap); today's range client (one round).
             byte_ranges.GcsSource.concurrent = False
             try:
                 one_by_one = _assemble(remote_uris, sop, chunks, d)

@@ -253,7 +253,7 @@ def test_a_run_killed_halfway_keeps_its_finished_slides_and_the_rerun_does_only_
     complete = {
         d.parts[-3] for d in out.glob("*/path_foundation/v1") if (d / COMPLETE_MARKER).exists()
     }
-    assert len(complete) >= 0.4 * total
+    assert 0.4 * total <= len(complete) < total  # the kill cut the run short
     for uuid in complete:
         assert_complete(out, uuid)  # every file there and as its marker records
     # Their rows are committed with them: the archive lists them and search finds them.

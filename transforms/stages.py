@@ -269,11 +269,12 @@ FETCH_GROUP = 3
 
 def fetch_ahead(chunks: list[PatchChunk], spec: ReadSpec = ReadSpec()) -> None:
     """Starts the range requests of the frames of these chunks of one slide (remote sources;
-    patches.fetch_ahead) without waiting for them. An error here is left to the chunks' own
-    reads, which report it (a failed request is raised again where its frames are read)."""
+    patches.fetch_ahead) without waiting for them. Any error here is left to the chunks' own
+    reads, which report it as a read failure (a failed request is raised again where its
+    frames are read): a hint must not fail the slide, nor under another stage."""
     record = chunks[0].record
     coords = np.concatenate([chunk.coords for chunk in chunks])
-    with contextlib.suppress(SlideError):
+    with contextlib.suppress(Exception):
         slide = patches.open_slide(record.files, record.dicomweb_auth)
         level = patches.level_of(slide, record.sop_instance_uid)
         patches.fetch_ahead(
@@ -442,9 +443,8 @@ class WriteSlideFn(beam.DoFn):
         with metrics.timed("write"):
             artifacts.write_artifacts(
                 slide.paths, slide.files, slide.marker, self._run.run_id,
-                rows=artifacts.row_files(slide, self._run),
+                rows=artifacts.row_files(slide, self._run), held=held,
             )  # fmt: skip
-        held.release()
         self._written.inc()
         self._embedded.inc(len(result.embeddings))
         uuid = result.plan.record.instance_uuid

@@ -12,6 +12,7 @@ artifacts.py and sinks.py own the layout on the way out.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -221,12 +222,18 @@ def search_table_batches(
     run_of = dict(
         zip(resources["instance_uuid"].to_pylist(), resources["run_id"].to_pylist(), strict=True)
     )
+    slides_of: dict[str, list[str]] = collections.defaultdict(list)  # run -> its newest slides
+    for uuid, run in run_of.items():
+        slides_of[run].append(uuid)
     for uri in table_files(output_root, "search"):
         run_id = run_id_of(uri)
         key = posixpath.basename(uri).removesuffix(".parquet")
-        if key in run_of and run_of[key] != run_id:
-            continue  # a slide's row file from a run that is not its newest
-        current = pa.array([u for u, r in run_of.items() if r == run_id], pa.string())
+        if key != run_id:  # one slide's row file: that slide, if this is its newest run
+            if run_of.get(key) != run_id:
+                continue
+            current = pa.array([key], pa.string())
+        else:  # a whole run's file (before per-slide rows): the slides it is newest for
+            current = pa.array(slides_of.get(run_id, []), pa.string())
         if len(current) == 0:
             _LOG.info("search table file %s holds no slide's newest run; skipped", uri)
             continue

@@ -341,11 +341,14 @@ def write_artifacts(
     marker: Mapping[str, Any],
     run_id: str,
     rows: Mapping[str, bytes] | None = None,
+    held: lease.Lease | None = None,
 ) -> None:
     """Writes `{uri: bytes}` atomically per file, then the slide's table row files (`rows`,
     {uri: Parquet bytes}), then the completion marker (with every file's size and SHA-256).
     Cluster files of another n_clusters (`embeddings_K_*.npy` left by an earlier run) are
-    deleted before the marker is written."""
+    deleted before the marker is written. The slide's lease (`held`) is released just before
+    the marker, so that a run killed after its marker leaves no lease file among a complete
+    slide's files (killed before, the slide is simply not done)."""
     if FileSystems.exists(paths.complete_marker):
         FileSystems.delete([paths.complete_marker])
     write_files(files, run_id)
@@ -359,6 +362,8 @@ def write_artifacts(
     if rows:
         write_files(rows, run_id)
     marker = {**marker, "files": file_digests(files)}
+    if held is not None:
+        held.release()
     _write(paths.complete_marker, json_bytes(marker))
     # Temporaries of a killed run would otherwise stay. This run's own names are left alone:
     # a concurrent attempt at the same bundle (a retry) may still be renaming them; so are
